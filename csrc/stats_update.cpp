@@ -1,0 +1,158 @@
+// Streaming threshold statistics on CPU: torch.ops.skillkern.stats_update.
+//
+// Same semantics as stats_update_reference in skillkern/ops/stats_update.py: for every row r with
+// slot[r] = s >= 0 and label[r] = c,
+//   threshold is None:  out[s, c, :] += double(h[r])                      (float64 sums)
+//   else:               out[s, c, :] += double(h[r]) > threshold[s, :]    (int64 counts)
+//
+// Parallel over blocks of neurons, never over rows: each output element is then updated by one thread
+// in row order, which is the order index_add_ uses, so float64 sums are bit-identical to the reference
+// and independent of the thread count. Traffic: h is read once; each block of out stays in cache while
+// the rows stream past it.
+//
+// This file also makes the shared object importable as the Python module skillkern._C (PyInit__C at
+// the end); importing it runs the static registrations below.
+
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace skillkern {
+namespace {
+
+// 64 doubles = 512 bytes: block boundaries fall on cache lines, so two threads never write the same
+// line of out (as long as each (slot, class) row of out starts on one, i.e. D % 8 == 0).
+constexpr int64_t kBlock = 64;
+// Below this many element updates per task, threads cost more than they save.
+constexpr int64_t kMinWorkPerTask = 1 << 15;
+
+// A tracked row: where it lives in h and which (slot, class) row of out it adds into.
+struct RowRef {
+  int64_t row;
+  int64_t group;  // slot * classes + label
+};
+
+void check_args(const at::Tensor& h, const at::Tensor& slot, const at::Tensor& label, const at::Tensor& out,
+                const c10::optional<at::Tensor>& threshold) {
+  TORCH_CHECK(h.dim() == 2, "stats_update: h must be 2-D (rows, neurons), got ", h.dim(), "-D shape ", h.sizes());
+  const auto st = h.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "stats_update: h must be float32, float64, float16 or bfloat16, got ", st);
+  const int64_t rows = h.size(0), width = h.size(1);
+  auto check_index = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, "stats_update: ", name, " must have shape (", rows,
+                ",) to match h ", h.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kLong, "stats_update: ", name, " must be int64, got ", t.scalar_type());
+  };
+  check_index("slot", slot);
+  check_index("label", label);
+  TORCH_CHECK(out.dim() == 3 && out.size(2) == width, "stats_update: out must have shape (slots, classes, ",
+              width, "), got ", out.sizes());
+  TORCH_CHECK(out.is_contiguous(), "stats_update: out must be contiguous (it is updated in place)");
+  if (threshold.has_value()) {
+    const auto& thr = *threshold;
+    TORCH_CHECK(out.scalar_type() == at::kLong, "stats_update: counts are accumulated in int64, got out of dtype ",
+                out.scalar_type());
+    TORCH_CHECK(thr.dim() == 2 && thr.size(0) == out.size(0) && thr.size(1) == width,
+                "stats_update: threshold must have shape (", out.size(0), ", ", width, "), got ", thr.sizes());
+    TORCH_CHECK(thr.scalar_type() == at::kDouble, "stats_update: threshold must be float64, got ", thr.scalar_type());
+    TORCH_CHECK(thr.device().is_cpu(), "stats_update (CPU kernel): threshold is on ", thr.device(), ", expected cpu");
+  } else {
+    TORCH_CHECK(out.scalar_type() == at::kDouble, "stats_update: sums are accumulated in float64, got out of dtype ",
+                out.scalar_type());
+  }
+  auto check_cpu = [](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.device().is_cpu(), "stats_update (CPU kernel): ", name, " is on ", t.device(), ", expected cpu");
+  };
+  check_cpu("h", h);
+  check_cpu("slot", slot);
+  check_cpu("label", label);
+  check_cpu("out", out);
+}
+
+// Validates every index (a bad one would be an out-of-bounds write) and lists the tracked rows.
+std::vector<RowRef> tracked_rows(const at::Tensor& slot, const at::Tensor& label, int64_t slots, int64_t classes) {
+  const int64_t rows = slot.size(0);
+  const int64_t* s_ptr = slot.data_ptr<int64_t>();
+  const int64_t* l_ptr = label.data_ptr<int64_t>();
+  std::vector<RowRef> refs;
+  refs.reserve(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t s = s_ptr[r];
+    if (s == -1) continue;
+    TORCH_CHECK(s >= 0 && s < slots, "stats_update: slot index ", s, " at row ", r, " out of range for ", slots,
+                " slots (use -1 for untracked rows)");
+    const int64_t c = l_ptr[r];
+    TORCH_CHECK(c >= 0 && c < classes, "stats_update: label ", c, " at row ", r, " out of range [0, ", classes, ")");
+    refs.push_back({r, s * classes + c});
+  }
+  return refs;
+}
+
+template <typename scalar_t>
+void accumulate(const scalar_t* h, const std::vector<RowRef>& refs, int64_t width, const double* thr,
+                int64_t classes, double* sums, int64_t* counts) {
+  const int64_t n = static_cast<int64_t>(refs.size());
+  const int64_t blocks = (width + kBlock - 1) / kBlock;
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(1, n * kBlock));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t d0 = b0 * kBlock, d1 = std::min(width, b1 * kBlock);
+    for (const RowRef& ref : refs) {  // row order: keeps each element's additions sequential
+      const scalar_t* hr = h + ref.row * width;
+      if (sums != nullptr) {
+        double* o = sums + ref.group * width;
+        for (int64_t d = d0; d < d1; ++d) o[d] += static_cast<double>(hr[d]);
+      } else {
+        int64_t* o = counts + ref.group * width;
+        const double* t = thr + (ref.group / classes) * width;
+        for (int64_t d = d0; d < d1; ++d) o[d] += static_cast<int64_t>(static_cast<double>(hr[d]) > t[d]);
+      }
+    }
+  });
+}
+
+void stats_update_cpu(const at::Tensor& h_in, const at::Tensor& slot_in, const at::Tensor& label_in, at::Tensor& out,
+                      const c10::optional<at::Tensor>& threshold) {
+  check_args(h_in, slot_in, label_in, out, threshold);
+  const at::Tensor h = h_in.contiguous(), slot = slot_in.contiguous(), label = label_in.contiguous();
+  const int64_t slots = out.size(0), classes = out.size(1), width = out.size(2);
+  const std::vector<RowRef> refs = tracked_rows(slot, label, slots, classes);
+  if (refs.empty() || width == 0) return;
+  at::Tensor thr;
+  if (threshold.has_value()) thr = threshold->contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "stats_update_cpu", [&] {
+    if (thr.defined()) {
+      accumulate<scalar_t>(h.const_data_ptr<scalar_t>(), refs, width, thr.const_data_ptr<double>(), classes, nullptr,
+                           out.data_ptr<int64_t>());
+    } else {
+      accumulate<scalar_t>(h.const_data_ptr<scalar_t>(), refs, width, nullptr, classes, out.data_ptr<double>(),
+                           nullptr);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace skillkern
+
+TORCH_LIBRARY(skillkern, m) {
+  m.def("stats_update(Tensor h, Tensor slot, Tensor label, Tensor(a!) out, Tensor? threshold) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(skillkern, CPU, m) {
+  m.impl("stats_update", &skillkern::stats_update_cpu);
+}
+
+// An empty module: `from skillkern import _C` exists only to load this library (and run the registrations).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "skillkern compiled ops (torch.ops.skillkern)",
+                                          -1, nullptr};
+  return PyModule_Create(&module_def);
+}

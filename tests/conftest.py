@@ -1,0 +1,27 @@
+"""Shared test helpers. Tests run on a CPU-only machine; GPU tests skip with a reason."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# CI sets SKILLKERN_DATA=../shared/data; a developer checkout next to shared/ works without it.
+_DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if "SKILLKERN_DATA" not in os.environ and _DEFAULT_DATA.is_dir():
+    os.environ["SKILLKERN_DATA"] = str(_DEFAULT_DATA)
+
+DATA_DIR = os.environ.get("SKILLKERN_DATA")
+HAVE_DATA = bool(DATA_DIR) and (Path(DATA_DIR) / "sst2" / "task.json").is_file()
+
+requires_data = pytest.mark.skipif(not HAVE_DATA, reason="task data not found: set SKILLKERN_DATA to ../shared/data")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
