@@ -1,0 +1,277 @@
+"""The streaming scorer: two passes of a frozen model over task data, statistics accumulated on the fly.
+
+Each FFN layer's neuron vector (the input of its down-projection) is read by a forward pre-hook, reduced to
+the tracked rows (``pool``), checked for NaN/Inf and added to a :class:`~skillkern.stats.NeuronStats`. No
+activation outlives its batch, so memory is flat in the number of samples.
+
+Batch invariance: a transformer's activations for one sample change in the last float bits with the length
+it is padded to. By default every sample is padded to its own length rounded up to ``pad_multiple`` tokens,
+and the rows of a batch that share a padded length run through the model together, so a sample's activations
+do not depend on the batch size or on its neighbours, and neither do the counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from .models import capture_neurons, ffn_layers
+from .stats import NeuronStats
+
+logger = logging.getLogger(__name__)
+
+POOLS = ("cls", "last", "mean", "max", "slots")
+
+
+class NonFiniteActivationError(ValueError):
+    """A layer produced NaN or Inf activations at tracked positions."""
+
+
+@dataclass
+class ScoreSettings:
+    """How a scoring run reads the model.
+
+    Attributes:
+        pool: tracked positions: ``cls`` (first token), ``last`` (last non-padding token), ``mean`` / ``max``
+            over the non-padding tokens, or ``slots`` (the positions listed in ``slots``).
+        slots: positions tracked with ``pool="slots"`` (e.g. the prompt slots).
+        max_length: truncation length in tokens.
+        batch_size: samples per batch.
+        pad_multiple: pad each sample to its length rounded up to this many tokens (batch invariance);
+            0 pads each batch to its longest sample (faster to set up, not batch-invariant).
+        backend: statistics op backend (``auto``, ``torch``, ``ext``).
+        which: ``neuron`` (input of the down-projection) or ``gate`` (``act(W_gate x)`` of gated MLPs).
+    """
+
+    pool: str = "cls"
+    slots: Optional[tuple[int, ...]] = None
+    max_length: int = 128
+    batch_size: int = 32
+    pad_multiple: int = 32
+    backend: str = "auto"
+    which: str = "neuron"
+
+    def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown pool {self.pool!r}; choose one of {POOLS}")
+        if self.pool == "slots":
+            if not self.slots:
+                raise ValueError("pool='slots' needs a non-empty list of slot positions")
+            self.slots = tuple(int(s) for s in self.slots)
+            if min(self.slots) < 0:
+                raise ValueError(f"slot positions must be >= 0, got {self.slots}")
+        elif self.slots:
+            raise ValueError(f"slots={self.slots} given but pool={self.pool!r}; use pool='slots'")
+        for name in ("max_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pad_multiple < 0:
+            raise ValueError(f"pad_multiple must be >= 0, got {self.pad_multiple}")
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots) if self.pool == "slots" else 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Batch:
+    """Model inputs of one group of samples padded to the same length, with their labels."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    attention_mask: torch.Tensor = field(repr=False, default=None)
+
+
+def _example_fields(ex) -> tuple[str, Optional[str], int]:
+    if isinstance(ex, dict):
+        return ex["text"], ex.get("text_pair"), int(ex["label"])
+    return ex.text, getattr(ex, "text_pair", None), int(ex.label)
+
+
+def iter_batches(tokenizer, examples: Iterable, batch_size: int, max_length: int, pad_multiple: int = 32,
+                 device: torch.device | str = "cpu") -> Iterator[Batch]:
+    """Tokenize and pad ``examples`` batch by batch (nothing is tokenized ahead of its batch).
+
+    Pairs use the tokenizer's own pair encoding. Padding is on the right. With ``pad_multiple > 0`` each
+    sample is padded to ``min(ceil(len / pad_multiple) * pad_multiple, max_length)`` and one batch yields one
+    group per padded length, in increasing length order.
+
+    Yields:
+        :class:`Batch` with ``inputs`` (B, T) tensors and ``labels`` (B,).
+    """
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token; load it with skillkern.load_model or set pad_token")
+    chunk: list = []
+    for ex in examples:
+        chunk.append(_example_fields(ex))
+        if len(chunk) == batch_size:
+            yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device)
+            chunk = []
+    if chunk:
+        yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device)
+
+
+def _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device) -> Iterator[Batch]:
+    texts = [c[0] for c in chunk]
+    pairs = [c[1] for c in chunk]
+    has_pair = [p is not None for p in pairs]
+    if any(has_pair) and not all(has_pair):
+        raise ValueError("a batch mixes single texts and sentence pairs")
+    enc = tokenizer(texts, pairs if all(has_pair) else None, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    if pad_multiple:
+        padded = [min(math.ceil(n / pad_multiple) * pad_multiple, max_length) for n in lengths]
+    else:
+        padded = [max(lengths)] * len(lengths)
+    for target in sorted(set(padded)):
+        rows = [i for i, p in enumerate(padded) if p == target]
+        inputs = {}
+        for key in keys:
+            fill = pad_id if key == "input_ids" else getattr(tokenizer, "pad_token_type_id", 0) if key == "token_type_ids" else 0
+            t = torch.full((len(rows), target), fill, dtype=torch.long)
+            for j, i in enumerate(rows):
+                seq = enc[key][i]
+                t[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            inputs[key] = t.to(device)
+        if "attention_mask" not in inputs:
+            mask = torch.zeros((len(rows), target), dtype=torch.long)
+            for j, i in enumerate(rows):
+                mask[j, : lengths[i]] = 1
+            inputs["attention_mask"] = mask.to(device)
+        labels = torch.tensor([chunk[i][2] for i in rows], dtype=torch.long, device=device)
+        yield Batch(inputs=inputs, labels=labels, attention_mask=inputs["attention_mask"])
+
+
+def pool_rows(h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, settings: ScoreSettings
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduce one layer's neurons to the tracked rows.
+
+    Args:
+        h: (B, T, D) neuron activations of one layer.
+        mask: (B, T) attention mask (1 = real token).
+        labels: (B,) class of each sample.
+
+    Returns:
+        rows (B * S, D), slot (B * S,) int64, label (B * S,) int64.
+    """
+    if h.dim() != 3:
+        raise ValueError(f"expected neuron activations of shape (batch, tokens, neurons), got {tuple(h.shape)}")
+    B, T, _ = h.shape
+    pool = settings.pool
+    if pool == "cls":
+        rows = h[:, 0]
+    elif pool == "last":
+        # last real token, whichever side the padding is on
+        positions = torch.arange(T, device=h.device).expand(B, T)
+        last = torch.where(mask.bool(), positions, -1).amax(dim=1)
+        rows = h[torch.arange(B, device=h.device), last]
+    elif pool == "mean":
+        m = mask.to(torch.float32).unsqueeze(-1)
+        rows = (h.to(torch.float32) * m).sum(dim=1) / m.sum(dim=1)
+    elif pool == "max":
+        rows = h.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).amax(dim=1)
+    else:
+        pos = torch.tensor(settings.slots, device=h.device)
+        if int(pos.max()) >= T:
+            raise ValueError(f"slot position {int(pos.max())} is beyond the sequence length {T}")
+        S = pos.numel()
+        rows = h[:, pos].reshape(B * S, -1)
+        slot = torch.arange(S, device=h.device).repeat(B)
+        return rows, slot, labels.repeat_interleave(S)
+    return rows, torch.zeros(B, dtype=torch.long, device=h.device), labels
+
+
+class Scorer:
+    """Runs the two scoring passes of a model over examples.
+
+    Args:
+        model: a Hugging Face model whose architecture is in :data:`skillkern.models.ARCHITECTURES`.
+        tokenizer: its tokenizer (with a pad token).
+        num_classes: number of classes of the task.
+        settings: :class:`ScoreSettings`.
+        forward: optional ``forward(model, batch) -> None`` replacing ``model(**batch.inputs)`` (prompt tuning
+            prepends soft-prompt embeddings this way).
+        progress: show tqdm progress bars.
+    """
+
+    def __init__(self, model, tokenizer, num_classes: int, settings: Optional[ScoreSettings] = None,
+                 forward: Optional[Callable] = None, progress: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = settings or ScoreSettings()
+        self.layers = ffn_layers(model)
+        widths = {layer.width for layer in self.layers}
+        if len(widths) != 1:
+            raise ValueError(f"layers have different FFN widths {sorted(widths)}; scoring needs one width")
+        self.width = widths.pop()
+        self.num_classes = num_classes
+        self.forward = forward or (lambda m, batch: m(**batch.inputs))
+        self.progress = progress
+        self.device = next(model.parameters()).device
+
+    def new_stats(self) -> NeuronStats:
+        return NeuronStats(len(self.layers), self.settings.num_slots, self.width, self.num_classes, self.device)
+
+    def run_pass(self, stats: NeuronStats, examples: Sequence, desc: str = "scoring") -> None:
+        """Feed ``examples`` through the model, adding tracked rows to the current pass of ``stats``."""
+        from tqdm.auto import tqdm
+
+        s = self.settings
+        current: dict = {}
+
+        def on_layer(index: int, h: torch.Tensor) -> None:
+            batch = current["batch"]
+            rows, slot, label = pool_rows(h, batch.attention_mask, batch.labels, s)
+            if not bool(torch.isfinite(rows).all()):
+                bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten()[:5].tolist()
+                raise NonFiniteActivationError(
+                    f"layer {index}: NaN or Inf activations at tracked rows {bad} of batch {current['number']} "
+                    f"(samples {current['start']}..{current['start'] + batch.labels.numel() - 1} of this group)")
+            stats.add_rows(index, rows, slot, label, backend=s.backend, check=False)
+
+        seen = 0
+        total = len(examples) if hasattr(examples, "__len__") else None
+        bar = tqdm(total=total, desc=desc, unit="ex", disable=not self.progress, leave=False)
+        with torch.inference_mode(), capture_neurons(self.model, on_layer, which=s.which):
+            for number, batch in enumerate(iter_batches(self.tokenizer, examples, s.batch_size, s.max_length,
+                                                        s.pad_multiple, self.device)):
+                current.update(batch=batch, number=number, start=seen)
+                stats.count_rows(batch.labels)  # validates the label range before any layer sees the batch
+                self.forward(self.model, batch)
+                seen += batch.labels.numel()
+                bar.update(batch.labels.numel())
+        bar.close()
+        if seen == 0:
+            raise ValueError(f"{desc}: the split is empty")
+
+    def score(self, baseline: Sequence, evaluation: Sequence) -> NeuronStats:
+        """Both passes: thresholds from ``baseline``, counts on ``evaluation``. Returns the statistics."""
+        stats = self.new_stats()
+        self.run_pass(stats, baseline, desc="baseline pass")
+        stats.finalize_baseline()
+        self.run_pass(stats, evaluation, desc="evaluation pass")
+        return stats
+
+
+def score(model, tokenizer, baseline: Sequence, evaluation: Sequence, num_classes: int, *,
+          progress: bool = False, **settings) -> NeuronStats:
+    """Score every FFN neuron of ``model`` for a task (functional form of :class:`Scorer`).
+
+    Args:
+        baseline: examples (``skillkern.data.Example`` or dicts with text/text_pair/label) giving thresholds.
+        evaluation: examples on which accuracy is counted.
+        num_classes: number of classes.
+        **settings: fields of :class:`ScoreSettings` (pool, slots, max_length, batch_size, ...).
+
+    Returns:
+        :class:`NeuronStats` with thresholds (L, S, D) and counts (L, S, C, D).
+    """
+    return Scorer(model, tokenizer, num_classes, ScoreSettings(**settings), progress=progress).score(baseline, evaluation)

@@ -1,0 +1,348 @@
+"""The streaming accumulator of a scoring run, predictivity, neuron selection, and the stats file.
+
+Two passes over data (METHOD.md section 4):
+
+1. baseline split: per-(layer, slot, class, neuron) float64 sums -> ``threshold = sum / rows`` (the mean).
+2. evaluation split: per-(layer, slot, class, neuron) int64 counts of ``activation > threshold``.
+
+Nothing here grows with the number of rows: :class:`NeuronStats` holds ``2 * L * S * C * D`` numbers plus the
+thresholds, and two of them merge by addition (batches, resumed jobs, processes).
+
+Internally the class axis comes before the neuron axis (``[L, S, C, D]``) so that a row of activations is added
+to one contiguous line of memory; the stats file stores the documented ``[L, S, D, C]`` layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from .ops.stats_update import stats_update
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class StatsFileError(ValueError):
+    """A stats file is missing keys, has inconsistent shapes, or belongs to another model or task."""
+
+
+class NeuronStats:
+    """Streaming per-class statistics of every tracked neuron of a model.
+
+    Shapes: ``L`` layers, ``S`` tracked slots (1 for cls/last/mean/max pooling, P for prompt slots),
+    ``D`` neurons per layer, ``C`` classes.
+
+    Attributes:
+        sums: (L, S, C, D) float64 per-class sums of activations on the baseline split.
+        baseline_class_count: (C,) int64 rows per class seen in the baseline pass.
+        threshold: (L, S, D) float64 mean activation on the baseline split, set by :meth:`finalize_baseline`.
+        above: (L, S, C, D) int64 per-class counts of ``activation > threshold`` on the evaluation split.
+        eval_class_count: (C,) int64 rows per class seen in the evaluation pass.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, width: int, num_classes: int,
+                 device: torch.device | str = "cpu"):
+        if num_classes < 2:
+            raise ValueError(f"a task needs at least 2 classes, got {num_classes}")
+        if min(num_layers, num_slots, width) < 1:
+            raise ValueError(f"empty statistics: layers={num_layers}, slots={num_slots}, width={width}")
+        self.num_layers, self.num_slots, self.width, self.num_classes = num_layers, num_slots, width, num_classes
+        shape = (num_layers, num_slots, num_classes, width)
+        self.sums = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.above = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.baseline_class_count = torch.zeros(num_classes, dtype=torch.int64, device=device)
+        self.eval_class_count = torch.zeros(num_classes, dtype=torch.int64, device=device)
+        self.threshold: Optional[torch.Tensor] = None
+
+    # ----------------------------------------------------------------------------------------- accumulate
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(L, S, D, C): layers, slots, neurons, classes."""
+        return self.num_layers, self.num_slots, self.width, self.num_classes
+
+    def add_rows(self, layer: int, h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor,
+                 backend: str = "auto", check: bool = True) -> None:
+        """Add one batch of rows of one layer to the current pass.
+
+        Before :meth:`finalize_baseline` the rows go into the baseline sums, afterwards into the counts.
+
+        Args:
+            layer: layer index in ``[0, L)``.
+            h: (R, D) activation rows.
+            slot: (R,) int64 tracked slot of each row (-1: skip).
+            label: (R,) int64 class of each row.
+        """
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range for {self.num_layers} layers")
+        if self.threshold is None:
+            stats_update(h, slot, label, self.sums[layer], None, backend=backend, check=check)
+        else:
+            stats_update(h, slot, label, self.above[layer], self.threshold[layer], backend=backend, check=check)
+
+    def count_rows(self, label: torch.Tensor) -> None:
+        """Count one batch of samples (once per batch, not per layer). label: (B,) int64."""
+        counts = self.eval_class_count if self.threshold is not None else self.baseline_class_count
+        if label.numel() and (int(label.min()) < 0 or int(label.max()) >= self.num_classes):
+            bad = int(label.min()) if int(label.min()) < 0 else int(label.max())
+            raise ValueError(f"label {bad} out of range [0, {self.num_classes})")
+        counts += torch.bincount(label.to(counts.device), minlength=self.num_classes)
+
+    def finalize_baseline(self) -> torch.Tensor:
+        """End the baseline pass: thresholds = mean activation over all baseline rows. Returns (L, S, D)."""
+        rows = int(self.baseline_class_count.sum())
+        if rows == 0:
+            raise ValueError("the baseline split produced no rows: cannot compute thresholds")
+        self.threshold = self.sums.sum(dim=2) / rows
+        return self.threshold
+
+    # -------------------------------------------------------------------------------------------- merge
+    def _check_compatible(self, other: "NeuronStats") -> None:
+        if self.shape != other.shape:
+            raise ValueError(f"cannot merge statistics of shape {self.shape} and {other.shape}")
+        if (self.threshold is None) != (other.threshold is None):
+            raise ValueError("cannot merge statistics from different passes (one has thresholds, one has not)")
+        if self.threshold is not None and not torch.equal(self.threshold, other.threshold):
+            raise ValueError("cannot merge evaluation counts taken against different thresholds")
+
+    def merge_(self, other: "NeuronStats") -> "NeuronStats":
+        """Add ``other`` into ``self`` (exact for counts; float64 addition for sums)."""
+        self._check_compatible(other)
+        self.sums += other.sums.to(self.sums.device)
+        self.above += other.above.to(self.above.device)
+        self.baseline_class_count += other.baseline_class_count.to(self.baseline_class_count.device)
+        self.eval_class_count += other.eval_class_count.to(self.eval_class_count.device)
+        return self
+
+    def __add__(self, other: "NeuronStats") -> "NeuronStats":
+        return self.clone().merge_(other)
+
+    def clone(self) -> "NeuronStats":
+        new = NeuronStats.__new__(NeuronStats)
+        new.__dict__.update({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        return new
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The raw state, for checkpoints and all-reduce (internal [L, S, C, D] layout)."""
+        state = {"sums": self.sums, "above": self.above, "baseline_class_count": self.baseline_class_count,
+                 "eval_class_count": self.eval_class_count}
+        if self.threshold is not None:
+            state["threshold"] = self.threshold
+        return state
+
+    # ----------------------------------------------------------------------------------- predictivity
+    def _require_eval(self) -> torch.Tensor:
+        if self.threshold is None:
+            raise ValueError("no thresholds yet: run the baseline pass and finalize_baseline() first")
+        n = self.eval_class_count
+        if int(n.sum()) == 0:
+            raise ValueError("the evaluation split produced no rows: no accuracy to compute")
+        return n
+
+    def accuracy(self) -> torch.Tensor:
+        """Per-neuron one-vs-rest accuracy of the rule ``activation > threshold  <=>  class c``.
+
+        Returns:
+            (L, S, D, C) float64: ``Acc[..., c] = (above_c + sum_{c' != c} (n_c' - above_c')) / N``.
+            For a binary task, ``[..., 1]`` is METHOD.md's Acc(N, p) and ``[..., 0] = 1 - [..., 1]``.
+        """
+        n = self._require_eval().to(torch.float64)
+        above = self.above.to(torch.float64)                     # (L, S, C, D)
+        below = n.view(1, 1, -1, 1) - above                      # rows of class c at or under threshold
+        correct = above + (below.sum(dim=2, keepdim=True) - below)
+        return (correct / n.sum()).permute(0, 1, 3, 2).contiguous()
+
+    def slot_predictivity(self) -> torch.Tensor:
+        """(L, S, D, C) float64 ``max(Acc, 1 - Acc)`` per slot and one-vs-rest class."""
+        acc = self.accuracy()
+        return torch.maximum(acc, 1.0 - acc)
+
+    def predictivity(self) -> torch.Tensor:
+        """Neuron predictivity Pred(N): max over slots (and over classes, one-vs-rest, when C > 2).
+
+        Returns:
+            (L, D) float64.
+        """
+        pred = self.slot_predictivity()
+        if self.num_classes == 2:
+            pred = pred[..., 1]
+        else:
+            pred = pred.amax(dim=-1)
+        return pred.amax(dim=1)
+
+    def sign(self) -> torch.Tensor:
+        """(L, D) int8: +1 if the neuron fires above threshold for the positive class (excitatory), -1 if
+        it is inhibitory (Acc < 0.5 at its most predictive slot). Binary tasks; for C > 2 the class-c rule
+        of the most predictive (slot, class) pair."""
+        acc = self.accuracy()
+        if self.num_classes == 2:
+            acc = acc[..., 1]
+        else:
+            best_class = torch.maximum(acc, 1 - acc).argmax(dim=-1, keepdim=True)
+            acc = acc.gather(-1, best_class).squeeze(-1)
+        best_slot = torch.maximum(acc, 1 - acc).argmax(dim=1, keepdim=True)
+        best = acc.gather(1, best_slot).squeeze(1)
+        return torch.where(best >= 0.5, 1, -1).to(torch.int8)
+
+    # ------------------------------------------------------------------------------------------- files
+    def to_file_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors written to ``stats.safetensors`` in the documented layout (see README)."""
+        out = {
+            "sums": self.sums.permute(0, 1, 3, 2).contiguous().cpu(),
+            "baseline_class_count": self.baseline_class_count.cpu(),
+            "eval_class_count": self.eval_class_count.cpu(),
+        }
+        if self.threshold is not None:
+            out["baseline"] = self.threshold.cpu()
+            out["above"] = self.above.permute(0, 1, 3, 2).contiguous().cpu()
+            if int(self.eval_class_count.sum()) > 0:
+                out["predictivity"] = self.predictivity().to(torch.float32).cpu()
+                out["accuracy"] = self.accuracy().to(torch.float32).cpu()
+                out["sign"] = self.sign().cpu()
+        return out
+
+    def save(self, path: str | Path, metadata: Optional[dict] = None) -> None:
+        """Write ``path`` (safetensors) atomically; ``metadata`` (JSON-serialisable) goes into its header."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {"format": "skillkern-stats", "format_version": str(FORMAT_VERSION),
+                "settings": json.dumps(metadata or {}, sort_keys=True)}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(self.to_file_tensors(), str(tmp), metadata=meta)
+        tmp.replace(path)  # atomic on POSIX: a reader sees the old file or the new one, never half of one
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple["NeuronStats", dict]:
+        """Read a stats file written by :meth:`save`. Returns ``(stats, settings)``."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"stats file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
+            raise StatsFileError(f"{path} is not a readable safetensors stats file: {err}") from err
+        if meta.get("format") != "skillkern-stats":
+            raise StatsFileError(f"{path} is not a skillkern stats file (metadata format={meta.get('format')!r})")
+        for key in ("sums", "baseline_class_count", "eval_class_count"):
+            if key not in tensors:
+                raise StatsFileError(f"{path} lacks the tensor {key!r}")
+        L, S, D, C = tensors["sums"].shape
+        stats = cls(L, S, D, C, device=device)
+        stats.sums.copy_(tensors["sums"].permute(0, 1, 3, 2))
+        stats.baseline_class_count.copy_(tensors["baseline_class_count"])
+        stats.eval_class_count.copy_(tensors["eval_class_count"])
+        if "baseline" in tensors:
+            if "above" not in tensors or tuple(tensors["above"].shape) != (L, S, D, C):
+                raise StatsFileError(f"{path}: 'above' missing or not of shape {(L, S, D, C)}")
+            stats.threshold = tensors["baseline"].to(device=device, dtype=torch.float64)
+            stats.above.copy_(tensors["above"].permute(0, 1, 3, 2))
+        return stats, json.loads(meta.get("settings", "{}"))
+
+
+# ------------------------------------------------------------------------------------------- selection
+def combine_runs(preds: Sequence[torch.Tensor], how: str = "mean") -> torch.Tensor:
+    """Combine per-run neuron predictivities (each (L, D)) over runs/seeds: ``mean`` (paper) or ``min``."""
+    if not preds:
+        raise ValueError("no runs to combine")
+    shapes = {tuple(p.shape) for p in preds}
+    if len(shapes) != 1:
+        raise ValueError(f"runs have different shapes: {sorted(shapes)}")
+    stacked = torch.stack([p.to(torch.float64) for p in preds])
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "min":
+        return stacked.amin(0)
+    raise ValueError(f"unknown combination {how!r}; use 'mean' or 'min'")
+
+
+def _check_fraction(q: float) -> None:
+    if not 0.0 <= q <= 1.0 or math.isnan(q):
+        raise ValueError(f"keep fraction must be in [0, 1], got {q}")
+
+
+def select_per_layer(pred: torch.Tensor, q: float) -> list[torch.Tensor]:
+    """Top ``int(q * width)`` neurons of each layer by predictivity (METHOD.md section 5).
+
+    Args:
+        pred: (L, D) neuron predictivity.
+        q: fraction of each layer to keep, in [0, 1].
+
+    Returns:
+        L int64 tensors of neuron indices, each sorted by decreasing predictivity (ties: lower index first).
+    """
+    _check_fraction(q)
+    k = int(q * pred.shape[1] + 1e-9)  # +eps: 0.02 * 1536 must give 30, not 29 after float rounding
+    return [_top(pred[layer], k) for layer in range(pred.shape[0])]
+
+
+def _top(values: torch.Tensor, k: int) -> torch.Tensor:
+    # Stable descending sort so that ties break by neuron index, reproducibly across backends.
+    order = torch.sort(values.cpu(), descending=True, stable=True).indices
+    return order[:k].clone()
+
+
+def select_global(pred: torch.Tensor, k: int) -> torch.Tensor:
+    """Top ``k`` neurons of the whole model. pred: (L, D). Returns (k, 2) int64 rows of (layer, neuron)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    flat = _top(pred.reshape(-1), min(k, pred.numel()))
+    return torch.stack([flat // pred.shape[1], flat % pred.shape[1]], dim=1)
+
+
+def select_multiclass(pred_pn: torch.Tensor, pred_neu: torch.Tensor, q: float) -> list[torch.Tensor]:
+    """Skill neurons of a 3-class task from its "pn" and "neu" sub-tasks (METHOD.md section 5).
+
+    Per layer: the top ``int(q * D)`` neurons of "pn", then the best of "neu" not already chosen, until the
+    layer holds ``2 * int(q * D)`` distinct neurons.
+
+    Args:
+        pred_pn, pred_neu: (L, D) predictivities of the two sub-tasks.
+
+    Returns:
+        L int64 index tensors.
+    """
+    if pred_pn.shape != pred_neu.shape:
+        raise ValueError(f"sub-task predictivities differ in shape: {tuple(pred_pn.shape)} vs {tuple(pred_neu.shape)}")
+    _check_fraction(q)
+    width = pred_pn.shape[1]
+    k = int(q * width + 1e-9)
+    out = []
+    for layer in range(pred_pn.shape[0]):
+        chosen = _top(pred_pn[layer], k).tolist()
+        taken = set(chosen)
+        for idx in _top(pred_neu[layer], width).tolist():
+            if len(chosen) >= min(2 * k, width):
+                break
+            if idx not in taken:
+                chosen.append(idx)
+                taken.add(idx)
+        out.append(torch.tensor(chosen, dtype=torch.int64))
+    return out
+
+
+def top_neurons(pred: torch.Tensor, k: int = 10, sign: Optional[torch.Tensor] = None) -> list[dict]:
+    """The ``k`` most predictive neurons as dicts ``{layer, neuron, predictivity[, sign]}`` (for reports)."""
+    rows = []
+    for layer, neuron in select_global(pred, k).tolist():
+        row = {"layer": layer, "neuron": neuron, "predictivity": float(pred[layer, neuron])}
+        if sign is not None:
+            row["sign"] = int(sign[layer, neuron])
+        rows.append(row)
+    return rows
+
+
+def as_index_lists(selection: Iterable[torch.Tensor]) -> list[list[int]]:
+    """Per-layer index tensors -> plain lists (for JSON)."""
+    return [sel.tolist() for sel in selection]

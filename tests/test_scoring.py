@@ -1,0 +1,200 @@
+"""The streaming scorer against a brute-force computation that stores every activation (real model, real data)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from skillkern.scoring import NonFiniteActivationError, ScoreSettings, Scorer, iter_batches, score
+from skillkern.stats import NeuronStats
+
+from conftest import requires_data
+
+N_BASE, N_EVAL = 240, 160
+PAD = 32
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from skillkern.models import load_model
+
+    return load_model("minilm")
+
+
+@pytest.fixture(scope="module")
+def sst2():
+    from skillkern.data import load_task
+
+    task = load_task("sst2")
+    return task.split("train")[:N_BASE], task.split("dev")[:N_EVAL]
+
+
+def _brute_force_activations(model, tokenizer, examples):
+    """Every sample alone, padded by the tokenizer itself to its own length rounded up to PAD; hooks written
+    here (not the library's) store the whole (T, D) activation of every layer; pooling done afterwards."""
+    layers = model.encoder.layer
+    store: dict[int, torch.Tensor] = {}
+    hooks = [layer.output.dense.register_forward_pre_hook(
+        lambda mod, inp, i=i: store.__setitem__(i, inp[0][0].clone())) for i, layer in enumerate(layers)]
+    pooled = {p: [] for p in ("cls", "last", "mean", "max", "slots")}
+    try:
+        for ex in examples:
+            n = len(tokenizer(ex.text, truncation=True, max_length=MAX_LEN)["input_ids"])
+            target = min(math.ceil(n / PAD) * PAD, MAX_LEN)
+            enc = tokenizer(ex.text, truncation=True, max_length=target, padding="max_length", return_tensors="pt")
+            with torch.inference_mode():
+                model(**enc)
+            h = torch.stack([store[i] for i in range(len(layers))])  # (L, T, D)
+            real = h[:, :n]
+            pooled["cls"].append(h[:, 0].double())
+            pooled["last"].append(h[:, n - 1].double())
+            pooled["mean"].append((real.float().sum(1) / n).double())
+            pooled["max"].append(real.amax(1).double())
+            pooled["slots"].append(h[:, [0, 2]].double())  # (L, 2, D)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return {k: torch.stack(v) for k, v in pooled.items()}  # (N, L, D) or (N, L, S, D)
+
+
+@pytest.fixture(scope="module")
+def brute_force(minilm, sst2):
+    model, tokenizer = minilm
+    base, ev = sst2
+    return _brute_force_activations(model, tokenizer, base), _brute_force_activations(model, tokenizer, ev)
+
+
+def _brute_force_stats(base_act, eval_act, base_labels, eval_labels):
+    if base_act.dim() == 3:
+        base_act, eval_act = base_act.unsqueeze(2), eval_act.unsqueeze(2)
+    threshold = base_act.numpy().mean(axis=0)  # numpy float64 mean, (L, S, D)
+    above = eval_act.numpy() > threshold[None]
+    y = np.asarray(eval_labels)
+    counts = np.stack([above[y == c].sum(axis=0) for c in range(2)], axis=-1)  # (L, S, D, C)
+    acc = ((above == (y[:, None, None, None] == 1))).mean(axis=0)
+    return threshold, counts, acc
+
+
+@requires_data
+@pytest.mark.parametrize("pool", ["cls", "last", "mean", "max", "slots"])
+def test_streaming_equals_brute_force(minilm, sst2, brute_force, pool):
+    model, tokenizer = minilm
+    base, ev = sst2
+    base_act, eval_act = brute_force
+    threshold, counts, acc = _brute_force_stats(base_act[pool], eval_act[pool],
+                                                [e.label for e in base], [e.label for e in ev])
+
+    settings = dict(pool=pool, max_length=MAX_LEN, batch_size=16, pad_multiple=PAD)
+    if pool == "slots":
+        settings["slots"] = (0, 2)
+    stats = score(model, tokenizer, base, ev, 2, **settings)
+    files = stats.to_file_tensors()
+    np.testing.assert_allclose(files["baseline"].numpy(), threshold, rtol=1e-12, atol=1e-15)
+    got = files["above"].numpy()
+    mismatch = np.argwhere(got != counts)
+    assert mismatch.size == 0, f"{len(mismatch)} count mismatches, first at {mismatch[:5].tolist()}"
+    np.testing.assert_allclose(stats.accuracy()[..., 1].numpy(), acc, rtol=0, atol=1e-12)
+    assert files["eval_class_count"].tolist() == np.bincount([e.label for e in ev], minlength=2).tolist()
+    # Predictivity: max over slots of max(Acc, 1 - Acc).
+    expected_pred = np.maximum(acc, 1 - acc).max(axis=1)
+    np.testing.assert_allclose(stats.predictivity().numpy(), expected_pred, atol=1e-12)
+
+
+@requires_data
+def test_batch_size_invariance(minilm, sst2):
+    model, tokenizer = minilm
+    base, ev = sst2
+    runs = [score(model, tokenizer, base[:120], ev[:80], 2, batch_size=bs, max_length=MAX_LEN) for bs in (1, 7, 32)]
+    for other in runs[1:]:
+        assert torch.equal(other.above, runs[0].above)
+        assert torch.equal(other.eval_class_count, runs[0].eval_class_count)
+        # Sums are added in a different order when batches group rows by length: float64 rounding only.
+        torch.testing.assert_close(other.threshold, runs[0].threshold, rtol=1e-13, atol=1e-15)
+
+
+@requires_data
+def test_halves_merge_to_whole(minilm, sst2):
+    model, tokenizer = minilm
+    base, ev = sst2
+    base, ev = base[:96], ev[:64]
+    scorer = Scorer(model, tokenizer, 2, ScoreSettings(max_length=MAX_LEN, batch_size=16), progress=False)
+    whole = scorer.score(base, ev)
+    a, b = scorer.new_stats(), scorer.new_stats()
+    scorer.run_pass(a, base[:40])
+    scorer.run_pass(b, base[40:])
+    merged = a + b
+    torch.testing.assert_close(merged.sums, whole.sums, rtol=1e-13, atol=1e-12)
+    merged.threshold = whole.threshold.clone()
+    a.threshold = b.threshold = whole.threshold.clone()
+    a2, b2 = scorer.new_stats(), scorer.new_stats()
+    a2.threshold = b2.threshold = whole.threshold.clone()
+    scorer.run_pass(a2, ev[:25])
+    scorer.run_pass(b2, ev[25:])
+    assert torch.equal((a2 + b2).above, whole.above)
+    assert torch.equal((a2 + b2).eval_class_count, whole.eval_class_count)
+
+
+def test_batches_are_padded_per_sample(minilm):
+    _, tokenizer = minilm
+    rows = [{"text": "a " * n, "label": n % 2} for n in (1, 40, 3, 70, 5)]
+    batches = list(iter_batches(tokenizer, rows, batch_size=5, max_length=64, pad_multiple=32))
+    assert [b.inputs["input_ids"].shape[1] for b in batches] == [32, 64]
+    assert sorted(sum((b.labels.tolist() for b in batches), [])) == sorted(r["label"] for r in rows)
+
+
+def test_nan_activations_name_the_layer(minilm):
+    model, tokenizer = minilm
+    rows = [{"text": "fine", "label": 0}, {"text": "bad", "label": 1}]
+    layer = model.encoder.layer[3].intermediate.dense
+    saved = layer.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            layer.bias[7] = float("nan")
+        with pytest.raises(NonFiniteActivationError, match="layer 3"):
+            score(model, tokenizer, rows, rows, 2)
+    finally:
+        with torch.no_grad():
+            layer.bias.copy_(saved)
+
+
+def test_label_out_of_range(minilm):
+    model, tokenizer = minilm
+    rows = [{"text": "fine", "label": 0}, {"text": "bad", "label": 2}]
+    with pytest.raises(ValueError, match=r"label 2 out of range \[0, 2\)"):
+        score(model, tokenizer, rows, rows, 2)
+
+
+def test_empty_split(minilm):
+    model, tokenizer = minilm
+    with pytest.raises(ValueError, match="empty"):
+        score(model, tokenizer, [], [{"text": "x", "label": 0}], 2)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="unknown pool"):
+        ScoreSettings(pool="median")
+    with pytest.raises(ValueError, match="slot"):
+        ScoreSettings(pool="slots")
+
+
+def test_slot_beyond_sequence(minilm):
+    model, tokenizer = minilm
+    rows = [{"text": "short", "label": 0}, {"text": "also short", "label": 1}]
+    with pytest.raises(ValueError, match="beyond the sequence length"):
+        score(model, tokenizer, rows, rows, 2, pool="slots", slots=(0, 40), pad_multiple=0)
+
+
+def test_stats_survive_save_and_load(tmp_path, minilm):
+    model, tokenizer = minilm
+    rows = [{"text": t, "label": i % 2} for i, t in enumerate(["good", "bad", "great film", "awful", "ok"])]
+    stats = score(model, tokenizer, rows, rows, 2)
+    stats.save(tmp_path / "s.safetensors", {"model": "minilm"})
+    back, meta = NeuronStats.load(tmp_path / "s.safetensors")
+    assert meta == {"model": "minilm"}
+    assert torch.equal(back.above, stats.above) and torch.equal(back.sums, stats.sums)
+    assert torch.equal(back.threshold, stats.threshold)
+    assert torch.equal(back.predictivity(), stats.predictivity())

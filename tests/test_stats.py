@@ -1,0 +1,121 @@
+"""NeuronStats, predictivity and selection on synthetic rows, against numpy brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from skillkern.stats import (NeuronStats, StatsFileError, combine_runs, select_global, select_multiclass,
+                             select_per_layer, top_neurons)
+
+
+def _feed(stats, layers_rows, labels, chunk=13):
+    for start in range(0, labels.numel(), chunk):
+        sl = slice(start, start + chunk)
+        for layer, rows in enumerate(layers_rows):
+            S = stats.num_slots
+            lab = labels[sl]
+            h = rows[sl].reshape(-1, stats.width)
+            slot = torch.arange(S).repeat(lab.numel())
+            stats.add_rows(layer, h, slot, lab.repeat_interleave(S))
+        stats.count_rows(labels[sl])
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_accuracy_matches_brute_force(classes):
+    g = torch.Generator().manual_seed(classes)
+    L, S, D, N = 3, 2, 37, 101
+    base = [torch.randn(N, S, D, generator=g) for _ in range(L)]
+    ev = [torch.randn(N, S, D, generator=g) + 0.3 for _ in range(L)]
+    yb = torch.randint(0, classes, (N,), generator=g)
+    ye = torch.randint(0, classes, (N,), generator=g)
+    stats = NeuronStats(L, S, D, classes)
+    _feed(stats, base, yb)
+    stats.finalize_baseline()
+    _feed(stats, ev, ye)
+
+    thr = np.stack([b.double().numpy().mean(0) for b in base])                 # (L, S, D)
+    fired = np.stack([e.double().numpy() for e in ev], axis=1) > thr[None]       # (N, L, S, D)
+    y = ye.numpy()
+    acc = np.stack([(fired == (y == c)[:, None, None, None]).mean(0) for c in range(classes)], axis=-1)
+    np.testing.assert_allclose(stats.threshold.numpy(), thr, rtol=1e-13)
+    np.testing.assert_allclose(stats.accuracy().numpy(), acc, atol=1e-12)
+    pred = np.maximum(acc, 1 - acc)
+    expected = pred[..., 1].max(1) if classes == 2 else pred.max(-1).max(1)
+    np.testing.assert_allclose(stats.predictivity().numpy(), expected, atol=1e-12)
+    assert stats.sign().shape == (L, D)
+
+
+def test_sign_marks_inhibitory_neurons():
+    stats = NeuronStats(1, 1, 2, 2)
+    h = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])  # neuron 0 fires for class 1, neuron 1 for class 0
+    y = torch.tensor([1, 0])
+    for _ in range(2):
+        stats.add_rows(0, h, torch.zeros(2, dtype=torch.long), y)
+        stats.count_rows(y)
+        if stats.threshold is None:
+            stats.finalize_baseline()
+    assert stats.predictivity().tolist() == [[1.0, 1.0]]
+    assert stats.sign().tolist() == [[1, -1]]
+
+
+def test_merge_rejects_mismatch():
+    a, b = NeuronStats(2, 1, 4, 2), NeuronStats(2, 1, 5, 2)
+    with pytest.raises(ValueError, match="shape"):
+        a.merge_(b)
+
+
+def test_no_baseline_rows():
+    with pytest.raises(ValueError, match="no rows"):
+        NeuronStats(1, 1, 3, 2).finalize_baseline()
+
+
+def test_select_per_layer_counts_and_order():
+    pred = torch.rand(4, 1536, generator=torch.Generator().manual_seed(0))
+    sel = select_per_layer(pred, 0.02)
+    assert [len(s) for s in sel] == [30] * 4  # int(0.02 * 1536) = 30, despite float rounding
+    for layer, s in enumerate(sel):
+        assert torch.equal(s, pred[layer].argsort(descending=True)[:30])
+    assert [len(s) for s in select_per_layer(pred, 0.0)] == [0] * 4
+    with pytest.raises(ValueError):
+        select_per_layer(pred, 1.5)
+
+
+def test_select_global():
+    pred = torch.tensor([[0.5, 0.9, 0.6], [0.95, 0.55, 0.7]])
+    assert select_global(pred, 3).tolist() == [[1, 0], [0, 1], [1, 2]]
+    assert top_neurons(pred, 1)[0] == {"layer": 1, "neuron": 0, "predictivity": pytest.approx(0.95)}
+
+
+def test_select_multiclass_union_rule():
+    pn = torch.tensor([[0.9, 0.8, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
+    neu = torch.tensor([[0.99, 0.5, 0.7, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]])
+    # q = 0.2 -> k = 2 from pn {0, 1}; fill from neu's best not yet chosen: 0 is taken, so 2 and 3.
+    assert select_multiclass(pn, neu, 0.2)[0].tolist() == [0, 1, 2, 3]
+
+
+def test_combine_runs():
+    a, b = torch.tensor([[0.6, 0.9]]), torch.tensor([[0.8, 0.7]])
+    torch.testing.assert_close(combine_runs([a, b]), torch.tensor([[0.7, 0.8]], dtype=torch.float64))
+    torch.testing.assert_close(combine_runs([a, b], "min"), torch.tensor([[0.6, 0.7]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="different shapes"):
+        combine_runs([a, torch.zeros(2, 2)])
+
+
+def test_corrupt_stats_file(tmp_path):
+    bad = tmp_path / "stats.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(StatsFileError, match="not a readable"):
+        NeuronStats.load(bad)
+    with pytest.raises(FileNotFoundError):
+        NeuronStats.load(tmp_path / "missing.safetensors")
+
+
+def test_stats_file_of_something_else(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path))
+    with pytest.raises(StatsFileError, match="not a skillkern stats file"):
+        NeuronStats.load(path)
