@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,12 @@ def _add_score_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/dev split when a task has no dev file")
     p.add_argument("--top", type=int, default=10, help="print this many top neurons")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint*.safetensors if present (same job only)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="K",
+                   help="save an atomic checkpoint every K batches (default 50)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="drop samples with NaN/Inf activations (counted in summary.json) instead of stopping")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_score)
 
@@ -62,8 +69,11 @@ def cmd_score(args) -> int:
     from .scoring import ScoreSettings, Scorer
     from .stats import top_neurons
 
+    from .checkpoint import Checkpoint
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rank, world = _init_distributed(args.device)
     task = load_task(args.task, args.data, seed=args.seed)
     if args.subtask:
         task = binary_subtask(task, args.subtask, seed=args.seed)
@@ -71,16 +81,29 @@ def cmd_score(args) -> int:
     evaluation = _first(task.split(args.eval_split), args.max_eval)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1 and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     model, tokenizer = load_model(args.model, device=device)
     settings = ScoreSettings(pool=args.pool, max_length=args.max_length, batch_size=args.batch_size,
                              pad_multiple=args.pad_multiple, backend=args.backend, which=args.which)
-    scorer = Scorer(model, tokenizer, task.num_classes, settings, progress=not args.no_progress)
+    scorer = Scorer(model, tokenizer, task.num_classes, settings, progress=not args.no_progress and rank == 0,
+                    nonfinite="skip" if args.skip_nonfinite else "raise")
     logger.info("scoring %s on %s: %d layers x %d neurons, baseline %s (%d rows), eval %s (%d rows)",
                 model_id(model), task.name, len(scorer.layers), scorer.width,
                 args.baseline_split, len(baseline), args.eval_split, len(evaluation))
+    fingerprint = {"model": model_id(model), "task": task.name, "task_source": task.source,
+                   "subtask": args.subtask, "baseline_split": args.baseline_split, "eval_split": args.eval_split,
+                   "baseline_rows": len(baseline), "eval_rows": len(evaluation), "seed": args.seed,
+                   "settings": settings.to_dict(), "world_size": world, "rank": rank}
+    ckpt_name = "checkpoint.safetensors" if world == 1 else f"checkpoint.rank{rank}.safetensors"
+    checkpoint = Checkpoint(out / ckpt_name, fingerprint, every=args.checkpoint_every, resume=args.resume)
     started = time.perf_counter()
-    stats = scorer.score(baseline, evaluation)
+    stats = scorer.score(baseline, evaluation, checkpoint=checkpoint)
     elapsed = time.perf_counter() - started
+    if rank != 0:
+        _finish_distributed(world)
+        checkpoint.remove()
+        return 0
 
     pred = stats.predictivity()
     sign = stats.sign()
@@ -102,6 +125,8 @@ def cmd_score(args) -> int:
         "settings": settings.to_dict(),
         "backend_resolved": resolve_backend(args.backend, device),
         "neuron": "input of the FFN down-projection" if args.which == "neuron" else "act(W_gate x)",
+        "world_size": world,
+        "skipped_nonfinite": scorer.skipped,
     }
     stats.save(out / "stats.safetensors", meta)
     top = top_neurons(pred, args.top, sign)
@@ -124,7 +149,31 @@ def cmd_score(args) -> int:
     for rank, row in enumerate(top, 1):
         print(f"{rank:>4} {row['layer']:>5} {row['neuron']:>6} {row['predictivity']:>7.4f} {row['sign']:>+4d}")
     print(f"wrote {out / 'stats.safetensors'}, {out / 'summary.json'}, {out / 'predictivity.png'}")
+    _finish_distributed(world)
+    checkpoint.remove()  # the result file now holds everything the checkpoint had
     return 0
+
+
+def _init_distributed(device_arg: Optional[str]) -> tuple[int, int]:
+    """Join the process group that torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        use_cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _finish_distributed(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:

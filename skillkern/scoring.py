@@ -15,12 +15,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from .models import capture_neurons, ffn_layers
 from .stats import NeuronStats
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +204,14 @@ class Scorer:
         forward: optional ``forward(model, batch) -> None`` replacing ``model(**batch.inputs)`` (prompt tuning
             prepends soft-prompt embeddings this way).
         progress: show tqdm progress bars.
+        nonfinite: ``raise`` (default) stops at the first NaN/Inf activation, naming the layer; ``skip`` drops
+            every sample with a non-finite activation in any layer and counts it in :attr:`skipped`.
     """
 
     def __init__(self, model, tokenizer, num_classes: int, settings: Optional[ScoreSettings] = None,
-                 forward: Optional[Callable] = None, progress: bool = True):
+                 forward: Optional[Callable] = None, progress: bool = True, nonfinite: str = "raise"):
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         self.model, self.tokenizer = model, tokenizer
         self.settings = settings or ScoreSettings()
         self.layers = ffn_layers(model)
@@ -215,50 +222,161 @@ class Scorer:
         self.num_classes = num_classes
         self.forward = forward or (lambda m, batch: m(**batch.inputs))
         self.progress = progress
+        self.nonfinite = nonfinite
+        self.skipped = {"baseline": 0, "eval": 0}
         self.device = next(model.parameters()).device
 
     def new_stats(self) -> NeuronStats:
         return NeuronStats(len(self.layers), self.settings.num_slots, self.width, self.num_classes, self.device)
 
-    def run_pass(self, stats: NeuronStats, examples: Sequence, desc: str = "scoring") -> None:
-        """Feed ``examples`` through the model, adding tracked rows to the current pass of ``stats``."""
+    def run_pass(self, stats: NeuronStats, examples: Sequence, desc: str = "scoring", start: int = 0,
+                 on_chunk: Optional[Callable[[int], None]] = None) -> int:
+        """Feed ``examples[start:]`` through the model, adding tracked rows to the current pass of ``stats``.
+
+        Examples are consumed in chunks of ``batch_size``; after each chunk ``on_chunk(position)`` is called
+        with the number of examples consumed so far (checkpoints hook in there).
+
+        Returns:
+            the number of examples consumed (``len(examples)``).
+        """
         from tqdm.auto import tqdm
 
         s = self.settings
+        phase = "eval" if stats.threshold is not None else "baseline"
+        skip = self.nonfinite == "skip"
         current: dict = {}
+        buffered: dict[int, tuple] = {}
 
         def on_layer(index: int, h: torch.Tensor) -> None:
             batch = current["batch"]
             rows, slot, label = pool_rows(h, batch.attention_mask, batch.labels, s)
+            if skip:  # wait for every layer: a sample is dropped if any layer misbehaves
+                buffered[index] = (rows.clone(), slot, label)
+                return
             if not bool(torch.isfinite(rows).all()):
                 bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten()[:5].tolist()
                 raise NonFiniteActivationError(
-                    f"layer {index}: NaN or Inf activations at tracked rows {bad} of batch {current['number']} "
-                    f"(samples {current['start']}..{current['start'] + batch.labels.numel() - 1} of this group)")
+                    f"layer {index}: NaN or Inf activations at tracked rows {bad} of the batch starting at "
+                    f"example {current['start']} ({desc}); pass nonfinite='skip' (--skip-nonfinite) to drop "
+                    f"such samples instead")
             stats.add_rows(index, rows, slot, label, backend=s.backend, check=False)
 
-        seen = 0
-        total = len(examples) if hasattr(examples, "__len__") else None
-        bar = tqdm(total=total, desc=desc, unit="ex", disable=not self.progress, leave=False)
-        with torch.inference_mode(), capture_neurons(self.model, on_layer, which=s.which):
-            for number, batch in enumerate(iter_batches(self.tokenizer, examples, s.batch_size, s.max_length,
-                                                        s.pad_multiple, self.device)):
-                current.update(batch=batch, number=number, start=seen)
-                stats.count_rows(batch.labels)  # validates the label range before any layer sees the batch
-                self.forward(self.model, batch)
-                seen += batch.labels.numel()
-                bar.update(batch.labels.numel())
-        bar.close()
-        if seen == 0:
+        if not hasattr(examples, "__getitem__"):
+            examples = list(examples)
+        total = len(examples)
+        if total == 0:
             raise ValueError(f"{desc}: the split is empty")
+        if not 0 <= start <= total:
+            raise ValueError(f"{desc}: cannot resume at example {start} of {total}")
+        bar = tqdm(total=total, initial=start, desc=desc, unit="ex", disable=not self.progress, leave=False)
+        with torch.inference_mode(), capture_neurons(self.model, on_layer, which=s.which):
+            for chunk_start in range(start, total, s.batch_size):
+                chunk = examples[chunk_start: chunk_start + s.batch_size]
+                for batch in iter_batches(self.tokenizer, chunk, s.batch_size, s.max_length, s.pad_multiple,
+                                          self.device):
+                    current.update(batch=batch, start=chunk_start)
+                    if not skip:
+                        stats.count_rows(batch.labels)  # validates labels before any layer sees the batch
+                    self.forward(self.model, batch)
+                    if skip:
+                        self._add_buffered(stats, buffered, batch, phase)
+                done = min(chunk_start + s.batch_size, total)
+                bar.update(done - chunk_start)
+                if on_chunk is not None:
+                    on_chunk(done)
+        bar.close()
+        return total
 
-    def score(self, baseline: Sequence, evaluation: Sequence) -> NeuronStats:
-        """Both passes: thresholds from ``baseline``, counts on ``evaluation``. Returns the statistics."""
+    def _add_buffered(self, stats: NeuronStats, buffered: dict, batch: Batch, phase: str) -> None:
+        S = self.settings.num_slots
+        good = torch.ones(batch.labels.numel(), dtype=torch.bool, device=batch.labels.device)
+        for rows, _, _ in buffered.values():
+            good &= torch.isfinite(rows).all(dim=1).view(-1, S).all(dim=1).to(good.device)
+        n_bad = int((~good).sum())
+        if n_bad:
+            self.skipped[phase] += n_bad
+            logger.warning("skipped %d sample(s) with NaN/Inf activations (%s pass)", n_bad, phase)
+        stats.count_rows(batch.labels[good])
+        keep_rows = good.repeat_interleave(S)
+        for index in sorted(buffered):
+            rows, slot, label = buffered[index]
+            stats.add_rows(index, rows[keep_rows], slot[keep_rows], label[keep_rows],
+                           backend=self.settings.backend, check=False)
+        buffered.clear()
+
+    def score(self, baseline: Sequence, evaluation: Sequence, checkpoint: Optional["Checkpoint"] = None
+              ) -> NeuronStats:
+        """Both passes: thresholds from ``baseline``, counts on ``evaluation``. Returns the statistics.
+
+        With a :class:`~skillkern.checkpoint.Checkpoint`, the state is saved atomically every few chunks and
+        a run killed at any moment continues from its last checkpoint with bit-identical results.
+        """
         stats = self.new_stats()
-        self.run_pass(stats, baseline, desc="baseline pass")
-        stats.finalize_baseline()
-        self.run_pass(stats, evaluation, desc="evaluation pass")
+        rank, world = _dist_rank_world()
+        if world > 1:
+            # Contiguous shards; counts are integers, so the all-reduced result equals one process's exactly.
+            baseline, evaluation = _shard(baseline, rank, world), _shard(evaluation, rank, world)
+        phase, position = "baseline", 0
+        if checkpoint is not None:
+            resumed = checkpoint.restore(stats)
+            if resumed is not None:
+                phase, position = resumed
+                self.skipped.update(checkpoint.skipped)
+                logger.info("resuming the %s pass at example %d", phase, position)
+        if world > 1:
+            _check_same_phase(phase, stats.sums.device)
+
+        def saver(ph):
+            if checkpoint is None:
+                return None
+            return lambda pos: checkpoint.maybe_save(stats, ph, pos, self.skipped)
+
+        if phase == "baseline":
+            if len(baseline) or world == 1:
+                self.run_pass(stats, baseline, "baseline pass", start=position, on_chunk=saver("baseline"))
+            if world > 1:
+                _all_reduce(stats.sums, stats.baseline_class_count)
+            stats.finalize_baseline()
+            phase, position = "eval", 0
+            if checkpoint is not None:  # the reduced thresholds are the point of no return: save them now
+                checkpoint.save(stats, phase, position, self.skipped)
+        if len(evaluation) or world == 1:
+            self.run_pass(stats, evaluation, "evaluation pass", start=position, on_chunk=saver("eval"))
+        if world > 1:
+            _all_reduce(stats.above, stats.eval_class_count)
         return stats
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(examples: Sequence, rank: int, world: int) -> Sequence:
+    n = len(examples)
+    return examples[rank * n // world: (rank + 1) * n // world]
+
+
+def _all_reduce(*tensors: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _check_same_phase(phase: str, device: torch.device) -> None:
+    import torch.distributed as dist
+
+    mine = torch.tensor([0 if phase == "baseline" else 1], device=device)
+    lo, hi = mine.clone(), mine.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if int(lo) != int(hi):
+        raise RuntimeError("resumed ranks are in different passes (one was killed between saving the reduced "
+                           "thresholds and another rank doing so); delete the checkpoints and run again")
 
 
 def score(model, tokenizer, baseline: Sequence, evaluation: Sequence, num_classes: int, *,

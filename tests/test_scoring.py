@@ -198,3 +198,29 @@ def test_stats_survive_save_and_load(tmp_path, minilm):
     assert torch.equal(back.above, stats.above) and torch.equal(back.sums, stats.sums)
     assert torch.equal(back.threshold, stats.threshold)
     assert torch.equal(back.predictivity(), stats.predictivity())
+
+
+def test_skip_nonfinite_drops_and_counts_samples(minilm):
+    from skillkern.models import edit_neurons
+
+    model, tokenizer = minilm
+    rows = [{"text": f"sample number {i} " * (1 + i % 3), "label": i % 2} for i in range(12)]
+    poisoned = {"n": 0}
+
+    def poison(layer, h):
+        if layer == 2:  # first sample of every forward call gets a NaN neuron
+            h = h.clone()
+            h[0, 0, 5] = float("nan")
+            poisoned["n"] += 1
+        return h
+
+    scorer = Scorer(model, tokenizer, 2, ScoreSettings(batch_size=4), progress=False, nonfinite="skip")
+    with edit_neurons(model, poison, layers=[2]):
+        stats = scorer.score(rows, rows)
+    assert scorer.skipped["baseline"] == scorer.skipped["eval"] > 0
+    assert int(stats.baseline_class_count.sum()) == 12 - scorer.skipped["baseline"]
+    assert int(stats.eval_class_count.sum()) == 12 - scorer.skipped["eval"]
+    assert torch.isfinite(stats.threshold).all()
+    strict = Scorer(model, tokenizer, 2, ScoreSettings(batch_size=4), progress=False)
+    with edit_neurons(model, poison, layers=[2]), pytest.raises(NonFiniteActivationError, match="layer 2"):
+        strict.score(rows, rows)

@@ -1,0 +1,115 @@
+"""Interrupt and resume: a killed scoring job continues from its checkpoint with bit-identical results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from skillkern.checkpoint import Checkpoint
+from skillkern.cli import main
+from skillkern.stats import StatsFileError
+
+from conftest import requires_data
+
+ARGS = ["score", "--task", "sst2", "--max-baseline", "96", "--max-eval", "64", "--batch-size", "8",
+        "--max-length", "48", "--no-progress", "--checkpoint-every", "1"]
+
+
+def _read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _assert_same_file(a, b):
+    meta_a, ta = _read(a)
+    meta_b, tb = _read(b)
+    assert meta_a == meta_b
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), f"{key} differs after resume"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    assert main(ARGS + ["--out", str(out)]) == 0
+    assert not (out / "checkpoint.safetensors").exists(), "the checkpoint is removed once the result is written"
+    return out / "stats.safetensors"
+
+
+class _Crash(Exception):
+    pass
+
+
+@requires_data
+@pytest.mark.parametrize("crash_after", [3, 15])  # saves: 12 baseline chunks, 1 after the reduction, 8 eval
+def test_exception_mid_run_then_resume(tmp_path, uninterrupted, monkeypatch, crash_after):
+    saves = {"n": 0}
+    real_save = Checkpoint.save
+
+    def crashing_save(self, *a, **k):
+        real_save(self, *a, **k)
+        saves["n"] += 1
+        if saves["n"] == crash_after:
+            raise _Crash()
+
+    monkeypatch.setattr(Checkpoint, "save", crashing_save)
+    with pytest.raises(_Crash):
+        main(ARGS + ["--out", str(tmp_path)])
+    monkeypatch.setattr(Checkpoint, "save", real_save)
+    meta, _ = _read(tmp_path / "checkpoint.safetensors")
+    assert meta["phase"] == ("baseline" if crash_after < 13 else "eval")
+    assert main(ARGS + ["--resume", "--out", str(tmp_path)]) == 0
+    _assert_same_file(tmp_path / "stats.safetensors", uninterrupted)
+
+
+@requires_data
+@pytest.mark.parametrize("phase", ["baseline", "eval"])
+def test_sigkill_then_resume(tmp_path, uninterrupted, phase):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "skillkern"] + ARGS + ["--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.exists():
+                try:
+                    meta, _ = _read(ckpt)
+                except Exception:  # replaced while we opened it: try again
+                    continue
+                if meta["phase"] == phase and int(meta["position"]) >= 16:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.005)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the job was not killed mid-run: {proc.stderr.read()[-2000:]}"
+    assert not (tmp_path / "stats.safetensors").exists()
+    assert main(ARGS + ["--resume", "--out", str(tmp_path)]) == 0
+    _assert_same_file(tmp_path / "stats.safetensors", uninterrupted)
+
+
+@requires_data
+def test_resume_refuses_another_job(tmp_path, monkeypatch):
+    real_save = Checkpoint.save
+
+    def crashing_save(self, *a, **k):
+        real_save(self, *a, **k)
+        raise _Crash()
+
+    monkeypatch.setattr(Checkpoint, "save", crashing_save)
+    with pytest.raises(_Crash):
+        main(ARGS + ["--out", str(tmp_path)])
+    monkeypatch.setattr(Checkpoint, "save", real_save)
+    other = [a if a != "96" else "80" for a in ARGS]  # another --max-baseline: another job
+    with pytest.raises(StatsFileError, match="another job"):
+        main(["-v"] + other + ["--resume", "--out", str(tmp_path)])  # -v: raise instead of exit code 2
