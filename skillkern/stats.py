@@ -220,8 +220,13 @@ class NeuronStats:
         tmp.replace(path)  # atomic on POSIX: a reader sees the old file or the new one, never half of one
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> tuple["NeuronStats", dict]:
-        """Read a stats file written by :meth:`save`. Returns ``(stats, settings)``."""
+    def load(cls, path: str | Path, device: torch.device | str = "cpu",
+             expect: Optional[dict] = None) -> tuple["NeuronStats", dict]:
+        """Read a stats file written by :meth:`save`. Returns ``(stats, settings)``.
+
+        ``expect``: settings the file must have (e.g. ``{"model": ..., "task": ...}``); a file that belongs to
+        another model or task raises :class:`StatsFileError` naming the difference.
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -248,7 +253,11 @@ class NeuronStats:
                 raise StatsFileError(f"{path}: 'above' missing or not of shape {(L, S, D, C)}")
             stats.threshold = tensors["baseline"].to(device=device, dtype=torch.float64)
             stats.above.copy_(tensors["above"].permute(0, 1, 3, 2))
-        return stats, json.loads(meta.get("settings", "{}"))
+        settings = json.loads(meta.get("settings", "{}"))
+        for key, want in (expect or {}).items():
+            if settings.get(key) != want:
+                raise StatsFileError(f"{path} belongs to {key}={settings.get(key)!r}, not {want!r}")
+        return stats, settings
 
 
 # ------------------------------------------------------------------------------------------- selection

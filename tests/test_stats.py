@@ -119,3 +119,11 @@ def test_stats_file_of_something_else(tmp_path):
     save_file({"weight": torch.zeros(2)}, str(path))
     with pytest.raises(StatsFileError, match="not a skillkern stats file"):
         NeuronStats.load(path)
+
+
+def test_stats_file_of_another_model_or_task(tmp_path):
+    stats = NeuronStats(1, 1, 3, 2)
+    stats.save(tmp_path / "s.safetensors", {"model": "minilm", "task": "sst2"})
+    NeuronStats.load(tmp_path / "s.safetensors", expect={"model": "minilm", "task": "sst2"})
+    with pytest.raises(StatsFileError, match="task='sst2', not 'imdb'"):
+        NeuronStats.load(tmp_path / "s.safetensors", expect={"model": "minilm", "task": "imdb"})
