@@ -10,12 +10,11 @@ Environment:
 
 import glob
 import os
-import shutil
 import sys
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 NO_EXT = os.environ.get("SKILLKERN_NO_EXT") == "1"
 REQUIRE_EXT = os.environ.get("SKILLKERN_REQUIRE_EXT") == "1"
@@ -44,16 +43,21 @@ def _extensions():
     # No -std flag: BuildExtension picks the standard the installed torch's headers need (C++17 for older torch,
     # C++20 since 2.10); our sources are plain C++17.
     cxx = ["-O3"] + openmp
-    if cu and torch.version.cuda and shutil.which("nvcc"):
+    nvcc_path = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if cu and torch.version.cuda and nvcc_path and os.path.exists(nvcc_path):
         archs = [a.strip() for a in os.environ.get("SKILLKERN_CUDA_ARCHS", "80;90").split(";") if a.strip()]
         # Explicit -gencode flags also stop torch from guessing architectures from the build machine's GPU.
+        # tests/test_csrc_cuda.py compiles csrc/*.cu with the same flags on machines without CUDA torch.
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
         nvcc = ["-O3", "-lineinfo"] + gencode
+        print(f"skillkern: building the CPU and CUDA ops (sm_{', sm_'.join(archs)} + PTX; CUDA_HOME={CUDA_HOME})")
         return [CUDAExtension("skillkern._C", cpp + cu, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                               extra_link_args=link)]
     if cu:
-        print("skillkern: CUDA sources skipped (torch without CUDA or no nvcc); building the CPU ops only")
+        why = (f"torch {torch.__version__} is built without CUDA" if not torch.version.cuda
+               else "nvcc not found (set CUDA_HOME to the CUDA toolkit)")
+        print(f"skillkern: CUDA sources {' '.join(cu)} skipped: {why}; building the CPU ops only")
     return [CppExtension("skillkern._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
 
@@ -81,7 +85,7 @@ setup(
     packages=find_packages(include=["skillkern", "skillkern.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.3", "transformers>=4.40", "numpy", "safetensors", "tqdm", "matplotlib", "ninja"],
-    extras_require={"test": ["pytest"], "hub": ["datasets"], "triton": ["triton"]},
+    extras_require={"test": ["pytest", "triton"], "hub": ["datasets"], "triton": ["triton"]},
     entry_points={"console_scripts": ["skillkern=skillkern.cli:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": OptionalBuildExtension},

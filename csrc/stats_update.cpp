@@ -10,10 +10,7 @@
 // and independent of the thread count. Traffic: h is read once; each block of out stays in cache while
 // the rows stream past it.
 //
-// This file also makes the shared object importable as the Python module skillkern._C (PyInit__C at
-// the end); importing it runs the static registrations below.
-
-#include <Python.h>
+// The op's schema and the module init are in module.cpp; the CUDA kernel is in stats_update_cuda.cu.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,27 +18,18 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include "stats_update.h"
+
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace skillkern {
-namespace {
 
-// 64 doubles = 512 bytes: block boundaries fall on cache lines, so two threads never write the same
-// line of out (as long as each (slot, class) row of out starts on one, i.e. D % 8 == 0).
-constexpr int64_t kBlock = 64;
-// Below this many element updates per task, threads cost more than they save.
-constexpr int64_t kMinWorkPerTask = 1 << 15;
-
-// A tracked row: where it lives in h and which (slot, class) row of out it adds into.
-struct RowRef {
-  int64_t row;
-  int64_t group;  // slot * classes + label
-};
-
-void check_args(const at::Tensor& h, const at::Tensor& slot, const at::Tensor& label, const at::Tensor& out,
-                const c10::optional<at::Tensor>& threshold) {
+void check_stats_update_args(const at::Tensor& h, const at::Tensor& slot, const at::Tensor& label,
+                             const at::Tensor& out, const c10::optional<at::Tensor>& threshold,
+                             c10::DeviceType device_type, const char* kernel) {
   TORCH_CHECK(h.dim() == 2, "stats_update: h must be 2-D (rows, neurons), got ", h.dim(), "-D shape ", h.sizes());
   const auto st = h.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
@@ -64,19 +52,38 @@ void check_args(const at::Tensor& h, const at::Tensor& slot, const at::Tensor& l
     TORCH_CHECK(thr.dim() == 2 && thr.size(0) == out.size(0) && thr.size(1) == width,
                 "stats_update: threshold must have shape (", out.size(0), ", ", width, "), got ", thr.sizes());
     TORCH_CHECK(thr.scalar_type() == at::kDouble, "stats_update: threshold must be float64, got ", thr.scalar_type());
-    TORCH_CHECK(thr.device().is_cpu(), "stats_update (CPU kernel): threshold is on ", thr.device(), ", expected cpu");
   } else {
     TORCH_CHECK(out.scalar_type() == at::kDouble, "stats_update: sums are accumulated in float64, got out of dtype ",
                 out.scalar_type());
   }
-  auto check_cpu = [](const char* name, const at::Tensor& t) {
-    TORCH_CHECK(t.device().is_cpu(), "stats_update (CPU kernel): ", name, " is on ", t.device(), ", expected cpu");
+  // out is updated in place, so everything else has to come to out's device.
+  const c10::Device device = out.device();
+  const std::string expected = c10::DeviceTypeName(device_type, /*lower_case=*/true);
+  TORCH_CHECK(device.type() == device_type, "stats_update (", kernel, " kernel): out is on ", device, ", expected ",
+              expected);
+  auto check_device = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.device() == device, "stats_update (", kernel, " kernel): ", name, " is on ", t.device(),
+                ", expected ", device);
   };
-  check_cpu("h", h);
-  check_cpu("slot", slot);
-  check_cpu("label", label);
-  check_cpu("out", out);
+  check_device("h", h);
+  check_device("slot", slot);
+  check_device("label", label);
+  if (threshold.has_value()) check_device("threshold", *threshold);
 }
+
+namespace {
+
+// 64 doubles = 512 bytes: block boundaries fall on cache lines, so two threads never write the same
+// line of out (as long as each (slot, class) row of out starts on one, i.e. D % 8 == 0).
+constexpr int64_t kBlock = 64;
+// Below this many element updates per task, threads cost more than they save.
+constexpr int64_t kMinWorkPerTask = 1 << 15;
+
+// A tracked row: where it lives in h and which (slot, class) row of out it adds into.
+struct RowRef {
+  int64_t row;
+  int64_t group;  // slot * classes + label
+};
 
 // Validates every index (a bad one would be an out-of-bounds write) and lists the tracked rows.
 std::vector<RowRef> tracked_rows(const at::Tensor& slot, const at::Tensor& label, int64_t slots, int64_t classes) {
@@ -121,7 +128,7 @@ void accumulate(const scalar_t* h, const std::vector<RowRef>& refs, int64_t widt
 
 void stats_update_cpu(const at::Tensor& h_in, const at::Tensor& slot_in, const at::Tensor& label_in, at::Tensor& out,
                       const c10::optional<at::Tensor>& threshold) {
-  check_args(h_in, slot_in, label_in, out, threshold);
+  check_stats_update_args(h_in, slot_in, label_in, out, threshold, c10::DeviceType::CPU, "CPU");
   const at::Tensor h = h_in.contiguous(), slot = slot_in.contiguous(), label = label_in.contiguous();
   const int64_t slots = out.size(0), classes = out.size(1), width = out.size(2);
   const std::vector<RowRef> refs = tracked_rows(slot, label, slots, classes);
@@ -142,17 +149,6 @@ void stats_update_cpu(const at::Tensor& h_in, const at::Tensor& slot_in, const a
 }  // namespace
 }  // namespace skillkern
 
-TORCH_LIBRARY(skillkern, m) {
-  m.def("stats_update(Tensor h, Tensor slot, Tensor label, Tensor(a!) out, Tensor? threshold) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(skillkern, CPU, m) {
   m.impl("stats_update", &skillkern::stats_update_cpu);
-}
-
-// An empty module: `from skillkern import _C` exists only to load this library (and run the registrations).
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "skillkern compiled ops (torch.ops.skillkern)",
-                                          -1, nullptr};
-  return PyModule_Create(&module_def);
 }

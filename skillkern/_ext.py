@@ -2,12 +2,16 @@
 
 Importing skillkern never fails because the extension is missing: the reason is logged once and every op
 falls back to its PyTorch reference. ``backend="ext"`` raises with that reason instead.
+
+Loading also registers the fake (meta) implementations of the compiled ops with ``torch.library``, so that
+``torch.compile`` and FakeTensor can trace through them (``tests/test_library.py`` runs ``opcheck``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 import torch
 
@@ -15,6 +19,11 @@ logger = logging.getLogger(__name__)
 
 _loaded = False
 _reason = ""
+# The ops skillkern._C defines (csrc/module.cpp), and which dispatch keys have a kernel for each, read once at
+# load: has_op then only looks in this dict, which torch.compile (Dynamo) can trace, unlike the dispatcher query.
+_COMPILED_OPS = ("stats_update",)
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+_kernels: dict = {}
 
 
 def _load() -> bool:
@@ -30,9 +39,58 @@ def _load() -> bool:
         except Exception as err:  # ImportError, or an ABI mismatch surfacing as OSError
             _reason = f"skillkern._C could not be imported ({type(err).__name__}: {err}); " \
                       "reinstall with `pip install --no-build-isolation -e .` to build it"
-    if not _loaded:
+    if _loaded:
+        for name in _COMPILED_OPS:
+            for key in _DISPATCH_KEYS.values():
+                _kernels[(name, key)] = _has_kernel(name, key)
+        _register_fakes()
+    else:
         logger.info("compiled extension unavailable, using PyTorch references: %s", _reason)
     return _loaded
+
+
+def _has_kernel(name: str, dispatch_key: str) -> bool:
+    try:
+        getattr(torch.ops.skillkern, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"skillkern::{name}", dispatch_key)
+
+
+def _stats_update_fake(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
+                       threshold: Optional[torch.Tensor]) -> None:
+    """Fake of ``skillkern::stats_update``: it mutates ``out`` and returns nothing, so only the checks remain.
+
+    The same shape/dtype checks as csrc/stats_update.cpp (metadata only: index ranges need the data).
+    """
+    torch._check(h.dim() == 2, lambda: f"stats_update: h must be 2-D (rows, neurons), got shape {tuple(h.shape)}")
+    torch._check(h.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                 lambda: f"stats_update: h must be float32, float64, float16 or bfloat16, got {h.dtype}")
+    for name, t in (("slot", slot), ("label", label)):
+        torch._check(t.dim() == 1 and t.shape[0] == h.shape[0],
+                     lambda: f"stats_update: {name} must have shape ({h.shape[0]},) to match h, got {tuple(t.shape)}")
+        torch._check(t.dtype == torch.int64, lambda: f"stats_update: {name} must be int64, got {t.dtype}")
+    torch._check(out.dim() == 3 and out.shape[2] == h.shape[1],
+                 lambda: f"stats_update: out must have shape (slots, classes, {h.shape[1]}), got {tuple(out.shape)}")
+    torch._check(out.is_contiguous(), lambda: "stats_update: out must be contiguous (it is updated in place)")
+    want = torch.float64 if threshold is None else torch.int64
+    torch._check(out.dtype == want, lambda: f"stats_update: out must be {want} for this pass, got {out.dtype}")
+    if threshold is not None:
+        torch._check(threshold.dim() == 2 and threshold.shape[0] == out.shape[0] and threshold.shape[1] == h.shape[1],
+                     lambda: f"stats_update: threshold must have shape ({out.shape[0]}, {h.shape[1]}), "
+                             f"got {tuple(threshold.shape)}")
+        torch._check(threshold.dtype == torch.float64,
+                     lambda: f"stats_update: threshold must be float64, got {threshold.dtype}")
+    return None
+
+
+def _register_fakes() -> None:
+    # Once per process (_load runs its body once). A failure here costs torch.compile support, not the op.
+    try:
+        torch.library.register_fake("skillkern::stats_update", _stats_update_fake)
+    except Exception as err:  # e.g. a torch without register_fake (added in 2.4)
+        logger.warning("could not register the fake of skillkern::stats_update (%s: %s); torch.compile will not "
+                       "trace through it", type(err).__name__, err)
 
 
 def available() -> bool:
@@ -47,12 +105,13 @@ def unavailable_reason() -> str:
 
 
 def has_op(name: str, device: torch.device) -> bool:
-    """True when ``torch.ops.skillkern.<name>`` has a kernel for ``device``'s type."""
+    """True when ``torch.ops.skillkern.<name>`` has a kernel for ``device``'s type (traceable by torch.compile)."""
     if not _load():
         return False
-    try:
-        op = getattr(torch.ops.skillkern, name)
-    except (AttributeError, RuntimeError):
+    dispatch_key = _DISPATCH_KEYS.get(torch.device(device).type)
+    if dispatch_key is None:
         return False
-    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return dispatch_key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), dispatch_key)
+    found = _kernels.get((name, dispatch_key))
+    if found is None:  # an op not in _COMPILED_OPS: ask the dispatcher (once; not traceable by Dynamo)
+        found = _kernels[(name, dispatch_key)] = _has_kernel(name, dispatch_key)
+    return found
