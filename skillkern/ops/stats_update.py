@@ -15,20 +15,122 @@ once per row touched.
 
 Rows are added in row order, so float64 sums are the same whether a dataset is fed in one call or in
 many (any batch size), and the compiled op (``csrc/stats_update.cpp``) matches this reference exactly.
+
+The Triton backend (GPU; on CPU only under ``TRITON_INTERPRET=1``) tiles (rows, neurons) and adds with
+float64 / int64 atomics: counts are exact, sums equal the reference up to float64 rounding, because atomics
+add the rows of one element in no fixed order. Its epilogue, :func:`_stats_epilogue`, is shared with the fused
+FFN kernel (``ops/ffn_stats.py``), which runs it on a GEMM tile still in registers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from typing import Optional
 
 import torch
 
 from .. import _ext
+from .activations import HAVE_TRITON, tl, triton
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "ext")
+BACKENDS = ("auto", "torch", "triton", "ext")
+
+#: ``mode`` constexpr of :func:`_stats_epilogue`
+MODE_NONE, MODE_SUMS, MODE_COUNTS = 0, 1, 2
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _stats_epilogue(h, slot, label, offs_n, mask_m, mask_n, out_ptr, thr_ptr, classes, width,
+                        MODE: tl.constexpr):
+        """Add a tile of activations to the per-class statistics with atomics.
+
+        h: [BLOCK_M, BLOCK_N] float32 (or float64) activations; slot, label: [BLOCK_M] int64 (slot -1 or a
+        masked row: skipped); offs_n: [BLOCK_N] int64 neuron indices; mask_m / mask_n: valid rows / neurons.
+        out: (slots, classes, width) contiguous, float64 sums (MODE 1) or int64 counts (MODE 2);
+        thr: (slots, width) contiguous thresholds (MODE 2 only) in h's dtype: for float32 h, the float64
+        thresholds rounded toward -inf (:func:`thresholds_for_float32`), which makes ``h > thr`` in float32
+        exactly the reference's float64 comparison without float64 tiles in registers. MODE 0 compiles to
+        nothing.
+        """
+        if MODE != 0:
+            tracked = mask_m & (slot >= 0)
+            # Most tiles hold no tracked row when one token in 128 is tracked (cls pooling): skip them
+            # with one reduction instead of issuing fully masked atomics.
+            if tl.max(tracked.to(tl.int32), axis=0) > 0:
+                safe_slot = tl.where(tracked, slot, 0)
+                group = safe_slot * classes + tl.where(tracked, label, 0)
+                keep = tracked[:, None] & mask_n[None, :]
+                dst = out_ptr + group[:, None] * width + offs_n[None, :]
+                if MODE == 1:
+                    tl.atomic_add(dst, h.to(tl.float64), mask=keep, sem="relaxed")  # exact widening
+                else:
+                    thr = tl.load(thr_ptr + safe_slot[:, None] * width + offs_n[None, :], mask=keep, other=0.0)
+                    above = keep & (h > thr)  # strict: ties and NaN are "not above"
+                    # only the elements above threshold need an atomic (+1)
+                    tl.atomic_add(dst, tl.full(h.shape, 1, tl.int64), mask=above, sem="relaxed")
+
+    @triton.jit
+    def _stats_update_kernel(h_ptr, slot_ptr, label_ptr, out_ptr, thr_ptr, rows, width, classes,
+                             stride_hr, stride_hd,
+                             MODE: tl.constexpr, H_F64: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One (BLOCK_M rows) x (BLOCK_N neurons) tile of h -> atomics into out."""
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_n = tl.program_id(1).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < rows
+        mask_n = offs_n < width
+        slot = tl.load(slot_ptr + offs_m, mask=mask_m, other=-1)
+        label = tl.load(label_ptr + offs_m, mask=mask_m, other=0)
+        # untracked rows are masked out of the load: their activations are never read
+        keep = (mask_m & (slot >= 0))[:, None] & mask_n[None, :]
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hr + offs_n[None, :] * stride_hd, mask=keep, other=0.0)
+        if H_F64:
+            hx = h
+        else:
+            hx = h.to(tl.float32)  # exact for float16/bfloat16; thresholds come rounded for float32
+        _stats_epilogue(hx, slot, label, offs_n, mask_m, mask_n, out_ptr, thr_ptr, classes, width, MODE)
+
+else:  # pragma: no cover - exercised only where triton is absent
+    _stats_epilogue = _stats_update_kernel = None
+
+
+def thresholds_for_float32(threshold: torch.Tensor) -> torch.Tensor:
+    """float64 thresholds -> float32 ones ``t32`` with ``h > t32  <=>  float64(h) > threshold`` for every float32
+    (hence every float16/bfloat16) ``h``: round to nearest, then one float32 step down where that rounded up.
+
+    Why it is exact: ``t32`` is the largest float32 <= threshold, so no float32 lies in ``(t32, threshold]``
+    when the threshold is not a float32 itself, and ``t32 == threshold`` when it is. Holds for infinities
+    (1e300 -> FLT_MAX, -1e300 -> -inf) and NaN (never above).
+    """
+    t32 = threshold.to(torch.float32)
+    down = torch.nextafter(t32, torch.full_like(t32, -float("inf")))
+    return torch.where(t32.to(torch.float64) > threshold, down, t32).contiguous()
+
+
+def triton_interpreted() -> bool:
+    """True when the Triton kernels were built for the interpreter (``TRITON_INTERPRET=1`` at import)."""
+    if not HAVE_TRITON:
+        return False
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - layout of other triton versions
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return isinstance(_stats_update_kernel, InterpretedFunction)
+
+
+def check_triton_device(device: torch.device, op: str) -> None:
+    """Raise RuntimeError when the Triton backend cannot run on ``device``."""
+    if not HAVE_TRITON:
+        raise RuntimeError(f"{op}: backend='triton' asked for, but triton is not importable")
+    if torch.device(device).type != "cuda" and not triton_interpreted():
+        raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
+                           "before importing skillkern to run the kernel on CPU in the (slow) interpreter")
 
 
 def check_stats_args(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
@@ -39,40 +141,56 @@ def check_stats_args(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, o
     if not h.is_floating_point():
         raise ValueError(f"stats_update: h must be floating point, got {h.dtype}")
     rows, width = h.shape
+    check_stats_state(rows, width, slot, label, out, threshold, op="stats_update", what=f"h {tuple(h.shape)}",
+                      others=(("h", h),))
+
+
+def check_stats_state(rows: int, width: int, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
+                      threshold: Optional[torch.Tensor], op: str = "stats_update", what: str = "",
+                      others: tuple = (), ranges: bool = True) -> None:
+    """Checks shared by :func:`stats_update` and the fused ops that compute the same statistics.
+
+    ``rows`` x ``width`` is the shape of the activations (``what`` names them in messages); ``others`` are
+    extra (name, tensor) pairs that must live on ``out``'s device. ``ranges``: also check the slot and
+    label values (reads them: one host sync on a GPU, and not traceable by torch.compile).
+    """
+    what = what or f"({rows}, {width}) activations"
     for name, t in (("slot", slot), ("label", label)):
         if t.dim() != 1 or t.shape[0] != rows:
-            raise ValueError(f"stats_update: {name} must have shape ({rows},) to match h {tuple(h.shape)}, "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must have shape ({rows},) to match {what}, got {tuple(t.shape)}")
         if t.dtype != torch.int64:
-            raise ValueError(f"stats_update: {name} must be int64, got {t.dtype}")
+            raise ValueError(f"{op}: {name} must be int64, got {t.dtype}")
     if out.dim() != 3 or out.shape[2] != width:
-        raise ValueError(f"stats_update: out must have shape (slots, classes, {width}), got {tuple(out.shape)}")
+        raise ValueError(f"{op}: out must have shape (slots, classes, {width}), got {tuple(out.shape)}")
     if not out.is_contiguous():
-        raise ValueError("stats_update: out must be contiguous")
+        raise ValueError(f"{op}: out must be contiguous")
     slots, classes, _ = out.shape
     if threshold is None:
         if out.dtype != torch.float64:
-            raise ValueError(f"stats_update: sums are accumulated in float64, got out of dtype {out.dtype}")
+            raise ValueError(f"{op}: sums are accumulated in float64, got out of dtype {out.dtype}")
     else:
         if out.dtype != torch.int64:
-            raise ValueError(f"stats_update: counts are accumulated in int64, got out of dtype {out.dtype}")
+            raise ValueError(f"{op}: counts are accumulated in int64, got out of dtype {out.dtype}")
         if tuple(threshold.shape) != (slots, width):
-            raise ValueError(f"stats_update: threshold must have shape ({slots}, {width}), got {tuple(threshold.shape)}")
+            raise ValueError(f"{op}: threshold must have shape ({slots}, {width}), got {tuple(threshold.shape)}")
         if threshold.dtype != torch.float64:
-            raise ValueError(f"stats_update: threshold must be float64, got {threshold.dtype}")
-    for name, t in (("slot", slot), ("label", label), ("h", h)) + ((("threshold", threshold),) if threshold is not None else ()):
+            raise ValueError(f"{op}: threshold must be float64, got {threshold.dtype}")
+    tensors = (("slot", slot), ("label", label)) + tuple(others)
+    if threshold is not None:
+        tensors += (("threshold", threshold),)
+    for name, t in tensors:
         if t.device != out.device:
-            raise ValueError(f"stats_update: {name} is on {t.device} but out is on {out.device}")
-    if rows:
+            raise ValueError(f"{op}: {name} is on {t.device} but out is on {out.device}")
+    if rows and ranges:
         tracked = slot >= 0
         if int(slot.max()) >= slots:
-            raise ValueError(f"stats_update: slot index {int(slot.max())} out of range for {slots} slots")
+            raise ValueError(f"{op}: slot index {int(slot.max())} out of range for {slots} slots")
         if int(slot.min()) < -1:
-            raise ValueError(f"stats_update: slot index {int(slot.min())} is invalid (use -1 for untracked rows)")
+            raise ValueError(f"{op}: slot index {int(slot.min())} is invalid (use -1 for untracked rows)")
         lab = label[tracked]
         if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= classes):
             bad = int(lab.min()) if int(lab.min()) < 0 else int(lab.max())
-            raise ValueError(f"stats_update: label {bad} out of range [0, {classes})")
+            raise ValueError(f"{op}: label {bad} out of range [0, {classes})")
 
 
 def stats_update_reference(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
@@ -92,15 +210,55 @@ def stats_update_reference(h: torch.Tensor, slot: torch.Tensor, label: torch.Ten
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``auto`` to a concrete backend for tensors on ``device``; validate explicit choices."""
+    """Map ``auto`` to a concrete backend for tensors on ``device``; validate explicit choices.
+
+    ``auto``: the compiled op when it has a kernel for the device (on CPU, and on CUDA where one is built:
+    it adds rows in row order, so its float64 sums are deterministic, which atomics are not), else Triton
+    on CUDA tensors when triton imports, else the PyTorch reference. Never the interpreter.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    device = torch.device(device)
     if backend == "auto":
-        return "ext" if _ext.has_op("stats_update", device) else "torch"
+        if _ext.has_op("stats_update", device):
+            return "ext"
+        if device.type == "cuda" and HAVE_TRITON:
+            return "triton"
+        return "torch"
     if backend == "ext" and not _ext.has_op("stats_update", device):
         raise RuntimeError(f"backend='ext' asked for, but the compiled op is not available on {device}: "
                            f"{_ext.unavailable_reason()}")
+    if backend == "triton":
+        check_triton_device(device, "stats_update")
     return backend
+
+
+def _launch_config(interpreted: bool) -> dict:
+    # Under the interpreter every program is a numpy call: small tiles keep tests quick. On a GPU one warp
+    # group covers 32 rows x 128 neurons; rows are what atomics contend on, neurons are contiguous.
+    if interpreted:
+        return dict(BLOCK_M=16, BLOCK_N=32)
+    return dict(BLOCK_M=32, BLOCK_N=128, num_warps=4)
+
+
+def stats_update_triton(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
+                        threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch :func:`_stats_update_kernel` (no argument checks; see :func:`stats_update`)."""
+    rows, width = h.shape
+    if rows == 0 or width == 0:
+        return out
+    check_triton_device(h.device, "stats_update")
+    cfg = _launch_config(triton_interpreted())
+    mode = MODE_SUMS if threshold is None else MODE_COUNTS
+    if threshold is None:
+        thr = out  # dummy pointer, never read in MODE_SUMS
+    else:
+        thr = threshold.contiguous() if h.dtype == torch.float64 else thresholds_for_float32(threshold)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_N"]))
+    with torch.cuda.device(h.device) if h.device.type == "cuda" else contextlib.nullcontext():
+        _stats_update_kernel[grid](h, slot.contiguous(), label.contiguous(), out, thr, rows, width, out.shape[1],
+                                   h.stride(0), h.stride(1), MODE=mode, H_F64=h.dtype == torch.float64, **cfg)
+    return out
 
 
 def stats_update(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
@@ -113,7 +271,8 @@ def stats_update(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: 
         label: (rows,) int64 class of each row, in ``[0, classes)``.
         out: (slots, classes, neurons) accumulator: float64 sums when ``threshold`` is None, else int64 counts.
         threshold: (slots, neurons) float64 thresholds, or None for the sums pass.
-        backend: ``"auto"`` (compiled op when built, else PyTorch), ``"torch"`` or ``"ext"``.
+        backend: ``"auto"`` (compiled op when built for the device, else Triton on CUDA, else PyTorch),
+            ``"torch"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"ext"``.
         check: validate shapes, dtypes and index ranges first (one host sync for the range checks).
 
     Returns:
@@ -123,7 +282,10 @@ def stats_update(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: 
         check_stats_args(h, slot, label, out, threshold)
     if h.shape[0] == 0:
         return out
-    if resolve_backend(backend, out.device) == "ext":
+    chosen = resolve_backend(backend, out.device)
+    if chosen == "ext":
         torch.ops.skillkern.stats_update(h.contiguous(), slot.contiguous(), label.contiguous(), out, threshold)
         return out
+    if chosen == "triton":
+        return stats_update_triton(h, slot, label, out, threshold)
     return stats_update_reference(h, slot, label, out, threshold)

@@ -1,0 +1,78 @@
+"""Activations shared by the fused kernels: names, PyTorch references, and a Triton device function.
+
+Names follow transformers' ACT2FN keys where they mean the same function: ``gelu`` (erf form), ``gelu_tanh``
+(tanh approximation; HF's ``gelu_new``, ``gelu_fast`` and ``gelu_pytorch_tanh`` are the same formula),
+``relu``, ``silu`` (``swish``). The fused kernels take the activation as an integer constexpr so that
+unused branches compile away.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+
+#: transformers ACT2FN key -> our name (only keys whose formula is exactly the same)
+HF_ALIASES = {
+    "gelu": "gelu", "gelu_python": "gelu",
+    "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu", "swish": "silu",
+}
+
+
+def act_id(name: str) -> int:
+    """The integer the Triton kernels use for activation ``name``."""
+    try:
+        return ACTIVATIONS.index(canonical(name))
+    except ValueError:
+        raise ValueError(f"unsupported activation {name!r}; fused kernels support {ACTIVATIONS} "
+                         f"(and the transformers aliases {sorted(HF_ALIASES)})") from None
+
+
+def canonical(name: str) -> str:
+    """Map a transformers activation name to ours; raises ValueError for an unsupported one."""
+    if name in ACTIVATIONS:
+        return name
+    if name in HF_ALIASES:
+        return HF_ALIASES[name]
+    raise ValueError(f"unsupported activation {name!r}; fused kernels support {ACTIVATIONS} "
+                     f"(and the transformers aliases {sorted(HF_ALIASES)})")
+
+
+def apply_act(x: torch.Tensor, name: str) -> torch.Tensor:
+    """PyTorch reference of the activation ``name`` (any shape)."""
+    name = canonical(name)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    return F.silu(x)
+
+
+try:  # Triton is optional: the PyTorch references work without it.
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def triton_act(x, ACT: tl.constexpr):
+        """Activation ``ACT`` (index into ACTIVATIONS) of a float32 tile."""
+        if ACT == 0:
+            return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        elif ACT == 1:
+            # tanh(t) = 2 * sigmoid(2t) - 1: no tanh in the interpreter-safe core language
+            t = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            return 0.5 * x * (2.0 * tl.sigmoid(2.0 * t))
+        elif ACT == 2:
+            return tl.maximum(x, 0.0)
+        else:
+            return x * tl.sigmoid(x)
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = tl = None
+    triton_act = None
+    HAVE_TRITON = False

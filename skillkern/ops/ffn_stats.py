@@ -1,0 +1,329 @@
+"""Fused FFN up-projection + activation + streaming statistics (DESIGN.md, op 2).
+
+    plain:  h = act(x @ w1.T + b1)
+    gated:  h = act(x @ w_gate.T) * (x @ w1.T + b1)        (Llama/Mistral/Qwen2 MLPs: w1 = W_up)
+
+and, for the rows whose ``slot >= 0``, the statistics of :func:`~skillkern.ops.stats_update.stats_update`
+(per-class float64 sums, or int64 counts of ``h > threshold``) added into ``out`` in the same kernel.
+
+Memory traffic of the unfused version (GEMM, then a statistics pass): the GEMM writes R*D activations, the
+statistics pass reads the tracked rows back. The fused kernel computes the statistics in the GEMM epilogue
+while the tile is in registers: no extra pass over memory, and tiles without a tracked row cost one
+reduction. FLOPs: 2*R*H*D (twice that when gated).
+
+The value compared with the threshold (and summed) is the fp32 accumulator rounded to ``x.dtype``, i.e.
+exactly the ``h`` that is returned, so the statistics equal :func:`stats_update` applied to the returned
+``h`` (counts exactly; sums up to float64 rounding, since atomics add rows in no fixed order).
+
+Registered as ``torch.ops.skillkern.ffn_stats`` (a ``torch.library.custom_op``, a FRAGMENT of the namespace
+the compiled extension defines with ``TORCH_LIBRARY``; both import orders work) with a fake implementation,
+so ``torch.compile`` treats it as one opaque node that mutates ``out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from .activations import HAVE_TRITON, act_id, apply_act, canonical, tl, triton, triton_act
+from .stats_update import (MODE_COUNTS, MODE_NONE, MODE_SUMS, _stats_epilogue, check_stats_state,
+                           check_triton_device, stats_update, stats_update_reference, thresholds_for_float32,
+                           triton_interpreted)
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "triton", "ext")
+MODES = {"none": MODE_NONE, "sums": MODE_SUMS, "counts": MODE_COUNTS}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _ffn_stats_kernel(x_ptr, w_ptr, g_ptr, b_ptr, h_ptr, slot_ptr, label_ptr, out_ptr, thr_ptr,
+                          rows, hidden, width, classes,
+                          stride_xr, stride_xh, stride_wd, stride_wh, stride_gd, stride_gh,
+                          ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
+                          UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+        """One BLOCK_M x BLOCK_N tile of h = act(x @ w.T + b) [* or gated], then the statistics epilogue."""
+        # Grouped launch order: GROUP_M row tiles walk the neuron tiles together, so a weight tile is
+        # reused from L2 by GROUP_M programs instead of being fetched once per row tile.
+        pid = tl.program_id(0).to(tl.int64)
+        tiles_m = tl.cdiv(rows, BLOCK_M)
+        tiles_n = tl.cdiv(width, BLOCK_N)
+        per_group = GROUP_M * tiles_n
+        first_m = (pid // per_group) * GROUP_M
+        group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_m
+        pid_n = (pid % per_group) // group_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < rows
+        mask_n = offs_n < width
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xr + offs_k[None, :] * stride_xh
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wh + offs_n[None, :] * stride_wd  # [BLOCK_K, BLOCK_N] of w.T
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GATED:
+            g_ptrs = g_ptr + offs_k[:, None] * stride_gh + offs_n[None, :] * stride_gd
+            acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            mask_k = (k0 + offs_k) < hidden
+            a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if UPCAST:
+                # The interpreter's dot multiplies bfloat16 as raw integers; widening first is the same
+                # math (products of 16-bit floats are exact in fp32, accumulation is fp32 either way).
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:  # fp32 inputs: true fp32 products like PyTorch's default matmul, not TF32
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            if GATED:
+                c = tl.load(g_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if UPCAST:
+                    c = c.to(tl.float32)
+                if IEEE:
+                    acc_g = tl.dot(a, c, acc_g, input_precision="ieee")
+                else:
+                    acc_g = tl.dot(a, c, acc_g)
+                g_ptrs += BLOCK_K * stride_gh
+            x_ptrs += BLOCK_K * stride_xh
+            w_ptrs += BLOCK_K * stride_wh
+
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            h = triton_act(acc_g, ACT) * acc
+        else:
+            h = triton_act(acc, ACT)
+        # Round once to the output dtype; the statistics below use this rounded value (widened back to
+        # fp32, exactly), so what is compared and summed is bit for bit the h this kernel returns.
+        if RNE_BF16:
+            h = _round_bf16(h)
+        h = h.to(h_ptr.dtype.element_ty)
+        keep = mask_m[:, None] & mask_n[None, :]
+        tl.store(h_ptr + offs_m[:, None] * width + offs_n[None, :], h, mask=keep)
+        if MODE != 0:
+            slot = tl.load(slot_ptr + offs_m, mask=mask_m, other=-1)
+            label = tl.load(label_ptr + offs_m, mask=mask_m, other=0)
+            _stats_epilogue(h.to(tl.float32), slot, label, offs_n, mask_m, mask_n, out_ptr, thr_ptr, classes,
+                            width, MODE)
+
+    @triton.jit
+    def _round_bf16(x):
+        """Round fp32 to the nearest bfloat16 (ties to even), returned as fp32 that truncates exactly.
+
+        Only for the interpreter, whose fp32 -> bf16 cast truncates; a GPU's cast already rounds to nearest.
+        """
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+        return tl.where(x != x, x, u.to(tl.float32, bitcast=True))  # NaN stays NaN
+
+else:  # pragma: no cover - exercised only where triton is absent
+    _ffn_stats_kernel = None
+
+
+# ------------------------------------------------------------------------------------------------ host
+def check_ffn_args(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w_gate: Optional[torch.Tensor],
+                   slot: Optional[torch.Tensor], label: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                   threshold: Optional[torch.Tensor], act: str, mode: str, backend: str, ranges: bool = True) -> None:
+    """Raise a ValueError naming the problem when the arguments of :func:`ffn_stats` do not fit.
+
+    ``ranges=False`` skips the checks that read slot/label values (the rest is shapes, dtypes and devices).
+    """
+    if mode not in MODES:
+        raise ValueError(f"ffn_stats: unknown mode {mode!r}; choose one of {tuple(MODES)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"ffn_stats: unknown backend {backend!r}; choose one of {BACKENDS}")
+    canonical(act)  # ValueError naming the supported activations
+    if x.dim() != 2:
+        raise ValueError(f"ffn_stats: x must be 2-D (rows, hidden), got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"ffn_stats: x must be float32, float16 or bfloat16, got {x.dtype}")
+    rows, hidden = x.shape
+    if w1.dim() != 2 or w1.shape[1] != hidden:
+        raise ValueError(f"ffn_stats: w1 must have shape (neurons, {hidden}) (nn.Linear layout) to match x "
+                         f"{tuple(x.shape)}, got {tuple(w1.shape)}")
+    width = w1.shape[0]
+    if w_gate is not None and tuple(w_gate.shape) != tuple(w1.shape):
+        raise ValueError(f"ffn_stats: w_gate must have the shape of w1 {tuple(w1.shape)}, got {tuple(w_gate.shape)}")
+    if b1 is not None and tuple(b1.shape) != (width,):
+        raise ValueError(f"ffn_stats: b1 must have shape ({width},), got {tuple(b1.shape)}")
+    for name, t in (("w1", w1), ("w_gate", w_gate), ("b1", b1)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"ffn_stats: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
+        if t.device != x.device:
+            raise ValueError(f"ffn_stats: {name} is on {t.device} but x is on {x.device}")
+    if mode == "none":
+        for name, t in (("out", out), ("threshold", threshold)):
+            if t is not None:
+                raise ValueError(f"ffn_stats: mode='none' computes no statistics but {name} was given; "
+                                 "pass mode='sums' or mode='counts'")
+        return
+    for name, t in (("slot", slot), ("label", label), ("out", out)):
+        if t is None:
+            raise ValueError(f"ffn_stats: mode={mode!r} needs {name}")
+    if mode == "sums" and threshold is not None:
+        raise ValueError("ffn_stats: mode='sums' takes no threshold (did you mean mode='counts'?)")
+    if mode == "counts" and threshold is None:
+        raise ValueError("ffn_stats: mode='counts' needs threshold (slots, neurons) float64")
+    if out.device != x.device:
+        raise ValueError(f"ffn_stats: out is on {out.device} but x is on {x.device}")
+    check_stats_state(rows, width, slot, label, out, threshold, op="ffn_stats", what=f"x {tuple(x.shape)}",
+                      ranges=ranges)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: Triton for CUDA tensors when triton imports; otherwise PyTorch's GEMM followed by the
+    compiled statistics op where it is built ("ext", identical numbers to "torch"), else "torch"."""
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cuda" and HAVE_TRITON:
+            return "triton"
+        return "ext" if _ext.has_op("stats_update", device) else "torch"
+    if backend == "triton":
+        check_triton_device(device, "ffn_stats")
+    if backend == "ext" and not _ext.has_op("stats_update", device):
+        raise RuntimeError(f"ffn_stats: backend='ext' asked for, but the compiled stats_update op is not "
+                           f"available on {device}: {_ext.unavailable_reason()}")
+    return backend
+
+
+def _linear_act(x, w1, b1, w_gate, act):
+    if w_gate is None:
+        return apply_act(F.linear(x, w1, b1), act)
+    return apply_act(F.linear(x, w_gate), act) * F.linear(x, w1, b1)
+
+
+def ffn_stats_reference(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor] = None, *, act: str = "gelu",
+                        w_gate: Optional[torch.Tensor] = None, slot: Optional[torch.Tensor] = None,
+                        label: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+                        threshold: Optional[torch.Tensor] = None, mode: str = "none") -> torch.Tensor:
+    """PyTorch reference of :func:`ffn_stats` (the specification; no argument checks): F.linear + activation
+    in ``x.dtype``, then :func:`stats_update_reference` on the result. Returns h: (rows, neurons)."""
+    h = _linear_act(x, w1, b1, w_gate, act)
+    if mode != "none":
+        stats_update_reference(h, slot, label, out, threshold if mode == "counts" else None)
+    return h
+
+
+def _launch_config(dtype: torch.dtype, gated: bool, interpreted: bool) -> dict:
+    # tl.dot needs every block >= 16. Under the interpreter the cost is per program (numpy calls), so few
+    # programs keep the tests fast, while the test shapes (37 x 45 -> 123) stay ragged in every tile
+    # dimension, and 3 row tiles make a short last group of GROUP_M = 2.
+    # On a GPU (compiled ahead of time for sm_90 and sm_80 and read back with cuobjdump, not yet timed):
+    # 16-bit inputs run on tensor cores in 128x64 tiles that hold the statistics epilogue without register
+    # spills (128x128 tiles spill hundreds of bytes: the epilogue's [BLOCK_M, BLOCK_N] pointer tiles are
+    # 64-bit); 24 KiB of shared memory per stage when gated, 3 stages. fp32: exact fp32 products (no TF32)
+    # on the FMA units, 64x64 tiles (spills <= 64 bytes). Not autotuned yet.
+    if interpreted:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def ffn_stats_triton(x, w1, b1, w_gate, slot, label, out, threshold, act: str, mode: str) -> torch.Tensor:
+    """Launch :func:`_ffn_stats_kernel` (no argument checks; see :func:`ffn_stats`)."""
+    rows, hidden = x.shape
+    width = w1.shape[0]
+    h = torch.empty((rows, width), dtype=x.dtype, device=x.device)
+    if rows == 0 or width == 0:
+        return h
+    check_triton_device(x.device, "ffn_stats")
+    interpreted = triton_interpreted()
+    cfg = _launch_config(x.dtype, w_gate is not None, interpreted)
+    m = MODES[mode]
+    gate = w_gate if w_gate is not None else w1  # dummy pointers below are never read (constexpr-off branches)
+    bias = b1.contiguous() if b1 is not None else h
+    if m == MODE_NONE:
+        slot = label = torch.empty(0, dtype=torch.int64, device=x.device)
+        out = thr = h
+        classes = 1
+    else:
+        slot, label = slot.contiguous(), label.contiguous()
+        thr = thresholds_for_float32(threshold) if m == MODE_COUNTS else out
+        classes = out.shape[1]
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(width, cfg["BLOCK_N"]),)
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        _ffn_stats_kernel[grid](
+            x, w1, gate, bias, h, slot, label, out, thr, rows, hidden, width, classes,
+            x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), gate.stride(0), gate.stride(1),
+            ACT=act_id(act), GATED=w_gate is not None, HAS_BIAS=b1 is not None, MODE=m,
+            UPCAST=interpreted and x.dtype != torch.float32, IEEE=x.dtype == torch.float32,
+            RNE_BF16=interpreted and x.dtype == torch.bfloat16, **cfg)
+    return h
+
+
+def ffn_stats_host(x, w1, b1, w_gate, slot, label, out, threshold, act: str, mode: str,
+                   backend: str) -> torch.Tensor:
+    """Check the inputs, choose the backend, run. The body of the registered op ``skillkern::ffn_stats``."""
+    check_ffn_args(x, w1, b1, w_gate, slot, label, out, threshold, act, mode, backend)
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "triton":
+        return ffn_stats_triton(x, w1, b1, w_gate, slot, label, out, threshold, act, mode)
+    h = _linear_act(x, w1, b1, w_gate, act)
+    if mode != "none" and x.shape[0]:
+        stats_update(h, slot, label, out, threshold if mode == "counts" else None, backend=chosen, check=False)
+    return h
+
+
+@torch.library.custom_op("skillkern::ffn_stats", mutates_args=("out",))
+def _ffn_stats_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w_gate: Optional[torch.Tensor],
+                  slot: Optional[torch.Tensor], label: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                  threshold: Optional[torch.Tensor], act: str, stats_mode: str, backend: str) -> torch.Tensor:
+    # (not named "mode": auto_functionalize, which torch.compile wraps mutating ops in, takes a "mode" itself)
+    return ffn_stats_host(x, w1, b1, w_gate, slot, label, out, threshold, act, stats_mode, backend)
+
+
+@_ffn_stats_op.register_fake
+def _ffn_stats_fake(x, w1, b1, w_gate, slot, label, out, threshold, act, stats_mode, backend):
+    # Shape and dtype only; the data-dependent checks (slot/label ranges) run in the real op.
+    return x.new_empty((x.shape[0], w1.shape[0]))
+
+
+def ffn_stats(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor] = None, *, act: str = "gelu",
+              w_gate: Optional[torch.Tensor] = None, slot: Optional[torch.Tensor] = None,
+              label: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+              threshold: Optional[torch.Tensor] = None, mode: str = "none", backend: str = "auto") -> torch.Tensor:
+    """FFN up-projection + activation, with the scoring statistics of the tracked rows added to ``out``.
+
+    Plain: ``h = act(x @ w1.T + b1)``; gated (``w_gate`` given): ``h = act(x @ w_gate.T) * (x @ w1.T + b1)``.
+    The matmul accumulates in fp32 (fp32 inputs: true fp32 products, no TF32); h is rounded once to
+    ``x.dtype``. Rows with ``slot >= 0`` add ``h`` to ``out[slot, label]`` (mode ``"sums"``, float64) or
+    ``h > threshold[slot]`` (mode ``"counts"``, int64), exactly as :func:`stats_update` does on the returned h.
+
+    Args:
+        x: (rows, hidden) float32, float16 or bfloat16.
+        w1: (neurons, hidden) up-projection in nn.Linear layout (``W_up`` of a gated MLP), dtype of x.
+        b1: (neurons,) bias of the up branch, or None.
+        act: ``gelu``, ``gelu_tanh``, ``relu``, ``silu`` or a transformers alias (``gelu_new``, ``swish``...).
+        w_gate: (neurons, hidden) gate projection of a gated MLP, or None.
+        slot: (rows,) int64 tracked slot per row, -1 for rows to skip (modes sums/counts).
+        label: (rows,) int64 class per row in ``[0, classes)`` (modes sums/counts).
+        out: (slots, classes, neurons) contiguous accumulator, float64 (sums) or int64 (counts), updated in place.
+        threshold: (slots, neurons) float64 (mode counts only).
+        mode: ``"none"`` (just h), ``"sums"`` or ``"counts"``.
+        backend: ``"auto"`` (Triton on CUDA, else PyTorch + the compiled stats op when built, else PyTorch),
+            ``"torch"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"ext"``.
+
+    Returns:
+        h: (rows, neurons) in ``x.dtype``.
+    """
+    # Shape/dtype/device checks before dispatch: a tensor on the wrong device (or on meta) would otherwise
+    # route the call to another kernel. They are static, so torch.compile traces them without a graph break;
+    # the value checks (slot and label ranges) run inside the op.
+    check_ffn_args(x, w1, b1, w_gate, slot, label, out, threshold, act, mode, backend, ranges=False)
+    return torch.ops.skillkern.ffn_stats(x, w1, b1, w_gate, slot, label, out, threshold, canonical(act), mode,
+                                         backend)

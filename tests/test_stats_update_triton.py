@@ -1,0 +1,168 @@
+"""stats_update with backend="triton" against the PyTorch reference.
+
+Counts are integers: they must be identical. Float64 sums are added with atomics, in no fixed row order, so
+they equal the reference up to float64 rounding (bounded per cell by rows * 2^-52 * sum |h|); with values
+that add exactly in any order (small multiples of 1/8) they must be identical too, which shows that every
+tracked row is added exactly once.
+
+On CPU the kernel runs only under ``TRITON_INTERPRET=1`` (set before Python starts).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skillkern.ops.activations import HAVE_TRITON
+from skillkern.ops.stats_update import resolve_backend, stats_update, stats_update_reference, triton_interpreted
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(
+    not (HAVE_TRITON and (CUDA or triton_interpreted())),
+    reason="triton not importable" if not HAVE_TRITON else
+    "no CUDA GPU and TRITON_INTERPRET=1 was not set before Python started (the kernels run in the interpreter)")
+
+torch.set_num_threads(1)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def make_inputs(rows, width, slots, classes, dtype, seed=0, device=DEVICE):
+    """Random rows (about a quarter untracked); thresholds that equal an h value exactly on every other neuron
+    of every third row (ties, which must count as not above)."""
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(rows, width, generator=g) * 3).to(dtype)
+    slot = torch.randint(0, slots, (rows,), generator=g)
+    slot[torch.rand(rows, generator=g) < 0.25] = -1
+    label = torch.randint(0, classes, (rows,), generator=g)
+    threshold = torch.randn(slots, width, generator=g, dtype=torch.float64)
+    for r in range(0, rows, 3):
+        if slot[r] >= 0:
+            threshold[slot[r], ::2] = h[r, ::2].to(torch.float64)
+    return h.to(device), slot.to(device), label.to(device), threshold.to(device)
+
+
+def first_mismatches(got, exp, bad, k=5):
+    return "; ".join(f"{tuple(i.tolist())}: {got[tuple(i)].item()!r} vs {exp[tuple(i)].item()!r}"
+                     for i in bad.nonzero()[:k])
+
+
+def assert_same(got, exp, what):
+    assert got.dtype == exp.dtype and got.shape == exp.shape, f"{what}: {got.dtype} {tuple(got.shape)}"
+    bad = got != exp
+    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {bad.numel()} cells differ; first (slot, class, "
+                                 f"neuron): {first_mismatches(got, exp, bad)}")
+
+
+def assert_sums_close(got, exp, abssum, rows, what):
+    bound = rows * 2.0 ** -52 * abssum + 1e-300
+    bad = (got - exp).abs() > bound
+    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} sums differ beyond float64 rounding; first (slot, "
+                                 f"class, neuron): {first_mismatches(got, exp, bad)}")
+
+
+def check_both(h, slot, label, threshold, slots, classes, what, seed=1):
+    """Sums and counts from random starting state: triton vs the reference."""
+    g = torch.Generator().manual_seed(seed)
+    width = h.shape[1]
+    start = torch.randn(slots, classes, width, generator=g, dtype=torch.float64).to(h.device)
+    got = stats_update(h, slot, label, start.clone(), None, backend="triton")
+    exp = stats_update_reference(h, slot, label, start.clone(), None)
+    abssum = stats_update_reference(h.abs(), slot, label, start.abs(), None)
+    assert_sums_close(got, exp, abssum, h.shape[0] + 1, f"sums, {what}")
+    start = torch.randint(0, 1000, (slots, classes, width), generator=g).to(h.device)
+    got = stats_update(h, slot, label, start.clone(), threshold, backend="triton")
+    assert_same(got, stats_update_reference(h, slot, label, start.clone(), threshold), f"counts, {what}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,width", [(0, 123), (1, 1), (1, 123), (57, 1), (57, 431)])
+def test_triton_matches_reference(dtype, rows, width):
+    for slots, classes in ((1, 2), (3, 5)):
+        h, slot, label, threshold = make_inputs(rows, width, slots, classes, dtype, seed=rows * 1000 + width)
+        check_both(h, slot, label, threshold, slots, classes,
+                   f"{dtype} rows={rows} width={width} slots={slots} classes={classes}")
+
+
+def test_every_row_added_exactly_once():
+    # multiples of 1/8 in [-16, 16]: float64 adds them exactly in any order, so atomics must match bit for bit
+    h, slot, label, _ = make_inputs(57, 431, 3, 5, torch.float32, seed=4)
+    h = (h * 8).round().clamp(-128, 128) / 8
+    start = torch.zeros(3, 5, 431, dtype=torch.float64, device=h.device)
+    assert_same(stats_update(h, slot, label, start.clone(), backend="triton"),
+                stats_update_reference(h, slot, label, start.clone()), "exact sums")
+
+
+def test_every_slot_untracked():
+    h, slot, label, threshold = make_inputs(40, 123, 2, 3, torch.float32)
+    slot[:] = -1
+    ones_f, ones_i = (torch.ones(2, 3, 123, dtype=dt, device=h.device) for dt in (torch.float64, torch.int64))
+    assert_same(stats_update(h, slot, label, ones_f.clone(), backend="triton"), ones_f, "sums with every slot -1")
+    assert_same(stats_update(h, slot, label, ones_i.clone(), threshold, backend="triton"), ones_i,
+                "counts with every slot -1")
+
+
+def test_strided_h_and_threshold():
+    h, slot, label, threshold = make_inputs(31, 2 * 123, 3, 2, torch.float32)
+    h, threshold = h[:, ::2], threshold.t().contiguous().t()[:, ::2]
+    assert not h.is_contiguous() and not threshold.is_contiguous()
+    check_both(h, slot, label, threshold, 3, 2, "strided h and threshold")
+
+
+def test_ties_count_as_not_above():
+    h = torch.tensor([[0.5, -1.25, 3.0, 0.0]], device=DEVICE)
+    at = h.double()
+    slot, label = torch.tensor([0], device=DEVICE), torch.tensor([1], device=DEVICE)
+    zeros = torch.zeros(1, 2, 4, dtype=torch.int64, device=DEVICE)
+    assert int(stats_update(h, slot, label, zeros.clone(), at, backend="triton").sum()) == 0
+    below = torch.nextafter(at, torch.full_like(at, -torch.inf))
+    counts = stats_update(h, slot, label, zeros.clone(), below, backend="triton")
+    assert counts[0, 1].tolist() == [1, 1, 1, 1] and int(counts[0, 0].sum()) == 0, counts
+
+
+def test_thresholds_between_float32_values():
+    """Counts of float32/bfloat16 rows compare in float32 against thresholds rounded toward -inf; that must
+    equal the reference's float64 comparison for thresholds a hair above/below an h value, between float32
+    neighbours, and at +-1e300, +-inf and NaN."""
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        h = (torch.randn(16, 40, generator=g) * 3).to(dtype)
+        h[0, :4] = torch.tensor([float("inf"), float("-inf"), 3.4e38, 0.0]).to(dtype)
+        at = h.double()
+        thr = torch.stack([at[0] + 1e-300, at[1] * (1 + 1e-12), at[2] * (1 - 1e-12), at[3] + 2.0 ** -60,
+                           at[4] - 2.0 ** -60, at[5].nextafter(torch.full_like(at[5], float("inf")))])
+        thr[:, 0::7] = torch.tensor([1e300, -1e300, float("inf"), float("-inf"), float("nan"), 0.0],
+                                    dtype=torch.float64)[:, None]
+        slot = torch.arange(16) % 6
+        label = torch.arange(16) % 2
+        start = torch.zeros(6, 2, 40, dtype=torch.int64)
+        got = stats_update(h.to(DEVICE), slot.to(DEVICE), label.to(DEVICE), start.clone().to(DEVICE),
+                           thr.to(DEVICE), backend="triton")
+        assert_same(got.cpu(), stats_update_reference(h, slot, label, start.clone(), thr), f"{dtype} rounding")
+
+
+def test_neuron_stats_with_triton_backend():
+    """The accumulator class end to end: both passes through the triton backend equal the reference."""
+    from skillkern.stats import NeuronStats
+
+    h, slot, label, _ = make_inputs(57, 123, 2, 3, torch.float32, seed=9)
+    h = (h * 8).round() / 8  # exact sums, so thresholds (and hence counts) must be identical
+    runs = {}
+    for backend in ("torch", "triton"):
+        stats = NeuronStats(2, 2, 123, 3, device=DEVICE)
+        for layer in range(2):
+            stats.add_rows(layer, h * (layer + 1), slot, label, backend=backend)
+        stats.count_rows(label[slot >= 0])
+        stats.finalize_baseline()
+        for layer in range(2):
+            stats.add_rows(layer, h.flip(0) * (layer + 1), slot, label, backend=backend)
+        runs[backend] = stats
+    assert_same(runs["triton"].sums, runs["torch"].sums, "NeuronStats sums")
+    assert_same(runs["triton"].above, runs["torch"].above, "NeuronStats counts")
+
+
+def test_auto_never_picks_the_interpreter():
+    # auto: compiled op when built, else triton on CUDA, else torch; never triton on CPU tensors
+    assert resolve_backend("auto", torch.device("cpu")) in ("ext", "torch")
+    if CUDA:
+        assert resolve_backend("auto", torch.device("cuda")) in ("ext", "triton")
