@@ -1,0 +1,398 @@
+"""masked_ffn: the Triton kernels (fused and two-pass schedules) against the PyTorch reference.
+
+Tolerance (the flash-attention rule): against a float64 reference, the kernel's largest error may be at most
+twice the largest error PyTorch makes on the same inputs in the same precision, plus ``tiny``:
+
+    max|y_kernel - ref64| <= 2 * max|y_torch_lowp - ref64| + tiny,   tiny = eps(dtype) * max|ref64|
+
+``tiny`` is one unit in the last place of the largest output in the output dtype: the output is rounded to
+that dtype, so a correctly computed element may be off by up to half an ulp of its magnitude while PyTorch,
+by chance, lands closer (with K = 1, or fp32 where both errors are a few ulps, its error can be near zero).
+
+The Triton tests run under ``TRITON_INTERPRET=1`` on CPU (tiny shapes: the interpreter is slow) or on a GPU;
+without either they skip with the reason. GPU-only tests (realistic shapes) are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from skillkern.ops.activations import ACTIVATIONS, HAVE_TRITON, apply_act
+from skillkern.ops.masked_ffn import masked_ffn, masked_ffn_reference, triton_interpreted
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCHEDULES = ("fused", "two_pass")
+CPU_TRITON = HAVE_TRITON and triton_interpreted()
+
+requires_triton = pytest.mark.skipif(
+    not HAVE_TRITON or not (CPU_TRITON or torch.cuda.is_available()),
+    reason="needs triton with a CUDA GPU, or TRITON_INTERPRET=1 set before the tests import skillkern")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The interpreter's numpy work and the small references gain nothing from threads on a 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_ffn(rows, hidden, width, out, dtype, *, gated=False, bias=True, seed=0, device=DEV):
+    """Random FFN weights scaled so outputs are O(1): (x, w1, b1, w2, b2, w_gate)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+    x = rnd(rows, hidden)
+    w1 = rnd(width, hidden, scale=hidden ** -0.5)
+    w2 = rnd(out, width, scale=max(width, 1) ** -0.5)
+    b1 = rnd(width) if bias else None
+    b2 = rnd(out) if bias else None
+    wg = rnd(width, hidden, scale=hidden ** -0.5) if gated else None
+    return x, w1, b1, w2, b2, wg
+
+
+def random_keep(width, kept, seed=0, device=DEV):
+    g = torch.Generator().manual_seed(seed + 1000)
+    return torch.randperm(width, generator=g)[:kept].to(device)
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def assert_within_torch_error(y, x, w1, b1, w2, b2, keep, wg, act, row_set=None, what=""):
+    """The tolerance rule of the module docstring; on failure, the worst elements and both error levels."""
+    ref64 = masked_ffn_reference(_f64(x), _f64(w1), _f64(b1), _f64(w2), _f64(b2), keep, act=act,
+                                 w_gate=_f64(wg), row_set=row_set)
+    lowp = masked_ffn_reference(x, w1, b1, w2, b2, keep, act=act, w_gate=wg, row_set=row_set)
+    assert y.dtype == x.dtype and y.shape == ref64.shape, \
+        f"{what}: got {y.dtype} {tuple(y.shape)}, expected {x.dtype} {tuple(ref64.shape)}"
+    err = (y.double() - ref64).abs()
+    err_torch = (lowp.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+    tiny = torch.finfo(x.dtype).eps * (ref64.abs().max().item() if ref64.numel() else 0.0)
+    bound = 2 * err_torch + tiny
+    if not ref64.numel() or err.max().item() <= bound:
+        return
+    worst = err.flatten().topk(min(5, err.numel())).indices
+    first = ", ".join(f"{tuple(int(i) for i in torch.unravel_index(j, err.shape))}: {y.flatten()[j].item():.6g} "
+                      f"vs {ref64.flatten()[j].item():.6g}" for j in worst)
+    raise AssertionError(f"{what}: max error {err.max().item():.3g} > bound {bound:.3g} (torch {err_torch:.3g}, "
+                         f"tiny {tiny:.3g}); {(err > bound).sum().item()} elements over; worst: {first}")
+
+
+# ------------------------------------------------------------------------------------------------ kernel vs reference
+# (rows, hidden, neurons, kept, out): a single row, odd widths, one neuron, one kept neuron, all kept, keep=None
+SHAPES = [
+    (1, 16, 1, 1, 7),
+    (37, 45, 123, 17, 33),
+    (1, 45, 123, 1, 5),
+    (37, 16, 123, 123, 19),
+    (37, 45, 123, None, 11),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+def test_matches_reference(case, dtype, schedule):
+    rows, hidden, width, kept, out = SHAPES[case]
+    # activation, gating and biases vary with the case so every combination appears across the grid cheaply
+    act = ACTIVATIONS[case % len(ACTIVATIONS)]
+    gated = bool(case % 2)
+    bias = (case + DTYPES.index(dtype)) % 3 != 0
+    x, w1, b1, w2, b2, wg = make_ffn(rows, hidden, width, out, dtype, gated=gated, bias=bias, seed=case)
+    keep = None if kept is None else random_keep(width, kept, seed=case)
+    y = masked_ffn(x, w1, b1, w2, b2, keep, act=act, w_gate=wg, backend="triton", schedule=schedule)
+    assert_within_torch_error(y, x, w1, b1, w2, b2, keep, wg, act,
+                              what=f"{SHAPES[case]} {dtype} {act} gated={gated} bias={bias} {schedule}")
+
+
+@requires_triton
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("act", ACTIVATIONS + ("gelu_new",))
+def test_every_activation(act, gated):
+    x, w1, b1, w2, b2, wg = make_ffn(21, 45, 70, 17, torch.float16, gated=gated, seed=3)
+    keep = random_keep(70, 33, seed=3)
+    for schedule in SCHEDULES:
+        y = masked_ffn(x, w1, b1, w2, b2, keep, act=act, w_gate=wg, backend="triton", schedule=schedule)
+        assert_within_torch_error(y, x, w1, b1, w2, b2, keep, wg, act, what=f"{act} gated={gated} {schedule}")
+
+
+@requires_triton
+def test_strided_weights_and_leading_dims():
+    """W2 stored transposed (the fast layout: pass w2t.t()), x a non-contiguous view with batch dimensions."""
+    x, w1, b1, w2, b2, wg = make_ffn(2 * 9, 40, 50, 23, torch.float32, gated=True, seed=4)
+    w2_colmajor = w2.t().contiguous().t()
+    assert w2_colmajor.stride() == (1, 23)
+    xb = torch.cat([x, x], dim=1)[:, ::2].reshape(2, 9, 40)  # strided view
+    keep = random_keep(50, 20, seed=4)
+    for schedule in SCHEDULES:
+        y = masked_ffn(xb, w1, b1, w2_colmajor, b2, keep, act="silu", w_gate=wg, backend="triton", schedule=schedule)
+        assert y.shape == (2, 9, 23)
+        assert_within_torch_error(y.reshape(18, 23), xb.reshape(18, 40), w1, b1, w2, b2, keep, wg, "silu",
+                                  what=f"strided {schedule}")
+
+
+# ------------------------------------------------------------------------------------------------ index sets
+def _sets(width, sizes, kmax, seed=0):
+    """A (sets, kmax) table padded with -1; the pads of set 1 are scattered, not trailing."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.full((len(sizes), kmax), -1, dtype=torch.int64)
+    for s, n in enumerate(sizes):
+        keep[s, :n] = torch.randperm(width, generator=g)[:n]
+    keep[1] = keep[1][torch.randperm(kmax, generator=g)]
+    return keep.to(DEV)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_sets_equal_per_set_ffn(backend, dtype):
+    """Rows of four index sets (one all padding, one used by no row) in one call == one FFN per set."""
+    rows, hidden, width, out = 45, 32, 90, 21
+    x, w1, b1, w2, b2, wg = make_ffn(rows, hidden, width, out, dtype, seed=5)
+    keep = _sets(width, [30, 12, 0, 5], kmax=33, seed=5)
+    g = torch.Generator().manual_seed(6)
+    row_set = torch.randint(0, 3, (rows,), generator=g).to(DEV)  # set 3 unused, set 2 empty
+    schedules = SCHEDULES if backend == "triton" else ("auto",)
+    for schedule in schedules:
+        y = masked_ffn(x, w1, b1, w2, b2, keep, act="gelu_tanh", row_set=row_set, backend=backend,
+                       schedule=schedule)
+        for s in range(keep.shape[0]):
+            sel = (row_set == s).nonzero().squeeze(1)
+            idx = keep[s][keep[s] >= 0]
+            alone = masked_ffn_reference(x[sel], w1, b1, w2, b2, idx, act="gelu_tanh")
+            if backend == "torch":
+                torch.testing.assert_close(y[sel], alone, rtol=0, atol=0, msg=f"set {s}")
+            else:
+                assert_within_torch_error(y[sel], x[sel], w1, b1, w2, b2, idx, None, "gelu_tanh",
+                                          what=f"set {s} {schedule}")
+        assert torch.equal(y[row_set == 2], b2.expand(int((row_set == 2).sum()), out)), "empty set != b2"
+
+
+# ------------------------------------------------------------------------------------------------ special K
+def _dense(x, w1, b1, w2, b2, wg, act):
+    if wg is None:
+        return F.linear(apply_act(F.linear(x, w1, b1), act), w2, b2)
+    return F.linear(apply_act(F.linear(x, wg), act) * F.linear(x, w1, b1), w2, b2)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_all_kept_equals_dense(backend, gated):
+    x, w1, b1, w2, b2, wg = make_ffn(19, 24, 40, 13, torch.float32, gated=gated, seed=7)
+    dense = _dense(x, w1, b1, w2, b2, wg, "gelu")
+    for keep in (None, torch.arange(40, device=DEV), random_keep(40, 40, seed=7)):
+        y = masked_ffn(x, w1, b1, w2, b2, keep, w_gate=wg, backend=backend)
+        if backend == "torch" and (keep is None or torch.equal(keep, torch.arange(40, device=DEV))):
+            assert torch.equal(y, dense)  # the same weights in the same order: bit for bit
+        else:
+            assert_within_torch_error(y, x, w1, b1, w2, b2, keep, wg, "gelu", what=f"all kept {backend}")
+            torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_keep_gives_b2(backend, dtype):
+    x, w1, b1, w2, b2, _ = make_ffn(5, 16, 20, 9, dtype, seed=8)
+    empty = torch.empty(0, dtype=torch.int64, device=DEV)
+    y = masked_ffn(x, w1, b1, w2, b2, empty, backend=backend)
+    assert y.dtype == dtype and torch.equal(y, b2.expand(5, 9))
+    y = masked_ffn(x, w1, b1, w2, None, empty, backend=backend)
+    assert torch.equal(y, torch.zeros(5, 9, dtype=dtype, device=DEV))
+    y = masked_ffn(x[:0], w1, b1, w2, b2, empty, backend=backend)
+    assert y.shape == (0, 9)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def _bad_cases():
+    x, w1, b1, w2, b2, wg = make_ffn(4, 8, 10, 6, torch.float32, device="cpu")
+    keep = torch.tensor([0, 3, 7])
+    base = dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, keep=keep)
+    table = torch.tensor([[0, 1, -1], [2, -1, -1]])
+    return [
+        (dict(w1=torch.randn(10, 9)), r"w1 must have shape \(neurons, 8\).*x \(4, 8\).*got \(10, 9\)"),
+        (dict(w2=torch.randn(6, 11)), r"w2 must have shape \(out, 10\).*w1 \(10, 8\).*got \(6, 11\)"),
+        (dict(b1=torch.randn(9)), r"b1 must have shape \(10,\).*got \(9,\)"),
+        (dict(b2=torch.randn(5)), r"b2 must have shape \(6,\).*got \(5,\)"),
+        (dict(w_gate=torch.randn(10, 7)), r"w_gate must have the shape of w1 \(10, 8\), got \(10, 7\)"),
+        (dict(keep=torch.tensor([0, 10])), r"keep\[1\] = 10 is out of range.*\[0, 10\)"),
+        (dict(keep=torch.tensor([-1, 2])), r"keep\[0\] = -1 is out of range.*\[0, 10\)"),
+        (dict(keep=torch.tensor([4, 2, 4])), r"lists neuron 4 twice"),
+        (dict(keep=torch.tensor([0, 1], dtype=torch.int32)), r"keep must be int64, got torch.int32"),
+        (dict(w2=w2.double()), r"w2 is torch.float64 but x is torch.float32"),
+        (dict(x=x.double(), w1=w1.double(), b1=b1.double(), w2=w2.double(), b2=b2.double()),
+         r"x must be float32, float16 or bfloat16, got torch.float64"),
+        (dict(act="tanh"), r"unsupported activation 'tanh'"),
+        (dict(backend="cuda"), r"unknown backend 'cuda'"),
+        (dict(schedule="fast"), r"unknown schedule 'fast'"),
+        (dict(keep=table), r"keep must be 1-D \(kept,\) without row_set.*\(2, 3\)"),
+        (dict(row_set=torch.tensor([0, 1, 0, 1])), r"row_set needs keep as a \(sets, kept\) table.*shape \(3,\)"),
+        (dict(keep=table, row_set=torch.tensor([0, 1, 2, 0])), r"row_set value 2 \(row 2\) is out of range \[0, 2\)"),
+        (dict(keep=table, row_set=torch.tensor([0, 1])), r"row_set must have shape \(4,\) to match x \(4, 8\)"),
+        (dict(keep=torch.tensor([[0, 1, 1], [2, -1, -1]]), row_set=torch.tensor([0, 1, 0, 1])),
+         r"keep\[0\] lists neuron 1 twice"),
+        (dict(keep=torch.tensor([[0, -2, 1], [2, -1, -1]]), row_set=torch.tensor([0, 1, 0, 1])),
+         r"keep\[0, 1\] = -2 is out of range.*or -1 \(padding\)"),
+    ], base
+
+
+@pytest.mark.parametrize("index", range(len(_bad_cases()[0])))
+def test_bad_inputs_name_the_problem(index):
+    cases, base = _bad_cases()
+    change, pattern = cases[index]
+    args = dict(base, **change)
+    kw = {k: args.pop(k) for k in ("act", "backend", "schedule", "row_set", "w_gate") if k in args}
+    with pytest.raises(ValueError, match=pattern) as info:
+        masked_ffn(**args, **kw)
+    assert re.search(r"^masked_ffn: |unsupported activation", str(info.value))
+
+
+def test_check_false_skips_value_checks_only():
+    x, w1, b1, w2, b2, _ = make_ffn(4, 8, 10, 6, torch.float32, device="cpu")
+    dup = torch.tensor([4, 2, 4])
+    y = masked_ffn(x, w1, b1, w2, b2, dup, backend="torch", check=False)  # duplicates counted twice, as index_select
+    torch.testing.assert_close(y, masked_ffn_reference(x, w1, b1, w2, b2, dup))
+    with pytest.raises(ValueError, match="w2 must have shape"):
+        masked_ffn(x, w1, b1, w2[:, :9], b2, dup, check=False)
+
+
+# ------------------------------------------------------------------------------------------------ torch.library
+def _op_samples(backend):
+    x, w1, b1, w2, b2, wg = make_ffn(18, 16, 40, 17, torch.float32, gated=True, seed=9)
+    keep = random_keep(40, 21, seed=9)
+    table = _sets(40, [9, 20], kmax=20, seed=9)
+    row_set = (torch.arange(18, device=DEV) % 2)
+    return [
+        (x, w1, b1, w2, b2, keep, None, None, "gelu", backend, "auto", True),
+        (x, w1, None, w2, b2, table, wg, row_set, "silu", backend, "two_pass", True),
+        (x, w1, b1, w2, None, None, None, None, "relu", backend, "fused", False),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+def test_opcheck(backend):
+    for args in _op_samples(backend):
+        torch.library.opcheck(torch.ops.skillkern.masked_ffn.default, args)
+
+
+def test_torch_compile_over_a_module():
+    class Pruned(torch.nn.Module):
+        def __init__(self, w1, b1, w2, b2, keep):
+            super().__init__()
+            self.w1, self.b1 = torch.nn.Parameter(w1, requires_grad=False), torch.nn.Parameter(b1, requires_grad=False)
+            self.w2, self.b2 = torch.nn.Parameter(w2, requires_grad=False), torch.nn.Parameter(b2, requires_grad=False)
+            self.register_buffer("keep", keep)
+
+        def forward(self, x):
+            return x + masked_ffn(torch.tanh(x), self.w1, self.b1, self.w2, self.b2, self.keep, act="gelu_new")
+
+    x, w1, b1, w2, b2, _ = make_ffn(2 * 7, 16, 30, 16, torch.float32, seed=10, device="cpu")
+    mod = Pruned(w1, b1, w2, b2, random_keep(30, 11, seed=10, device="cpu"))
+    eager = mod(x.reshape(2, 7, 16))
+    compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x.reshape(2, 7, 16)), eager, rtol=0, atol=0)
+        other = torch.randn(3, 5, 16)  # new shapes: no recompilation error, same answer as eager
+        torch.testing.assert_close(compiled(other), mod(other), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ GPU compilation
+def compile_kernels_sm90() -> dict:
+    """PTX of the three kernels compiled for sm_90 (triton ships ptxas; no GPU needed), with the divisibility
+    hints the launcher infers for 16-aligned pointers and strides (H = 768, ...), W2 stored transposed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from skillkern.ops import masked_ffn as mod
+
+    index_ptrs = ("keep_ptr", "rows_ptr", "set_rows_ptr", "set_tiles_ptr")
+    ptx = {}
+    for kernel, consts in (
+            (mod._masked_ffn_kernel, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_H=64, BLOCK_N=64, GATED=True, HAS_B1=True,
+                                          stride_w2n=1)),
+            (mod._masked_up_kernel, dict(BLOCK_M=64, BLOCK_K=64, BLOCK_H=32, GATED=False, HAS_B1=True)),
+            (mod._masked_down_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, HAS_B2=True, stride_w2n=1))):
+        names = kernel.arg_names
+        consts = dict(consts, HAS_KEEP=True, HAS_SETS=True, UPCAST=False, IEEE=False, BLOCK_G=4)
+        if "ACT" in names:
+            consts.update(ACT=3, stride_xh=1, stride_w1h=1, stride_wgh=1)
+        sig = {n: "constexpr" if n in consts else "*i64" if n in index_ptrs else "*fp32" if n == "out_ptr"
+               else "*fp16" if n.endswith("_ptr") else "i64" if n.startswith("stride") else "i32" for n in names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if n not in consts and (n.endswith("_ptr") or n.startswith("stride") or n in ("H", "H_out"))}
+        src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                        attrs=attrs)
+        ptx[kernel.__name__] = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    return ptx
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable")
+def test_kernels_compile_for_sm90():
+    """The interpreter runs programs a GPU compiler rejects, so compile the kernels for a real target too.
+    Under TRITON_INTERPRET=1 the kernels in this process are interpreter objects: compile in a child process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if triton_interpreted():
+        code = ("import json, runpy; m = runpy.run_path(%r); "
+                "print('@@ptx@@' + json.dumps(m['compile_kernels_sm90']()))" % __file__)
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            tail = done.stderr.strip().splitlines()[-1:] or ["?"]
+            if "ptxas" in done.stderr and ("not found" in done.stderr or "No such file" in done.stderr):
+                pytest.skip(f"cannot compile for sm_90 here: {tail[0]}")
+            raise AssertionError(f"compiling for sm_90 failed:\n{done.stderr[-3000:]}")
+        ptx = json.loads(done.stdout.split("@@ptx@@", 1)[1])
+    else:
+        ptx = compile_kernels_sm90()
+    assert "red.global.gpu.relaxed.add.v4.f32" in ptx["_masked_ffn_kernel"], "atomics are not vector reductions"
+    for name, text in ptx.items():
+        assert "cp.async" in text, f"{name}: the gathered tiles are not loaded asynchronously"
+        assert "mma" in text, f"{name}: tl.dot did not become tensor-core instructions"
+
+
+# ------------------------------------------------------------------------------------------------ GPU, real shapes
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 64, 4096])
+@pytest.mark.parametrize("frac", [0.02, 0.10, 0.50])
+def test_gpu_bert_base(rows, frac, dtype):
+    hidden, width = 768, 3072
+    x, w1, b1, w2, b2, _ = make_ffn(rows, hidden, width, hidden, dtype, seed=11, device="cuda")
+    keep = random_keep(width, int(frac * width), seed=11, device="cuda").sort().values
+    w2_fast = w2.t().contiguous().t()
+    for schedule in ("auto", "fused", "two_pass"):
+        for w in (w2, w2_fast):
+            y = masked_ffn(x, w1, b1, w, b2, keep, backend="triton", schedule=schedule)
+            assert_within_torch_error(y, x, w1, b1, w2, b2, keep, None, "gelu",
+                                      what=f"rows={rows} keep={frac} {schedule} stride={w.stride()}")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("rows", [1, 64, 4096])
+def test_gpu_llama_gated_with_sets(rows):
+    hidden, width = 4096, 11008
+    x, w1, _, w2, _, wg = make_ffn(rows, hidden, width, hidden, torch.bfloat16, gated=True, bias=False, seed=12,
+                                   device="cuda")
+    keep = _sets(width, [220, 1100, 5504], kmax=5504, seed=12)
+    row_set = torch.randint(0, 3, (rows,), device="cuda")
+    y = masked_ffn(x, w1, None, w2.t().contiguous().t(), None, keep, act="silu", w_gate=wg, row_set=row_set,
+                   backend="triton")
+    assert_within_torch_error(y, x, w1, None, w2, None, keep, wg, "silu", row_set=row_set, what=f"llama rows={rows}")
