@@ -31,6 +31,11 @@ _API = {
     "select_multiclass": "stats",
     "combine_runs": "stats",
     "stats_update": "ops.stats_update",
+    "ffn_stats": "ops.ffn_stats",
+    "masked_ffn": "ops.masked_ffn",
+    "PromptModel": "prompt",
+    "TuneSettings": "tune",
+    "load_run": "tune",
 }
 
 __all__ = sorted(_API) + ["__version__"]

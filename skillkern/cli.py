@@ -20,7 +20,9 @@ def _add_score_parser(sub) -> None:
                                    "evaluation split. Writes OUT/stats.safetensors, OUT/summary.json and "
                                    "OUT/predictivity.png.")
     p.add_argument("--model", default="minilm", help="'minilm' (embedded default), a hub id or a local path")
-    p.add_argument("--task", required=True, help="task name (folder under --data / SKILLKERN_DATA) or a task folder")
+    p.add_argument("--task", default=None, help="task name (folder under --data / SKILLKERN_DATA) or a task folder")
+    p.add_argument("--run", default=None, help="score the prompt slots of this tuned run (pool 'prompt') on the "
+                                               "train/dev split it was tuned on; --task/--model come from the run")
     p.add_argument("--data", default=None, help="data folder holding <task>/{train,dev,test}.jsonl + task.json "
                                                 "(default: $SKILLKERN_DATA, then the HF hub when online)")
     p.add_argument("--subtask", default=None, help="binary sub-task of a multi-class task: pn, neu, ovr:<c>, pair:<a>,<b>")
@@ -46,7 +48,7 @@ def _add_score_parser(sub) -> None:
                    help="save an atomic checkpoint every K batches (default 50)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="drop samples with NaN/Inf activations (counted in summary.json) instead of stopping")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default with --run: RUN/scores/<subtask or task>)")
     p.set_defaults(func=cmd_score)
 
 
@@ -59,6 +61,10 @@ def _first(rows: Sequence, n: Optional[int]) -> Sequence:
 
 
 def cmd_score(args) -> int:
+    if args.run is not None:
+        return _score_run(args)
+    if args.task is None or args.out is None:
+        raise SystemExit("error: skillkern score needs --task and --out (or --run RUN)")
     import torch
 
     from . import __version__
@@ -145,12 +151,149 @@ def cmd_score(args) -> int:
 
     print(f"scored {len(scorer.layers)} x {scorer.width} neurons of {meta['model']} on {task.name} "
           f"({len(baseline)} baseline rows, {len(evaluation)} eval rows) in {elapsed:.1f}s")
-    print(f"{'rank':>4} {'layer':>5} {'neuron':>6} {'pred':>7} {'sign':>4}")
-    for rank, row in enumerate(top, 1):
-        print(f"{rank:>4} {row['layer']:>5} {row['neuron']:>6} {row['predictivity']:>7.4f} {row['sign']:>+4d}")
+    _print_top(top)
     print(f"wrote {out / 'stats.safetensors'}, {out / 'summary.json'}, {out / 'predictivity.png'}")
     _finish_distributed(world)
     checkpoint.remove()  # the result file now holds everything the checkpoint had
+    return 0
+
+
+def _score_run(args) -> int:
+    from .perturb import score_run, scores_path
+    from .plotting import plot_predictivity
+    from .stats import top_neurons
+
+    out = Path(args.out) / "stats.safetensors" if args.out else scores_path(args.run, args.subtask)
+    started = time.perf_counter()
+    stats, meta = score_run(args.run, subtask=args.subtask, max_baseline=args.max_baseline, max_eval=args.max_eval,
+                            batch_size=args.batch_size, backend=args.backend, device=args.device, data=args.data,
+                            progress=not args.no_progress, out=out)
+    pred, sign = stats.predictivity(), stats.sign()
+    top = top_neurons(pred, args.top, sign)
+    summary = dict(meta, top_neurons=top, seconds=round(time.perf_counter() - started, 3),
+                   per_layer_best_predictivity=pred.max(dim=1).values.tolist(),
+                   per_layer_mean_predictivity=pred.mean(dim=1).tolist(),
+                   baseline_class_count=stats.baseline_class_count.tolist(),
+                   eval_class_count=stats.eval_class_count.tolist())
+    (out.parent / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_predictivity(pred, out.parent / "predictivity.png", title=f"{meta['task']}: prompt slots of {args.run}")
+    print(f"scored the {stats.num_slots} prompt slots of {args.run} on {meta['task']} "
+          f"({meta['baseline_rows']} baseline rows, {meta['eval_rows']} eval rows)")
+    _print_top(top)
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_top(top) -> None:
+    print(f"{'rank':>4} {'layer':>5} {'neuron':>6} {'pred':>7} {'sign':>4}")
+    for rank, row in enumerate(top, 1):
+        print(f"{rank:>4} {row['layer']:>5} {row['neuron']:>6} {row['predictivity']:>7.4f} {row['sign']:>+4d}")
+
+
+def _add_tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="prompt-tune a frozen model on a task (or BitFit)",
+                       description="Soft prompt tuning on a frozen backbone (METHOD.md section 2). Writes RUN/run.json, "
+                                   "RUN/prompt.safetensors and RUN/curve.png.")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--task", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--subtask", default=None, help="binary sub-task: pn, neu, ovr:<c>, pair:<a>,<b>")
+    p.add_argument("--method", default="prompt", choices=["prompt", "bitfit"])
+    p.add_argument("--prompt-len", type=int, default=16, help="P prompt slots, slot 0 included")
+    p.add_argument("--head", default="auto", choices=["auto", "mlm", "linear"],
+                   help="auto: masked-LM verbalizer when the model has an MLM head, else a linear head on slot 0")
+    p.add_argument("--epochs", type=float, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=float, default=0.006)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-train", type=int, default=None, help="first N training rows")
+    p.add_argument("--max-dev", type=int, default=None, help="first N dev rows")
+    p.add_argument("--max-test", type=int, default=None, help="first N test rows")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations (0: each epoch)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the 80/20 train/dev split")
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True, help="run folder")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> int:
+    from .data import binary_subtask, load_task
+    from .tune import TuneSettings, tune_run
+
+    settings = TuneSettings(method=args.method, prompt_len=args.prompt_len, head=args.head, epochs=args.epochs,
+                            lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, max_length=args.max_length,
+                            max_train=args.max_train, max_dev=args.max_dev, max_test=args.max_test,
+                            eval_every=args.eval_every, seed=args.seed, split_seed=args.split_seed)
+    task = load_task(args.task, args.data, seed=args.split_seed)
+    if args.subtask:
+        task = binary_subtask(task, args.subtask, seed=args.split_seed)
+    info = tune_run(args.model, task, settings, args.out, device=args.device, resume=args.resume,
+                    progress=not args.no_progress)
+    test = info["test_accuracy"]
+    print(f"{info['task']}{'/' + info['subtask'] if info['subtask'] else ''}: best dev accuracy "
+          f"{info['dev_accuracy']:.4f} (step {info['best_step']}), test accuracy "
+          f"{'n/a' if test is None else f'{test:.4f}'}; head: {info['head_description']}")
+    print(f"wrote {args.out}/run.json, prompt.safetensors, curve.png")
+    return 0
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fractions must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--fractions must be in [0, 1], got {text!r}")
+    return values
+
+
+def _add_perturb_parser(sub) -> None:
+    p = sub.add_parser("perturb", help="perturb a run's skill neurons beside random neurons; test accuracy",
+                       description="Perturbs the selected neurons at all positions and, beside them, the same number "
+                                   "of random neurons per layer. Writes JSON and a PNG curve.")
+    p.add_argument("--run", required=True)
+    p.add_argument("--mode", default="gaussian", choices=["gaussian", "zero", "mean"])
+    p.add_argument("--fractions", type=_fractions, default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2],
+                   help="comma-separated per-layer fractions q (default 0,0.01,0.02,0.05,0.1,0.15,0.2)")
+    p.add_argument("--neurons-from", default=None, help="use the skill neurons of this other run (cross-task)")
+    p.add_argument("--sigma", type=float, default=0.1, help="gaussian noise standard deviation")
+    p.add_argument("--seed", type=int, default=0, help="noise and random-control seed")
+    p.add_argument("--max-test", type=int, default=None, help="first N test rows (default: the run's cap)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--data", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default=None, help="output JSON (default RUN/perturb_<mode>[_from_<run>].json)")
+    p.set_defaults(func=cmd_perturb)
+
+
+def cmd_perturb(args) -> int:
+    from .perturb import perturb_run
+    from .plotting import plot_perturbation
+
+    result = perturb_run(args.run, mode=args.mode, fractions=args.fractions, neurons_from=args.neurons_from,
+                         sigma=args.sigma, seed=args.seed, max_test=args.max_test, split=args.split,
+                         batch_size=args.batch_size, device=args.device, data=args.data,
+                         progress=not args.no_progress)
+    if args.out:
+        out = Path(args.out)
+    else:
+        suffix = f"_from_{Path(args.neurons_from).name}" if args.neurons_from else ""
+        out = Path(args.run) / f"perturb_{args.mode}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot_perturbation(result, out.with_suffix(".png"))
+    print(f"{result['task']}: {args.mode} perturbation of the skill neurons of {result['neurons_task']} "
+          f"({result['test_rows']} {args.split} rows, clean accuracy {result['clean_accuracy']:.4f})")
+    print(f"{'q':>6} {'neurons':>8} {'skill':>7} {'random':>7}")
+    for q, n, a, b in zip(result["fractions"], result["neurons_per_layer"], result["skill"], result["random"]):
+        print(f"{q:>6.2f} {sum(n):>8d} {a:>7.4f} {b:>7.4f}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
@@ -181,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_score_parser(sub)
+    _add_tune_parser(sub)
+    _add_perturb_parser(sub)
     return parser
 
 

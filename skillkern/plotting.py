@@ -49,3 +49,47 @@ def plot_predictivity(pred: torch.Tensor, path: str | Path, title: str = "") -> 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_curve(curve: list[dict], path: str | Path, title: str = "") -> None:
+    """Training curve of a tuning run: train loss and dev accuracy against steps.
+
+    Args:
+        curve: ``[{"step", "train_loss", "dev_accuracy"}, ...]``.
+    """
+    plt = _pyplot()
+    steps = [c["step"] for c in curve]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(steps, [c["train_loss"] for c in curve], "o-", color="tab:blue", label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [c["dev_accuracy"] for c in curve], "s-", color="tab:orange", label="dev accuracy")
+    ax2.set_ylabel("dev accuracy", color="tab:orange")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_perturbation(result: dict, path: str | Path, title: str = "") -> None:
+    """Accuracy against the fraction of perturbed neurons: skill neurons vs the random control.
+
+    Args:
+        result: output of :func:`skillkern.perturb.perturb_run` (``fractions``, ``skill``, ``random``).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    x = [100 * f for f in result["fractions"]]
+    ax.plot(x, result["skill"], "o-", color="tab:red", label="skill neurons")
+    ax.plot(x, result["random"], "s--", color="tab:grey", label="random neurons")
+    ax.set_xlabel("perturbed neurons per layer (%)")
+    ax.set_ylabel(f"{result.get('split', 'test')} accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"{result['task']}: {result['mode']} perturbation (neurons of {result['neurons_task']})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,247 @@
+"""Soft prompts on a frozen backbone (METHOD.md section 2), and BitFit as the prompt-free comparison.
+
+Input layout (encoders): ``[slot 0 ; p_1 .. p_{P-1} ; <s> text </s>]``. Slot 0 holds the tokenizer's mask-token
+embedding and is frozen; the P-1 prompt vectors are trained (init ``randn / 30``). The prediction is read at
+slot 0: the masked-LM logits restricted to verbalizer tokens when the model has a masked-LM head, otherwise a
+linear head on slot 0's last hidden state, trained with the prompt (a documented deviation: the embedded
+all-MiniLM-L6-v2 has no masked-LM head). Causal decoders cannot read slot 0 (it sees only itself), so they use
+the linear head on the last real token.
+
+The backbone's weights never get gradients (``requires_grad=False``); backpropagation runs through the
+activations only, as far as the prompt needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .models import ffn_layers
+
+logger = logging.getLogger(__name__)
+
+#: verbalizer words by number of classes (code defaults of the released code)
+DEFAULT_VERBALIZERS = {2: ["negative", "positive"], 3: ["negative", "neutral", "positive"]}
+_CAUSAL_TYPES = ("gpt2", "opt", "gpt_neox", "phi", "starcoder2", "llama", "mistral", "qwen2", "qwen3", "gemma",
+                 "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "stablelm")
+
+
+class PromptTooLongError(ValueError):
+    """The prompt plus the text would need more positions than the model has."""
+
+
+def _is_causal(model: nn.Module) -> bool:
+    config = model.config
+    return bool(getattr(config, "is_decoder", False)) or config.model_type in _CAUSAL_TYPES
+
+
+def _max_positions(model: nn.Module) -> Optional[int]:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            # RoBERTa-style position ids start after the padding index: two positions are never usable.
+            offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+            return value - offset
+    return None
+
+
+def check_prompt_fits(model: nn.Module, prompt_len: int, max_length: int) -> None:
+    """Raise :class:`PromptTooLongError` if ``prompt_len + max_length`` exceeds the model's positions."""
+    limit = _max_positions(model)
+    if limit is not None and prompt_len + max_length > limit:
+        raise PromptTooLongError(
+            f"prompt of {prompt_len} slots + max_length {max_length} tokens = {prompt_len + max_length} positions, "
+            f"but {model.config.model_type} model has {limit}; lower --max-length to at most {limit - prompt_len} "
+            f"or use a shorter prompt")
+
+
+def verbalizer_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """One vocabulary id per class word (the word's first token, with a leading space for BPE vocabularies)."""
+    ids = []
+    for w in words:
+        pieces = tokenizer(" " + w, add_special_tokens=False)["input_ids"]
+        direct = tokenizer(w, add_special_tokens=False)["input_ids"]
+        # WordPiece ignores the space; BPE vocabularies (RoBERTa, GPT-2) want it for a word-initial token.
+        cand = direct if len(direct) == 1 else pieces
+        if not cand:
+            raise ValueError(f"verbalizer word {w!r} maps to no token")
+        if len(cand) > 1:
+            logger.warning("verbalizer word %r is %d tokens; using its first", w, len(cand))
+        ids.append(cand[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"verbalizer words {list(words)} map to repeated token ids {ids}")
+    return ids
+
+
+class PromptModel(nn.Module):
+    """A frozen backbone with a trainable soft prompt (and, without a masked-LM head, a linear head).
+
+    Args:
+        backbone: a model from :func:`skillkern.load_model` (with ``masked_lm=True`` to use an MLM head).
+        tokenizer: its tokenizer.
+        num_classes: number of classes.
+        prompt_len: P, the number of prompt slots including the frozen slot 0; 0 means no prompt (BitFit).
+        head: ``auto`` (masked-LM verbalizer if the model has an MLM head, else linear), ``mlm`` or ``linear``.
+        verbalizer: class words for the MLM head (default: negative/positive, negative/neutral/positive).
+        seed: seeds the prompt init (``randn / 30``) and the linear head init.
+        prompt_init: optional (P-1, H) tensor to start from instead of ``randn / 30``.
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer, num_classes: int, prompt_len: int = 16, head: str = "auto",
+                 verbalizer: Optional[Sequence[str]] = None, seed: int = 0,
+                 prompt_init: Optional[torch.Tensor] = None):
+        super().__init__()
+        if prompt_len < 0 or prompt_len == 1:
+            raise ValueError(f"prompt_len must be 0 (no prompt) or >= 2 (slot 0 + trained slots), got {prompt_len}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if head not in ("auto", "mlm", "linear"):
+            raise ValueError(f"head must be auto, mlm or linear, got {head!r}")
+        ffn_layers(backbone)  # unknown architecture: fail here
+        self.backbone = backbone
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.num_classes = num_classes
+        self.prompt_len = prompt_len
+        self.causal = _is_causal(backbone)
+        emb = backbone.get_input_embeddings()
+        hidden = emb.weight.shape[1]
+        device, dtype = emb.weight.device, emb.weight.dtype
+        gen = torch.Generator().manual_seed(int(seed))
+
+        has_mlm = backbone.get_output_embeddings() is not None
+        if head == "mlm" and not has_mlm:
+            raise ValueError("head='mlm' but the model has no masked-LM head (load it with masked_lm=True, or use "
+                             "head='linear')")
+        self.head_kind = "mlm" if (head == "mlm" or (head == "auto" and has_mlm and not self.causal)) else "linear"
+        if self.head_kind == "mlm":
+            words = list(verbalizer or DEFAULT_VERBALIZERS.get(num_classes, []))
+            if len(words) != num_classes:
+                raise ValueError(f"{num_classes} classes need {num_classes} verbalizer words, got {words}")
+            self.verbalizer = words
+            self.register_buffer("verbalizer_ids", torch.tensor(verbalizer_ids(tokenizer, words), device=device))
+            self.head = None
+        else:
+            self.verbalizer = None
+            self.head = nn.Linear(hidden, num_classes, device=device, dtype=dtype)
+            with torch.no_grad():
+                bound = 1 / math.sqrt(hidden)
+                self.head.weight.copy_((torch.rand(num_classes, hidden, generator=gen) * 2 - 1) * bound)
+                self.head.bias.zero_()
+
+        if prompt_len:
+            slot0_id = tokenizer.mask_token_id
+            if slot0_id is None:
+                slot0_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.eos_token_id
+                logger.info("tokenizer has no mask token; slot 0 holds token id %s instead", slot0_id)
+            self.slot0_token_id = int(slot0_id)
+            self.register_buffer("slot0", emb.weight[slot0_id].detach().clone())
+            init = torch.randn(prompt_len - 1, hidden, generator=gen) / 30 if prompt_init is None else prompt_init
+            if tuple(init.shape) != (prompt_len - 1, hidden):
+                raise ValueError(f"prompt_init must have shape ({prompt_len - 1}, {hidden}), got {tuple(init.shape)}")
+            self.prompt = nn.Parameter(init.to(device=device, dtype=dtype).clone())
+        else:
+            self.slot0_token_id = None
+            self.prompt = None
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        """Positions of the prompt slots in the model input (0..P-1)."""
+        return tuple(range(self.prompt_len))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Class logits.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: (B, T) tokenized text, padded on the right.
+
+        Returns:
+            (B, C) logits.
+        """
+        B, T = input_ids.shape
+        P = self.prompt_len
+        check_prompt_fits(self.backbone, P, T)
+        emb = self.backbone.get_input_embeddings()(input_ids)
+        if P:
+            pre = torch.cat([self.slot0[None], self.prompt], dim=0).unsqueeze(0).expand(B, -1, -1)
+            emb = torch.cat([pre.to(emb.dtype), emb], dim=1)
+            ones = torch.ones(B, P, dtype=attention_mask.dtype, device=attention_mask.device)
+            attention_mask = torch.cat([ones, attention_mask], dim=1)
+            if token_type_ids is not None:
+                token_type_ids = torch.cat([torch.zeros_like(ones, dtype=token_type_ids.dtype), token_type_ids], 1)
+        kwargs = {"inputs_embeds": emb, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.backbone(**kwargs)
+        if self.head_kind == "mlm":
+            return out.logits[:, 0, self.verbalizer_ids]
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+        if self.causal:
+            last = attention_mask.long().cumsum(1).argmax(1)  # last real token (right padding)
+            return self.head(hidden[torch.arange(B, device=hidden.device), last])
+        return self.head(hidden[:, 0])
+
+    def use_bitfit(self) -> None:
+        """Train the backbone's biases (and the head) instead of a prompt: BitFit (Ben Zaken et al. 2022)."""
+        if self.prompt_len:
+            raise ValueError("BitFit runs without a prompt: build the PromptModel with prompt_len=0")
+        for name, p in self.backbone.named_parameters():
+            if name.endswith(".bias"):
+                p.requires_grad_(True)
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a run saves: prompt, slot 0, head, and for BitFit the backbone biases."""
+        state = {}
+        if self.prompt is not None:
+            state["prompt"] = self.prompt.detach().clone()
+            state["slot0"] = self.slot0.detach().clone()
+        if self.head is not None:
+            state["head.weight"] = self.head.weight.detach().clone()
+            state["head.bias"] = self.head.bias.detach().clone()
+        for name, p in self.backbone.named_parameters():
+            if p.requires_grad:
+                state["backbone." + name] = p.detach().clone()
+        return state
+
+    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`trained_state`; shapes must match."""
+        params = dict(self.backbone.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                if key == "prompt":
+                    target = self.prompt
+                elif key == "slot0":
+                    target = self.slot0
+                elif key.startswith("head."):
+                    if self.head is None:
+                        raise ValueError(f"state has {key!r} but this model uses the masked-LM head")
+                    target = getattr(self.head, key[5:])
+                elif key.startswith("backbone."):
+                    target = params.get(key[9:])
+                else:
+                    target = None
+                if target is None:
+                    raise ValueError(f"unexpected tensor {key!r} in a prompt state")
+                if target.shape != value.shape:
+                    raise ValueError(f"{key}: shape {tuple(value.shape)} does not match the model's "
+                                     f"{tuple(target.shape)}")
+                target.copy_(value.to(target.device, target.dtype))
+
+
+def describe_head(model: PromptModel) -> str:
+    """One line for outputs: which head produced the predictions."""
+    if model.head_kind == "mlm":
+        return f"masked-LM logits at slot 0 restricted to verbalizer {model.verbalizer}"
+    where = "the last real token" if model.causal else ("slot 0" if model.prompt_len else "the first token")
+    return (f"linear head on {where} trained with the {'prompt' if model.prompt_len else 'biases'} "
+            "(the model has no masked-LM head: a documented deviation from the paper)")

@@ -1,0 +1,355 @@
+"""Prompt tuning (and BitFit) with best-dev checkpointing, reproducible seeds and crash-safe resume.
+
+A run folder holds everything later steps need:
+
+- ``run.json``: model, task, sub-task, data source, settings, which head was used, dev/test accuracy, curve;
+- ``prompt.safetensors``: the best-dev trained tensors (prompt, slot 0, linear head, BitFit biases);
+- ``curve.png``: training loss and dev accuracy against steps;
+- ``checkpoint.pt`` while training (removed at the end): ``--resume`` continues from it.
+
+Reproducibility: the prompt/head init, the per-epoch shuffles and the train/dev split are drawn from generators
+seeded by ``seed`` (and ``split_seed``), never from global or hash-randomised state. The frozen backbone runs in
+eval mode (no dropout), so a resumed run reproduces an uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .prompt import PromptModel, check_prompt_fits, describe_head
+from .scoring import iter_batches
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+STATE_FILE = "prompt.safetensors"
+
+
+@dataclass
+class TuneSettings:
+    """Hyper-parameters of one tuning run (defaults: the released code's, METHOD.md section 2).
+
+    Attributes:
+        method: ``prompt`` (soft prompt, frozen backbone) or ``bitfit`` (backbone biases, no prompt).
+        prompt_len: P, prompt slots including the frozen slot 0.
+        head: ``auto`` | ``mlm`` | ``linear`` (see :class:`~skillkern.prompt.PromptModel`).
+        epochs: passes over the training rows (may be fractional).
+        lr, betas, eps: Adam; linear schedule with ``warmup`` fraction of steps of warm-up.
+        batch_size, max_length: training/evaluation batches and truncation.
+        max_train, max_dev, max_test: use the first N rows of each split (None: all).
+        eval_every: evaluate on dev every this many steps (0: once per epoch); the best dev state is kept.
+        seed: prompt/head init and shuffling.
+        split_seed: seed of the 80/20 train/dev split for tasks without a dev file (and of sub-task balancing).
+    """
+
+    method: str = "prompt"
+    prompt_len: int = 16
+    head: str = "auto"
+    epochs: float = 4.0
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup: float = 0.006
+    batch_size: int = 16
+    max_length: int = 128
+    max_train: Optional[int] = None
+    max_dev: Optional[int] = None
+    max_test: Optional[int] = None
+    eval_every: int = 0
+    seed: int = 0
+    split_seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in ("prompt", "bitfit"):
+            raise ValueError(f"method must be 'prompt' or 'bitfit', got {self.method!r}")
+        if self.method == "bitfit":
+            self.prompt_len = 0
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        for name in ("batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _first(rows: Sequence, n: Optional[int]) -> list:
+    return list(rows) if n is None else list(rows[:n])
+
+
+def evaluate(model: PromptModel, examples: Sequence, batch_size: int = 32, max_length: int = 128,
+             edit: Optional[Callable] = None, layers=None) -> float:
+    """Accuracy of ``model`` on ``examples``.
+
+    Args:
+        edit: optional ``fn(layer, h) -> h`` applied to the neurons during the pass
+            (:func:`skillkern.models.edit_neurons`), e.g. a perturbation.
+    """
+    import contextlib
+
+    from .models import edit_neurons
+
+    if not len(examples):
+        raise ValueError("cannot evaluate on an empty split")
+    correct = 0
+    ctx = edit_neurons(model.backbone, edit, layers) if edit is not None else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
+        for batch in iter_batches(model.tokenizer, examples, batch_size, max_length, pad_multiple=32,
+                                  device=model.slot0.device if model.prompt is not None else _device(model)):
+            logits = model(**batch.inputs)
+            correct += int((logits.argmax(-1) == batch.labels).sum())
+    return correct / len(examples)
+
+
+def _device(model: PromptModel) -> torch.device:
+    return next(model.backbone.parameters()).device
+
+
+def _lr_lambda(total: int, warmup: float) -> Callable[[int], float]:
+    warm = max(1, math.ceil(warmup * total)) if warmup > 0 else 0
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return f
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch))
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def tune(model: PromptModel, train: Sequence, dev: Sequence, settings: TuneSettings, *,
+         checkpoint: Optional[str | Path] = None, resume: bool = False, progress: bool = True) -> dict:
+    """Train ``model``'s trainable tensors with cross-entropy; keep and load the best dev state.
+
+    Args:
+        train, dev: examples (``skillkern.data.Example``).
+        checkpoint: file for crash-safe resume (written atomically at every evaluation).
+        resume: continue from ``checkpoint`` if it exists.
+
+    Returns:
+        ``{"best_dev_accuracy", "best_step", "steps", "curve": [{step, epoch, train_loss, dev_accuracy}]}``.
+    """
+    from tqdm.auto import tqdm
+
+    s = settings
+    if not len(train):
+        raise ValueError("the training split is empty")
+    check_prompt_fits(model.backbone, model.prompt_len, s.max_length)
+    params = model.trainable_parameters()
+    if not params:
+        raise ValueError("nothing to train: the model has no trainable tensors")
+    steps_per_epoch = math.ceil(len(train) / s.batch_size)
+    total = math.ceil(s.epochs * steps_per_epoch)
+    eval_every = s.eval_every or steps_per_epoch
+    opt = torch.optim.Adam(params, lr=s.lr, betas=s.betas, eps=s.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, s.warmup))
+    device = _device(model)
+    state = {"step": 0, "curve": [], "best_dev": -1.0, "best_step": 0, "best_state": model.trained_state(),
+             "loss_sum": 0.0, "loss_n": 0}
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and resume and ckpt.exists():
+        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        if saved.get("settings") != s.to_dict() or saved.get("rows") != [len(train), len(dev)]:
+            raise ValueError(f"{ckpt} belongs to another tuning job (settings or data differ); delete it or "
+                             "run without --resume")
+        model.load_trained_state(saved["current_state"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        state = saved["loop"]
+        logger.info("resuming tuning at step %d of %d", state["step"], total)
+
+    if total == 0:  # an untrained prompt (e.g. the random-prompt control): evaluate it as it is
+        state["best_dev"] = evaluate(model, dev, s.batch_size, s.max_length) if len(dev) else float("nan")
+    bar = tqdm(total=total, initial=state["step"], desc="tuning", unit="step", disable=not progress, leave=False)
+    model.eval()  # frozen backbone at inference behaviour: no dropout (reproducible, as scored later)
+    while state["step"] < total:
+        step = state["step"]
+        epoch, k = divmod(step, steps_per_epoch)
+        order = _epoch_order(len(train), s.seed, epoch)
+        rows = [train[int(i)] for i in order[k * s.batch_size: (k + 1) * s.batch_size]]
+        for batch in iter_batches(model.tokenizer, rows, len(rows), s.max_length, pad_multiple=0, device=device):
+            logits = model(**batch.inputs)
+            loss = F.cross_entropy(logits.float(), batch.labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"tuning diverged at step {step}: loss is {float(loss)}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["loss_sum"] += float(loss.detach()) * len(rows)
+            state["loss_n"] += len(rows)
+        sched.step()
+        state["step"] = step + 1
+        bar.update(1)
+        if state["step"] % eval_every == 0 or state["step"] == total:
+            dev_acc = evaluate(model, dev, s.batch_size, s.max_length)
+            point = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4),
+                     "train_loss": state["loss_sum"] / max(1, state["loss_n"]), "dev_accuracy": dev_acc}
+            state["curve"].append(point)
+            state["loss_sum"], state["loss_n"] = 0.0, 0
+            if dev_acc > state["best_dev"]:
+                state["best_dev"], state["best_step"] = dev_acc, state["step"]
+                state["best_state"] = model.trained_state()
+            bar.set_postfix(dev=f"{dev_acc:.3f}", best=f"{state['best_dev']:.3f}")
+            logger.info("step %d/%d: train loss %.4f, dev accuracy %.4f", state["step"], total,
+                        point["train_loss"], dev_acc)
+            if ckpt is not None:
+                _atomic_save({"settings": s.to_dict(), "rows": [len(train), len(dev)],
+                              "current_state": model.trained_state(), "optimizer": opt.state_dict(),
+                              "scheduler": sched.state_dict(), "loop": state}, ckpt)
+    bar.close()
+    model.load_trained_state(state["best_state"])
+    return {"best_dev_accuracy": state["best_dev"], "best_step": state["best_step"], "steps": total,
+            "curve": state["curve"]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run folders
+# --------------------------------------------------------------------------------------------------------------
+
+def load_run_task(info: dict, data: Optional[str] = None):
+    """The task (and sub-task) a run was tuned on, with the same train/dev split.
+
+    ``data``: a data folder to read instead of the one the run read (e.g. on another machine).
+    """
+    from .data import binary_subtask, load_task
+
+    seed = info["settings"]["split_seed"]
+    source = info.get("task_source", "")
+    if data is None and source and not source.startswith("hub:") and Path(source).is_dir():
+        task = load_task(source, seed=seed)  # the very folder the run read
+    else:
+        task = load_task(info["task"], data, seed=seed)
+    if info.get("subtask"):
+        task = binary_subtask(task, info["subtask"], seed=seed)
+    return task
+
+
+def run_splits(task, settings: TuneSettings) -> tuple[list, list, list]:
+    """(train, dev, test) rows a run uses, after the ``max_*`` caps."""
+    return (_first(task.split("train"), settings.max_train), _first(task.split("dev"), settings.max_dev),
+            _first(task.split("test"), settings.max_test))
+
+
+def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, device=None, resume: bool = False,
+             progress: bool = True, prompt_init: Optional[torch.Tensor] = None, label: str = "tuned") -> dict:
+    """Tune a prompt (or BitFit) for ``task`` and write the run folder ``out``. Returns run.json's content.
+
+    Args:
+        model_name: ``minilm``, a hub id or a path (see :func:`skillkern.load_model`).
+        task: a :class:`~skillkern.data.TaskData` (already a binary sub-task where wanted).
+        prompt_init: start from this (P-1, H) prompt (e.g. a hand-written prompt's embeddings).
+        label: what kind of prompt this is (``tuned``, ``random``, ``handwritten``), recorded in run.json.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+    from .models import load_model, model_id
+    from .plotting import plot_curve
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone, tokenizer = load_model(model_name, masked_lm=settings.head != "linear", device=device)
+    pm = PromptModel(backbone, tokenizer, task.num_classes, settings.prompt_len, head=settings.head,
+                     seed=settings.seed, prompt_init=prompt_init)
+    if settings.method == "bitfit":
+        pm.use_bitfit()
+    train, dev, test = run_splits(task, settings)
+    started = time.perf_counter()
+    result = tune(pm, train, dev, settings, checkpoint=out / "checkpoint.pt", resume=resume, progress=progress)
+    test_acc = evaluate(pm, test, settings.batch_size, settings.max_length) if test else None
+    parent = task.info.get("parent", {})
+    info = {
+        "kind": "skillkern-run",
+        "skillkern_version": __version__,
+        "model": model_id(backbone),
+        "model_type": backbone.config.model_type,
+        "task": parent.get("name", task.name),
+        "subtask": task.info.get("subtask", {}).get("kind"),
+        "task_source": task.source,
+        "label_names": task.label_names,
+        "prompt": label,
+        "head": pm.head_kind,
+        "head_description": describe_head(pm),
+        "settings": settings.to_dict(),
+        "rows": {"train": len(train), "dev": len(dev), "test": len(test)},
+        "dev_accuracy": result["best_dev_accuracy"],
+        "test_accuracy": test_acc,
+        "best_step": result["best_step"],
+        "steps": result["steps"],
+        "curve": result["curve"],
+        "seconds": round(time.perf_counter() - started, 2),
+        "device": str(_device(pm)),
+        "threads": torch.get_num_threads(),
+    }
+    state = {k: v.detach().cpu().contiguous() for k, v in pm.trained_state().items()}
+    save_file(state, str(out / STATE_FILE), metadata={"run": json.dumps({k: info[k] for k in (
+        "model", "task", "subtask", "head", "prompt")})})
+    (out / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    if result["curve"]:
+        plot_curve(result["curve"], out / "curve.png",
+                   title=f"{info['task']}{'/' + info['subtask'] if info['subtask'] else ''} "
+                         f"({settings.method}, seed {settings.seed}): test acc "
+                         f"{test_acc if test_acc is None else round(test_acc, 4)}")
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        ckpt.unlink()
+    return info
+
+
+def read_run(run: str | Path) -> dict:
+    """run.json of a run folder, with a clear error if it is not one."""
+    path = Path(run) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run} is not a run folder (no {RUN_FILE}); create one with `skillkern tune`")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if info.get("kind") != "skillkern-run":
+        raise ValueError(f"{path} is not a skillkern run description")
+    return info
+
+
+def load_run(run: str | Path, *, device=None, data: Optional[str] = None):
+    """Rebuild a run's :class:`PromptModel` with its trained tensors, and its task.
+
+    Returns:
+        ``(prompt_model, task, info)``.
+    """
+    from safetensors.torch import load_file
+
+    from .models import load_model
+
+    info = read_run(run)
+    s = TuneSettings(**info["settings"])
+    backbone, tokenizer = load_model(info["model"], masked_lm=info["head"] == "mlm", device=device)
+    task = load_run_task(info, data)
+    pm = PromptModel(backbone, tokenizer, task.num_classes, s.prompt_len, head=info["head"], seed=s.seed)
+    if s.method == "bitfit":
+        pm.use_bitfit()
+    pm.load_trained_state(load_file(str(Path(run) / STATE_FILE)))
+    pm.eval()
+    return pm, task, info
