@@ -254,7 +254,8 @@ def run_splits(task, settings: TuneSettings) -> tuple[list, list, list]:
 
 
 def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, device=None, resume: bool = False,
-             progress: bool = True, prompt_init: Optional[torch.Tensor] = None, label: str = "tuned") -> dict:
+             progress: bool = True, prompt_init: Optional[torch.Tensor] = None, label: str = "tuned",
+             init_state: Optional[dict] = None) -> dict:
     """Tune a prompt (or BitFit) for ``task`` and write the run folder ``out``. Returns run.json's content.
 
     Args:
@@ -262,6 +263,7 @@ def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, 
         task: a :class:`~skillkern.data.TaskData` (already a binary sub-task where wanted).
         prompt_init: start from this (P-1, H) prompt (e.g. a hand-written prompt's embeddings).
         label: what kind of prompt this is (``tuned``, ``random``, ``handwritten``), recorded in run.json.
+        init_state: start from these trained tensors (e.g. another run's prompt and head, to re-tune it).
     """
     from safetensors.torch import save_file
 
@@ -276,6 +278,8 @@ def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, 
                      seed=settings.seed, prompt_init=prompt_init)
     if settings.method == "bitfit":
         pm.use_bitfit()
+    if init_state is not None:
+        pm.load_trained_state(init_state)
     train, dev, test = run_splits(task, settings)
     started = time.perf_counter()
     result = tune(pm, train, dev, settings, checkpoint=out / "checkpoint.pt", resume=resume, progress=progress)

