@@ -26,6 +26,7 @@ _API = {
     "ScoreSettings": "scoring",
     "score": "scoring",
     "NeuronStats": "stats",
+    "ShardedNeuronStats": "stats",
     "select_per_layer": "stats",
     "select_global": "stats",
     "select_multiclass": "stats",

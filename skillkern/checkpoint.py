@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .stats import NeuronStats, StatsFileError
+from .stats import NeuronStats, ShardedNeuronStats, StatsFileError
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Checkpoint:
         self.skipped: dict = {}
         self._chunks = 0
 
-    def restore(self, stats: NeuronStats) -> Optional[tuple[str, int]]:
+    def restore(self, stats: "NeuronStats | ShardedNeuronStats") -> Optional[tuple[str, int]]:
         """Load the checkpoint into ``stats``; returns ``(phase, position)`` or None when starting afresh."""
         if not self.resume or not self.path.exists():
             return None
@@ -65,14 +65,16 @@ class Checkpoint:
             diff = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
             raise StatsFileError(f"checkpoint {self.path} belongs to another job (differs in: {', '.join(diff)}); "
                                  "delete it or run without --resume")
-        state = stats.state_tensors()
-        for key in ("sums", "above", "baseline_class_count", "eval_class_count"):
-            if tuple(tensors[key].shape) != tuple(state[key].shape):
-                raise StatsFileError(f"checkpoint {self.path}: {key} has shape {tuple(tensors[key].shape)}, "
-                                     f"expected {tuple(state[key].shape)}")
-            state[key].copy_(tensors[key])
+        L, S, D, C = stats.shape
+        expected = {"sums": (L, S, C, D), "above": (L, S, C, D), "baseline_class_count": (C,),
+                    "eval_class_count": (C,)}
         if "threshold" in tensors:
-            stats.threshold = tensors["threshold"].to(stats.sums.device)
+            expected["threshold"] = (L, S, D)
+        for key, shape in expected.items():
+            if key not in tensors or tuple(tensors[key].shape) != shape:
+                got = tuple(tensors[key].shape) if key in tensors else "nothing"
+                raise StatsFileError(f"checkpoint {self.path}: {key} has shape {got}, expected {shape}")
+        stats.load_state(tensors)  # a ShardedNeuronStats sends each layer to its device
         self.skipped = json.loads(meta.get("skipped", "{}"))
         return meta["phase"], int(meta["position"])
 

@@ -37,8 +37,13 @@ def _add_score_parser(sub) -> None:
                    help="pad each sample to a multiple of this many tokens (batch-invariant results); 0: longest in batch")
     p.add_argument("--which", default="neuron", choices=["neuron", "gate"],
                    help="neuron: input of the down-projection; gate: act(W_gate x) of gated MLPs")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "ext"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "ext", "triton"],
+                   help="statistics op; triton (and auto on CUDA) scores through the fused FFN kernel for pools "
+                        "cls/last")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="split a large model over the GPUs: 'auto', 'balanced', 'sequential' (transformers' "
+                        "device_map, needs accelerate); each layer's statistics stay on its GPU. Not with --device")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/dev split when a task has no dev file")
     p.add_argument("--top", type=int, default=10, help="print this many top neurons")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -86,10 +91,16 @@ def cmd_score(args) -> int:
     baseline = _first(task.split(args.baseline_split), args.max_baseline)
     evaluation = _first(task.split(args.eval_split), args.max_eval)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and world > 1 and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    model, tokenizer = load_model(args.model, device=device)
+    if args.device_map is not None:
+        if args.device is not None:
+            raise SystemExit("error: give --device or --device-map, not both")
+        model, tokenizer = load_model(args.model, device_map=args.device_map)
+        device = next(model.parameters()).device  # where the batches go; the layers may be elsewhere
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and world > 1 and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        model, tokenizer = load_model(args.model, device=device)
     settings = ScoreSettings(pool=args.pool, max_length=args.max_length, batch_size=args.batch_size,
                              pad_multiple=args.pad_multiple, backend=args.backend, which=args.which)
     scorer = Scorer(model, tokenizer, task.num_classes, settings, progress=not args.no_progress and rank == 0,
@@ -130,6 +141,7 @@ def cmd_score(args) -> int:
         "split_seed": args.seed,
         "settings": settings.to_dict(),
         "backend_resolved": resolve_backend(args.backend, device),
+        "neuron_path": scorer.path,
         "neuron": "input of the FFN down-projection" if args.which == "neuron" else "act(W_gate x)",
         "world_size": world,
         "skipped_nonfinite": scorer.skipped,
@@ -145,6 +157,7 @@ def cmd_score(args) -> int:
         "top_neurons": top,
         "seconds": round(elapsed, 3),
         "device": str(device),
+        "layer_devices": sorted({str(d) for d in scorer.layer_devices}),
     })
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_predictivity(pred, out / "predictivity.png", title=f"{task.name}: {meta['model']} ({args.pool})")
@@ -297,6 +310,41 @@ def cmd_perturb(args) -> int:
     return 0
 
 
+def _add_prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="prune a run's model to its skill neurons (bias folding), save and evaluate",
+                       description="Keeps the top --keep skill neurons of each pruned layer, freezes the others at "
+                                   "their baseline and folds them into the down-projection bias, slices W1/b1/W2. "
+                                   "OUT/model reloads with skillkern.load_model(OUT/model).")
+    p.add_argument("--run", required=True, help="a scored run folder")
+    p.add_argument("--keep", type=float, default=0.02, help="per-layer fraction of neurons kept (default 0.02)")
+    p.add_argument("--layers", default="top:0.75", help="top:F (top F of layers), all, or indices (default top:0.75)")
+    p.add_argument("--baseline", default="prompt", choices=["prompt", "tokens"],
+                   help="value of pruned neurons: prompt-slot mean (paper) or mean over all tokens")
+    p.add_argument("--retune", action="store_true", help="re-tune the prompt on the pruned model (OUT/retuned)")
+    p.add_argument("--retune-epochs", type=float, default=None)
+    p.add_argument("--data", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_prune(args) -> int:
+    from .prune import prune_run
+
+    r = prune_run(args.run, args.out, keep=args.keep, layers=args.layers, baseline=args.baseline,
+                  retune=args.retune, retune_epochs=args.retune_epochs, device=args.device, data=args.data,
+                  progress=not args.no_progress)
+    print(f"pruned layers {r['pruned_layers']} of {args.run} to widths {r['widths']} "
+          f"({r['params_after'] / r['params_before']:.1%} of the parameters)")
+    line = f"test accuracy: original {r['test_accuracy_original']:.4f}, pruned {r['test_accuracy_pruned']:.4f}"
+    if "test_accuracy_pruned_retuned" in r:
+        line += f", pruned + re-tuned prompt {r['test_accuracy_pruned_retuned']:.4f}"
+    print(line)
+    print(f"wrote {args.out}/model (load with skillkern.load_model), {args.out}/prune.json")
+    return 0
+
+
 def _init_distributed(device_arg: Optional[str]) -> tuple[int, int]:
     """Join the process group that torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -326,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_parser(sub)
     _add_tune_parser(sub)
     _add_perturb_parser(sub)
+    _add_prune_parser(sub)
     return parser
 
 

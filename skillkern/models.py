@@ -36,15 +36,19 @@ __all__ = [
     "ARCHITECTURES",
     "FFNLayer",
     "FFNSpec",
+    "FusedFFNWeights",
     "MINILM_NAMES",
     "UnsupportedArchitectureError",
     "capture_neurons",
     "edit_neurons",
     "ffn_layers",
+    "fused_ffn_weights",
+    "layer_device",
     "load_model",
     "model_id",
     "neuron_widths",
     "register_architecture",
+    "replace_neuron_computation",
 ]
 
 
@@ -418,6 +422,197 @@ def edit_neurons(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Devices and fused computation
+# --------------------------------------------------------------------------------------------------------------
+
+def layer_device(layer: FFNLayer) -> torch.device:
+    """The device of ``layer``'s down-projection weight: where its neuron vector lives (with
+    ``device_map="auto"`` the layers of one model may sit on several devices)."""
+    weight = getattr(layer.down, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.device
+    for tensor in layer.down.parameters():
+        return tensor.device
+    raise ValueError(f"layer {layer.index}: its down-projection has no parameters, so its device is unknown")
+
+
+@dataclass(frozen=True, eq=False)
+class FusedFFNWeights:
+    """One layer's up-projection in the form :func:`skillkern.ops.ffn_stats.ffn_stats` takes.
+
+    Attributes:
+        w1: (D, hidden) in ``nn.Linear`` layout: ``W_up`` (gated, ``which="neuron"``), ``W_gate``
+            (``which="gate"``) or ``W1`` (plain). For GPT-2's ``Conv1D`` a transposed *view* of its (hidden, D)
+            weight: no copy, the kernels take strides.
+        b1: (D,) bias of that projection, or None.
+        w_gate: (D, hidden) gate projection (gated MLPs, ``which="neuron"``), else None.
+        act: the activation's name as the model config gives it (a transformers ``ACT2FN`` key).
+    """
+
+    w1: torch.Tensor
+    b1: torch.Tensor | None
+    w_gate: torch.Tensor | None
+    act: str
+
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _hooked(mod: Any) -> bool:
+    return isinstance(mod, nn.Module) and bool(mod._forward_pre_hooks or mod._forward_hooks)
+
+
+def _projection(layer: FFNLayer, field: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight in nn.Linear layout, bias) of the ``up`` or ``gate`` module, or ValueError saying why not."""
+    mod = getattr(layer, field)
+    name = f"layer {layer.index} {field} projection ({type(mod).__name__})"
+    if layer.spec.conv1d:
+        if type(mod).__name__ != "Conv1D":
+            raise ValueError(f"{name} is not a GPT-2 Conv1D, so its computation is not known")
+    elif not isinstance(mod, nn.Linear) or type(mod).forward is not nn.Linear.forward:
+        raise ValueError(f"{name} is not a plain nn.Linear (quantized, adapter-wrapped or overridden forward)")
+    if _hooked(mod):
+        raise ValueError(f"{name} has forward hooks of its own")
+    weight, bias = getattr(mod, "weight", None), getattr(mod, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{name} has no 2-D weight")
+    if weight.device.type == "meta":
+        raise ValueError(f"{name} has its weight offloaded (meta device)")
+    if weight.dtype not in _FUSED_DTYPES:
+        raise ValueError(f"{name} has weights of dtype {weight.dtype}; the fused kernel takes float32/16, bfloat16")
+    w = weight.t() if layer.spec.conv1d else weight  # Conv1D stores (in, out)
+    if w.shape[0] != layer.width:
+        raise ValueError(f"{name} has {w.shape[0]} outputs but the layer has {layer.width} neurons")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (layer.width,)):
+        raise ValueError(f"{name} has a bias that is not a ({layer.width},) tensor")
+    return w, bias
+
+
+def fused_ffn_weights(model: nn.Module, layer: FFNLayer, which: str = "neuron") -> FusedFFNWeights:
+    """The weights and activation name that compute ``layer``'s neurons in one fused up-projection.
+
+    Read through the adapter table: the activation name is the config attribute ``FFNSpec.act_config``, and it
+    is checked against the activation module itself on a probe (a table entry or config that lies is caught).
+
+    Returns:
+        :class:`FusedFFNWeights` (``w1`` (D, hidden), ``b1`` (D,) or None, ``w_gate`` (D, hidden) or None).
+
+    Raises:
+        ValueError: with the reason when the fused kernel cannot compute this layer (unsupported activation,
+            projection that is not a plain Linear/Conv1D, gate bias, dtype, offloaded weights, hooks).
+    """
+    from .ops.activations import apply_act, canonical
+
+    if which not in ("neuron", "gate"):
+        raise ValueError(f"which must be 'neuron' or 'gate', got {which!r}")
+    if which == "gate" and not layer.gated:
+        raise ValueError("which='gate' needs a gated MLP")
+    config = getattr(model, "config", None)
+    act = getattr(config, layer.spec.act_config, None)
+    if not isinstance(act, str):
+        raise ValueError(f"config.{layer.spec.act_config} is {act!r}, not an activation name")
+    try:
+        canonical(act)
+    except ValueError as err:
+        raise ValueError(f"activation {act!r} (config.{layer.spec.act_config}): {err}") from None
+    if _hooked(layer.act):
+        raise ValueError(f"layer {layer.index}: the activation module has forward hooks of its own")
+    probe = torch.linspace(-6.0, 6.0, 97)
+    with torch.no_grad():
+        got = layer.act(probe)
+    if not isinstance(got, torch.Tensor) or not torch.allclose(got, apply_act(probe, act), rtol=1e-5, atol=1e-6):
+        raise ValueError(f"layer {layer.index}: the activation module {type(layer.act).__name__} does not compute "
+                         f"{act!r} (config.{layer.spec.act_config}); fix the config or the FFNSpec")
+    if which == "gate" or not layer.gated:
+        w1, b1 = _projection(layer, "gate" if which == "gate" else "up")
+        return FusedFFNWeights(w1=w1, b1=b1, w_gate=None, act=act)
+    w1, b1 = _projection(layer, "up")
+    w_gate, b_gate = _projection(layer, "gate")
+    if b_gate is not None:
+        raise ValueError(f"layer {layer.index}: the gate projection has a bias, which the fused kernel lacks")
+    if w_gate.dtype != w1.dtype or w_gate.device != w1.device:
+        raise ValueError(f"layer {layer.index}: gate and up projections differ in dtype or device")
+    return FusedFFNWeights(w1=w1, b1=b1, w_gate=w_gate, act=act)
+
+
+_MISSING = object()
+
+
+def _patch_forward(mod: nn.Module, fn: Callable, undo: list[Callable[[], None]]) -> None:
+    """Shadow ``mod.forward`` with an instance attribute (hooks of ``mod`` still run); ``undo`` restores it."""
+    before = mod.__dict__.get("forward", _MISSING)
+    mod.forward = fn  # type: ignore[method-assign]
+
+    def restore() -> None:
+        if before is _MISSING:
+            mod.__dict__.pop("forward", None)
+        else:
+            mod.forward = before  # type: ignore[method-assign]
+
+    undo.append(restore)
+
+
+def _identity(x: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+    return x
+
+
+@contextlib.contextmanager
+def replace_neuron_computation(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Tensor],
+                               layers: Iterable[int] | None = None, which: str = "neuron") -> Iterator[list[FFNLayer]]:
+    """Compute each layer's neurons with ``fn(layer_index, x)`` instead of its up-projection and activation.
+
+    ``x`` is the FFN input, shape ``(..., hidden)`` (``(batch, seq, hidden)``, or ``(batch * seq, hidden)`` for
+    blocks that flatten tokens, like OPT's); ``fn`` returns ``h`` of shape ``(..., D)``: the neuron vector
+    (``act(up(x))``, gated ``act(gate(x)) * up(x)``), or for ``which="gate"`` ``act(gate(x))``. The rest of the
+    block runs unchanged on it, so the model's output is what it would be with that ``h``.
+
+    Done generically from the adapter table by shadowing ``forward`` of the table's modules for the duration of
+    the block: plain MLPs: ``up -> fn``, ``act -> identity``; gated, ``which="neuron"``: ``gate -> fn``,
+    ``act -> identity``, ``up -> ones`` (a broadcast view, so ``h * 1 = h`` exactly); ``which="gate"``:
+    ``gate -> fn``, ``act -> identity``. Every patch is undone on exit, also on exceptions.
+
+    Yields:
+        the patched :class:`FFNLayer` objects.
+    """
+    if which not in ("neuron", "gate"):
+        raise ValueError(f"which must be 'neuron' or 'gate', got {which!r}")
+    chosen = _select(ffn_layers(model), layers)
+    _check_hookable(model)
+    for field in ("up", "gate"):
+        mods = [getattr(layer, field) for layer in chosen if getattr(layer, field) is not None]
+        if len({id(m) for m in mods}) != len(mods):
+            raise ValueError(f"one {field} module is shared by several layers; it cannot be patched per layer")
+    undo: list[Callable[[], None]] = []
+    try:
+        for layer in chosen:
+            if which == "gate" and not layer.gated:
+                raise ValueError(f"which='gate' needs a gated MLP, but layer {layer.index} is not gated")
+
+            def compute(x: torch.Tensor, *_args: Any, _i: int = layer.index, **_kwargs: Any) -> torch.Tensor:
+                return fn(_i, x)
+
+            target = layer.gate if layer.gated else layer.up
+            _patch_forward(target, compute, undo)
+            if isinstance(layer.act, nn.Module):
+                _patch_forward(layer.act, _identity, undo)
+            else:  # a plain callable attribute of its parent module
+                parent_path, _, attr = layer.spec.act.rpartition(".")
+                parent = _get_path(layer.block, parent_path) if parent_path else layer.block
+                before = getattr(parent, attr)
+                setattr(parent, attr, _identity)
+                undo.append(lambda p=parent, a=attr, b=before: setattr(p, a, b))
+            if layer.gated and which == "neuron":
+                def ones(x: torch.Tensor, *_args: Any, _d: int = layer.width, **_kwargs: Any) -> torch.Tensor:
+                    return x.new_ones(()).expand(*x.shape[:-1], _d)
+
+                _patch_forward(layer.up, ones, undo)
+        yield chosen
+    finally:
+        for restore in reversed(undo):
+            restore()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------
 
@@ -439,7 +634,8 @@ def _resolve_name(name_or_path: str) -> tuple[str, str]:
 
 
 def load_model(name_or_path: str = "minilm", *, masked_lm: bool = False, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+               device: torch.device | str | None = None, device_map: str | dict | None = None,
+               ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a supported model and its tokenizer, in eval mode.
 
     Args:
@@ -450,6 +646,9 @@ def load_model(name_or_path: str = "minilm", *, masked_lm: bool = False, dtype: 
             ``AutoModel`` is returned instead: check ``model.get_output_embeddings() is not None``.
         dtype: e.g. ``torch.bfloat16`` or ``"float32"``; ``None`` keeps transformers' default.
         device: where to put the model; ``None`` leaves it on the CPU.
+        device_map: passed to ``from_pretrained`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict of module
+            name -> device) to split a large model over several GPUs (needs the ``accelerate`` package);
+            ``model.hf_device_map`` then says where each module went. Exclusive with ``device``.
 
     Returns:
         ``(model, tokenizer)``. The tokenizer always has a pad token (eos, else unk, if it had none).
@@ -459,12 +658,20 @@ def load_model(name_or_path: str = "minilm", *, masked_lm: bool = False, dtype: 
     """
     from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
+    if device is not None and device_map is not None:
+        raise ValueError("load_model: give device or device_map, not both")
     path, ident = _resolve_name(name_or_path)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     model = None
-    if masked_lm:
+    from .prune import is_pruned_folder, load_pruned
+
+    if is_pruned_folder(path):  # per-layer FFN widths: rebuild the shapes, then load the weights
+        model = load_pruned(path, dtype=dtype)
+    elif masked_lm:
         try:
             mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
         except ValueError as err:  # no masked-LM class for this config type
@@ -501,6 +708,10 @@ def load_model(name_or_path: str = "minilm", *, masked_lm: bool = False, dtype: 
             logger.info("load_model(%r): tokenizer had no pad token, using %r", name_or_path, fill)
     logger.info("loaded %s (%s) with %d FFN layers of widths %s", ident, type(model).__name__,
                 len(neuron_widths(model)), sorted(set(neuron_widths(model))))
+    if device_map is not None:
+        devices = [str(layer_device(layer)) for layer in ffn_layers(model)]
+        logger.info("device_map=%r: FFN layers on %s", device_map,
+                    ", ".join(f"{d} ({devices.count(d)} layers)" for d in dict.fromkeys(devices)))
     return model, tokenizer
 
 

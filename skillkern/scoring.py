@@ -1,8 +1,21 @@
 """The streaming scorer: two passes of a frozen model over task data, statistics accumulated on the fly.
 
-Each FFN layer's neuron vector (the input of its down-projection) is read by a forward pre-hook, reduced to
-the tracked rows (``pool``), checked for NaN/Inf and added to a :class:`~skillkern.stats.NeuronStats`. No
-activation outlives its batch, so memory is flat in the number of samples.
+Two ways to read the neurons, same numbers up to float rounding:
+
+* **hooks** (any backend, any pool): each FFN layer's neuron vector (the input of its down-projection) is read
+  by a forward pre-hook, reduced to the tracked rows (``pool``), checked for NaN/Inf and added to a
+  :class:`~skillkern.stats.NeuronStats` by the ``stats_update`` op.
+* **fused** (``backend="triton"``, or ``"auto"`` when every layer is on a CUDA device and Triton imports; pools
+  ``cls``, ``last`` and ``slots``): each layer's up-projection + activation is replaced, through the adapter
+  table, by ONE ``ffn_stats`` call that also adds the tracked tokens' statistics in its epilogue; its ``h``
+  flows on into the down-projection, so the model computes what it always does and a scoring pass is one FFN
+  pass. Every token row goes in; rows of untracked tokens carry slot -1. Pools ``mean``/``max`` (they need all
+  tokens), ``nonfinite="skip"`` (it must see every layer before adding a sample) and layers the kernel cannot
+  compute (activation, gate bias, quantized or wrapped projections...) use the hooks, with the reason logged.
+
+No activation outlives its batch, so memory is flat in the number of samples. A model split over devices
+(``device_map``) keeps each layer's statistics on that layer's device (:class:`~skillkern.stats.ShardedNeuronStats`),
+gathered on the CPU at the end.
 
 Batch invariance: a transformer's activations for one sample change in the last float bits with the length
 it is padded to. By default every sample is padded to its own length rounded up to ``pad_multiple`` tokens,
@@ -19,8 +32,11 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequen
 
 import torch
 
-from .models import capture_neurons, ffn_layers
-from .stats import NeuronStats
+from .models import (FusedFFNWeights, capture_neurons, ffn_layers, fused_ffn_weights, layer_device,
+                     replace_neuron_computation)
+from .ops.activations import HAVE_TRITON
+from .ops.ffn_stats import ffn_stats
+from .stats import NeuronStats, ShardedNeuronStats
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -46,7 +62,9 @@ class ScoreSettings:
         batch_size: samples per batch.
         pad_multiple: pad each sample to its length rounded up to this many tokens (batch invariance);
             0 pads each batch to its longest sample (faster to set up, not batch-invariant).
-        backend: statistics op backend (``auto``, ``torch``, ``ext``).
+        backend: statistics op backend (``auto``, ``torch``, ``ext``, ``triton``). ``triton``, and ``auto`` when
+            every layer is on a CUDA device and Triton imports, score through the fused FFN kernel where the pool
+            and the model allow (see the module docstring); never on the CPU under ``auto``.
         which: ``neuron`` (input of the down-projection) or ``gate`` (``act(W_gate x)`` of gated MLPs).
     """
 
@@ -197,7 +215,8 @@ class Scorer:
     """Runs the two scoring passes of a model over examples.
 
     Args:
-        model: a Hugging Face model whose architecture is in :data:`skillkern.models.ARCHITECTURES`.
+        model: a Hugging Face model whose architecture is in :data:`skillkern.models.ARCHITECTURES`. Its layers
+            may sit on several devices (``device_map``): each layer's statistics then live on its device.
         tokenizer: its tokenizer (with a pad token).
         num_classes: number of classes of the task.
         settings: :class:`ScoreSettings`.
@@ -206,6 +225,11 @@ class Scorer:
         progress: show tqdm progress bars.
         nonfinite: ``raise`` (default) stops at the first NaN/Inf activation, naming the layer; ``skip`` drops
             every sample with a non-finite activation in any layer and counts it in :attr:`skipped`.
+
+    Attributes:
+        layer_devices: the device of each layer's down-projection weight (where its statistics are kept).
+        device_groups: ``{device: [layer indices]}``; more than one entry means sharded statistics.
+        path: ``"fused"`` or ``"hooks"``: how the last pass read the neurons.
     """
 
     def __init__(self, model, tokenizer, num_classes: int, settings: Optional[ScoreSettings] = None,
@@ -224,17 +248,108 @@ class Scorer:
         self.progress = progress
         self.nonfinite = nonfinite
         self.skipped = {"baseline": 0, "eval": 0}
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device  # where batches go (the embeddings' device)
+        self.layer_devices = [torch.device(layer_device(layer)) for layer in self.layers]
+        self.device_groups: dict[torch.device, list[int]] = {}
+        for index, device in enumerate(self.layer_devices):
+            self.device_groups.setdefault(device, []).append(index)
+        if len(self.device_groups) > 1:
+            logger.info("layers on %d devices (%s): each layer's statistics stay on its device",
+                        len(self.device_groups),
+                        ", ".join(f"{d}: layers {v[0]}..{v[-1]}" for d, v in self.device_groups.items()))
+        self.path: Optional[str] = None
 
-    def new_stats(self) -> NeuronStats:
-        return NeuronStats(len(self.layers), self.settings.num_slots, self.width, self.num_classes, self.device)
+    def new_stats(self) -> "NeuronStats | ShardedNeuronStats":
+        """Empty statistics: a :class:`NeuronStats` on the model's device, or, when the layers sit on several
+        devices, a :class:`ShardedNeuronStats` with each layer's part on its device."""
+        L, S = len(self.layers), self.settings.num_slots
+        if len(self.device_groups) > 1:
+            return ShardedNeuronStats(L, S, self.width, self.num_classes, self.layer_devices)
+        return NeuronStats(L, S, self.width, self.num_classes, self.layer_devices[0] if self.layers else self.device)
 
-    def run_pass(self, stats: NeuronStats, examples: Sequence, desc: str = "scoring", start: int = 0,
-                 on_chunk: Optional[Callable[[int], None]] = None) -> int:
+    # ------------------------------------------------------------------------------------------ fused path
+    def fused_backend(self) -> Optional[str]:
+        """``"triton"`` when the backend asks for the fused kernel (explicitly, or ``auto`` with every layer on
+        a CUDA device and Triton importable), else None."""
+        backend = self.settings.backend
+        if backend == "triton":
+            return "triton"
+        if backend == "auto" and HAVE_TRITON and all(d.type == "cuda" for d in self.layer_devices):
+            return "triton"
+        return None
+
+    def _fused_plan(self) -> tuple[Optional[list[FusedFFNWeights]], str, bool]:
+        """(per-layer weights, "") when the fused path applies, else (None, reason, model_side)."""
+        s = self.settings
+        if self.fused_backend() is None:
+            return None, f"backend {s.backend!r} does not use the fused kernel on {self.layer_devices[0]}", False
+        if s.pool not in ("cls", "last", "slots"):
+            return None, f"pool {s.pool!r} reduces over all tokens, the fused kernel takes one slot per token", False
+        if s.pool == "slots" and len(set(s.slots)) != len(s.slots):
+            return None, f"slot positions {s.slots} repeat, a token can have one slot only", False
+        if self.nonfinite == "skip":
+            return None, "nonfinite='skip' needs every layer's rows before adding a sample", False
+        chunk = getattr(getattr(self.model, "config", None), "chunk_size_feed_forward", 0) or 0
+        if chunk:
+            return None, f"config.chunk_size_feed_forward={chunk}", True
+        try:
+            return [fused_ffn_weights(self.model, layer, s.which) for layer in self.layers], "", True
+        except ValueError as err:
+            return None, str(err), True
+
+    def fused_path_reason(self) -> Optional[str]:
+        """None when a pass with these settings runs through the fused kernel, else why it uses the hooks."""
+        weights, reason, _ = self._fused_plan()
+        return None if weights is not None else reason
+
+    def _fused(self, stats, current: dict, weights: list[FusedFFNWeights], flags: list):
+        """The context that scores through ``ffn_stats``: every layer's up-projection (+ activation) becomes one
+        fused call over all B*T token rows (slot -1 for untracked tokens, the sample's label)."""
+        s = self.settings
+        check = self.nonfinite == "raise"
+
+        def rows_info(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            cache = current.setdefault("rows", {})
+            key = (device, rows)
+            if key not in cache:
+                batch = current["batch"]
+                slot, label = token_slots(batch.attention_mask, batch.labels, rows, s)
+                slot, label = slot.to(device), label.to(device)
+                cache[key] = (slot, label, (slot >= 0).nonzero().flatten())
+            return cache[key]
+
+        def compute(index: int, x: torch.Tensor) -> torch.Tensor:
+            w = weights[index]
+            x2 = x.reshape(-1, x.shape[-1])
+            slot, label, tracked = rows_info(x2.device, x2.shape[0])
+            out, threshold = stats.accumulator(index)
+            h = ffn_stats(x2, w.w1, w.b1, act=w.act, w_gate=w.w_gate, slot=slot, label=label, out=out,
+                          threshold=threshold, mode="sums" if threshold is None else "counts", backend="triton")
+            if check:
+                flags.append((index, x2.shape[0], tracked, ~torch.isfinite(h.index_select(0, tracked)).all(dim=1)))
+            return h.view(*x.shape[:-1], h.shape[-1])
+
+        return replace_neuron_computation(self.model, compute, which=s.which)
+
+    def _check_flags(self, flags: list, current: dict, desc: str) -> None:
+        for index, rows, tracked, bad in flags:
+            if bool(bad.any()):
+                T = rows // current["batch"].labels.numel()
+                samples = sorted({int(r) // T for r in tracked[bad].tolist()})[:5]
+                raise NonFiniteActivationError(
+                    f"layer {index}: NaN or Inf activations at tracked tokens of samples {samples} of the batch "
+                    f"starting at example {current['start']} ({desc}); pass nonfinite='skip' (--skip-nonfinite) "
+                    f"to drop such samples instead")
+        flags.clear()
+
+    # ------------------------------------------------------------------------------------------- passes
+    def run_pass(self, stats: "NeuronStats | ShardedNeuronStats", examples: Sequence, desc: str = "scoring",
+                 start: int = 0, on_chunk: Optional[Callable[[int], None]] = None) -> int:
         """Feed ``examples[start:]`` through the model, adding tracked rows to the current pass of ``stats``.
 
         Examples are consumed in chunks of ``batch_size``; after each chunk ``on_chunk(position)`` is called
-        with the number of examples consumed so far (checkpoints hook in there).
+        with the number of examples consumed so far (checkpoints hook in there). The neurons are read through
+        the fused kernel when the settings and the model allow it (:meth:`fused_path_reason`), else by hooks.
 
         Returns:
             the number of examples consumed (``len(examples)``).
@@ -246,10 +361,19 @@ class Scorer:
         skip = self.nonfinite == "skip"
         current: dict = {}
         buffered: dict[int, tuple] = {}
+        flags: list = []
+
+        def on_device(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+            """The batch's mask and labels on ``device`` (small; copied once per batch and device)."""
+            moved = current.setdefault("moved", {})
+            if device not in moved:
+                batch = current["batch"]
+                moved[device] = (batch.attention_mask.to(device), batch.labels.to(device))
+            return moved[device]
 
         def on_layer(index: int, h: torch.Tensor) -> None:
-            batch = current["batch"]
-            rows, slot, label = pool_rows(h, batch.attention_mask, batch.labels, s)
+            mask, labels = on_device(h.device)
+            rows, slot, label = pool_rows(h, mask, labels, s)
             if skip:  # wait for every layer: a sample is dropped if any layer misbehaves
                 buffered[index] = (rows.clone(), slot, label)
                 return
@@ -268,16 +392,30 @@ class Scorer:
             raise ValueError(f"{desc}: the split is empty")
         if not 0 <= start <= total:
             raise ValueError(f"{desc}: cannot resume at example {start} of {total}")
+        weights, reason, model_side = self._fused_plan()
+        if weights is not None:
+            self.path = "fused"
+            reading = self._fused(stats, current, weights, flags)
+            logger.debug("%s: fused FFN + statistics kernel (%d layers)", desc, len(weights))
+        else:
+            self.path = "hooks"
+            reading = capture_neurons(self.model, on_layer, which=s.which)
+            if self.fused_backend() is not None:  # the fused kernel was asked for but cannot run here
+                (logger.warning if model_side and s.backend == "triton" else logger.info)(
+                    "%s: not using the fused FFN kernel (%s); reading neurons with hooks", desc, reason)
         bar = tqdm(total=total, initial=start, desc=desc, unit="ex", disable=not self.progress, leave=False)
-        with torch.inference_mode(), capture_neurons(self.model, on_layer, which=s.which):
+        with torch.inference_mode(), reading:
             for chunk_start in range(start, total, s.batch_size):
                 chunk = examples[chunk_start: chunk_start + s.batch_size]
                 for batch in iter_batches(self.tokenizer, chunk, s.batch_size, s.max_length, s.pad_multiple,
                                           self.device):
+                    current.clear()
                     current.update(batch=batch, start=chunk_start)
                     if not skip:
                         stats.count_rows(batch.labels)  # validates labels before any layer sees the batch
                     self.forward(self.model, batch)
+                    if flags:
+                        self._check_flags(flags, current, desc)
                     if skip:
                         self._add_buffered(stats, buffered, batch, phase)
                 done = min(chunk_start + s.batch_size, total)
@@ -287,7 +425,7 @@ class Scorer:
         bar.close()
         return total
 
-    def _add_buffered(self, stats: NeuronStats, buffered: dict, batch: Batch, phase: str) -> None:
+    def _add_buffered(self, stats, buffered: dict, batch: Batch, phase: str) -> None:
         S = self.settings.num_slots
         good = torch.ones(batch.labels.numel(), dtype=torch.bool, device=batch.labels.device)
         for rows, _, _ in buffered.values():
@@ -297,9 +435,10 @@ class Scorer:
             self.skipped[phase] += n_bad
             logger.warning("skipped %d sample(s) with NaN/Inf activations (%s pass)", n_bad, phase)
         stats.count_rows(batch.labels[good])
-        keep_rows = good.repeat_interleave(S)
+        keep = good.repeat_interleave(S)
         for index in sorted(buffered):
             rows, slot, label = buffered[index]
+            keep_rows = keep.to(rows.device)
             stats.add_rows(index, rows[keep_rows], slot[keep_rows], label[keep_rows],
                            backend=self.settings.backend, check=False)
         buffered.clear()
@@ -309,9 +448,12 @@ class Scorer:
         """Both passes: thresholds from ``baseline``, counts on ``evaluation``. Returns the statistics.
 
         With a :class:`~skillkern.checkpoint.Checkpoint`, the state is saved atomically every few chunks and
-        a run killed at any moment continues from its last checkpoint with bit-identical results.
+        a run killed at any moment continues from its last checkpoint with bit-identical results. A model whose
+        layers sit on several devices is scored into a :class:`ShardedNeuronStats` (each layer's statistics on
+        its device, all-reduced per device with several processes) and the result is gathered on the CPU.
         """
         stats = self.new_stats()
+        parts = stats.parts if isinstance(stats, ShardedNeuronStats) else [stats]
         rank, world = _dist_rank_world()
         if world > 1:
             # Contiguous shards; counts are integers, so the all-reduced result equals one process's exactly.
@@ -324,7 +466,7 @@ class Scorer:
                 self.skipped.update(checkpoint.skipped)
                 logger.info("resuming the %s pass at example %d", phase, position)
         if world > 1:
-            _check_same_phase(phase, stats.sums.device)
+            _check_same_phase(phase, parts[0].sums.device)
 
         def saver(ph):
             if checkpoint is None:
@@ -335,7 +477,8 @@ class Scorer:
             if len(baseline) or world == 1:
                 self.run_pass(stats, baseline, "baseline pass", start=position, on_chunk=saver("baseline"))
             if world > 1:
-                _all_reduce(stats.sums, stats.baseline_class_count)
+                for part in parts:
+                    _all_reduce(part.sums, part.baseline_class_count)
             stats.finalize_baseline()
             phase, position = "eval", 0
             if checkpoint is not None:  # the reduced thresholds are the point of no return: save them now
@@ -343,8 +486,51 @@ class Scorer:
         if len(evaluation) or world == 1:
             self.run_pass(stats, evaluation, "evaluation pass", start=position, on_chunk=saver("eval"))
         if world > 1:
-            _all_reduce(stats.above, stats.eval_class_count)
+            for part in parts:
+                _all_reduce(part.above, part.eval_class_count)
+        if isinstance(stats, ShardedNeuronStats):
+            return stats.gather("cpu")
         return stats
+
+
+def token_slots(mask: torch.Tensor, labels: torch.Tensor, rows: int, settings: ScoreSettings
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token slot and label of a batch whose B*T token rows are flattened (the fused kernel's view).
+
+    Args:
+        mask: (B, T) attention mask (needed for ``pool="last"`` only).
+        labels: (B,) class of each sample.
+        rows: B*T, the number of token rows the FFN sees (T may exceed the mask's length when a prompt is
+            prepended inside ``forward``; positions then count from the FFN's first token).
+
+    Returns:
+        slot (B*T,) int64: the tracked slot of each token row, -1 for untracked tokens; label (B*T,) int64.
+        The tracked rows are those :func:`pool_rows` reads, for pools ``cls``, ``last`` and ``slots``.
+    """
+    B = labels.numel()
+    if B == 0 or rows % B:
+        raise ValueError(f"the FFN saw {rows} token rows for a batch of {B} samples")
+    T = rows // B
+    device = labels.device
+    slot = torch.full((B, T), -1, dtype=torch.long, device=device)
+    pool = settings.pool
+    if pool == "cls":
+        slot[:, 0] = 0
+    elif pool == "last":
+        if tuple(mask.shape) != (B, T):
+            raise ValueError(f"pool='last': the attention mask {tuple(mask.shape)} does not match the FFN's "
+                             f"{B} x {T} tokens")
+        positions = torch.arange(T, device=mask.device).expand(B, T)
+        last = torch.where(mask.bool(), positions, -1).amax(dim=1).to(device)
+        slot[torch.arange(B, device=device), last] = 0
+    elif pool == "slots":
+        pos = torch.tensor(settings.slots, device=device)
+        if int(pos.max()) >= T:
+            raise ValueError(f"slot position {int(pos.max())} is beyond the sequence length {T}")
+        slot[:, pos] = torch.arange(pos.numel(), device=device)
+    else:
+        raise ValueError(f"pool {pool!r} has no per-token slot (it reduces over tokens)")
+    return slot.reshape(-1), labels.repeat_interleave(T)
 
 
 def _dist_rank_world() -> tuple[int, int]:

@@ -80,12 +80,21 @@ class NeuronStats:
             slot: (R,) int64 tracked slot of each row (-1: skip).
             label: (R,) int64 class of each row.
         """
+        out, threshold = self.accumulator(layer)
+        stats_update(h, slot, label, out, threshold, backend=backend, check=check)
+
+    def accumulator(self, layer: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The current pass's state of ``layer``, to be updated in place (by ``stats_update`` or ``ffn_stats``).
+
+        Returns:
+            before :meth:`finalize_baseline`: ``(sums[layer], None)``, (S, C, D) float64;
+            after it: ``(above[layer], threshold[layer])``, (S, C, D) int64 and (S, D) float64.
+        """
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} out of range for {self.num_layers} layers")
         if self.threshold is None:
-            stats_update(h, slot, label, self.sums[layer], None, backend=backend, check=check)
-        else:
-            stats_update(h, slot, label, self.above[layer], self.threshold[layer], backend=backend, check=check)
+            return self.sums[layer], None
+        return self.above[layer], self.threshold[layer]
 
     def count_rows(self, label: torch.Tensor) -> None:
         """Count one batch of samples (once per batch, not per layer). label: (B,) int64."""
@@ -136,6 +145,14 @@ class NeuronStats:
         if self.threshold is not None:
             state["threshold"] = self.threshold
         return state
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`: copy ``sums``, ``above``, the class counts and, when present,
+        ``threshold`` (internal [L, S, C, D] / [L, S, D] layouts, any device) into this object."""
+        for key in ("sums", "above", "baseline_class_count", "eval_class_count"):
+            getattr(self, key).copy_(tensors[key])
+        if "threshold" in tensors:
+            self.threshold = tensors["threshold"].to(device=self.sums.device, dtype=torch.float64)
 
     # ----------------------------------------------------------------------------------- predictivity
     def _require_eval(self) -> torch.Tensor:
@@ -258,6 +275,134 @@ class NeuronStats:
             if settings.get(key) != want:
                 raise StatsFileError(f"{path} belongs to {key}={settings.get(key)!r}, not {want!r}")
         return stats, settings
+
+
+class ShardedNeuronStats:
+    """:class:`NeuronStats` split by layer over devices, for models whose layers live on several devices
+    (``device_map="auto"``): layer ``l``'s statistics are allocated, and updated, on ``layer_devices[l]``, so
+    no activation crosses a device.
+
+    One :class:`NeuronStats` per distinct device (:attr:`parts`, in order of first appearance) holds that
+    device's layers in increasing order (:attr:`groups`); every part counts the class of every sample. It has
+    the accumulating API of :class:`NeuronStats` (``add_rows``, ``accumulator``, ``count_rows``,
+    ``finalize_baseline``, ``threshold``, ``shape``, ``state_tensors``, ``load_state``); :meth:`gather` merges it
+    into one :class:`NeuronStats` (on the CPU by default) for everything else. The per-layer numbers are those of
+    a single-device run exactly: the same op adds the same rows.
+
+    Args:
+        layer_devices: the device of each of the ``num_layers`` layers.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, width: int, num_classes: int,
+                 layer_devices: Sequence[torch.device | str]):
+        devices = [torch.device(d) for d in layer_devices]
+        if len(devices) != num_layers:
+            raise ValueError(f"{len(devices)} layer devices given for {num_layers} layers")
+        self.num_layers, self.num_slots, self.width, self.num_classes = num_layers, num_slots, width, num_classes
+        by_device: dict[torch.device, list[int]] = {}
+        for layer, device in enumerate(devices):
+            by_device.setdefault(device, []).append(layer)
+        #: (device, layer indices held there), in order of first appearance
+        self.groups: list[tuple[torch.device, list[int]]] = list(by_device.items())
+        self.parts = [NeuronStats(len(layers), num_slots, width, num_classes, device)
+                      for device, layers in self.groups]
+        self._where = [(0, 0)] * num_layers
+        for part, (_, layers) in enumerate(self.groups):
+            for local, layer in enumerate(layers):
+                self._where[layer] = (part, local)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(L, S, D, C): layers, slots, neurons, classes."""
+        return self.num_layers, self.num_slots, self.width, self.num_classes
+
+    @property
+    def layer_devices(self) -> list[torch.device]:
+        """The device holding each layer's statistics."""
+        return [self.groups[part][0] for part, _ in self._where]
+
+    def _part(self, layer: int) -> tuple[NeuronStats, int]:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range for {self.num_layers} layers")
+        part, local = self._where[layer]
+        return self.parts[part], local
+
+    def add_rows(self, layer: int, h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor,
+                 backend: str = "auto", check: bool = True) -> None:
+        """:meth:`NeuronStats.add_rows` on the device of ``layer``. h: (R, D); slot, label: (R,) int64, all on
+        that device."""
+        part, local = self._part(layer)
+        part.add_rows(local, h, slot, label, backend=backend, check=check)
+
+    def accumulator(self, layer: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`NeuronStats.accumulator` of ``layer``, on its device: (S, C, D) state and (S, D) thresholds."""
+        part, local = self._part(layer)
+        return part.accumulator(local)
+
+    def count_rows(self, label: torch.Tensor) -> None:
+        """Count one batch of samples in every part. label: (B,) int64."""
+        for part in self.parts:
+            part.count_rows(label)
+
+    def finalize_baseline(self) -> torch.Tensor:
+        """Thresholds of every part; returns the (L, S, D) thresholds gathered on the CPU."""
+        for part in self.parts:
+            part.finalize_baseline()
+        return self.threshold
+
+    def _gather_key(self, key: str, device: torch.device | str = "cpu") -> Optional[torch.Tensor]:
+        tensors = [getattr(part, key) for part in self.parts]
+        if tensors[0] is None:
+            return None
+        out = torch.empty((self.num_layers, *tensors[0].shape[1:]), dtype=tensors[0].dtype, device=device)
+        for (_, layers), t in zip(self.groups, tensors):
+            out[torch.tensor(layers, device=device)] = t.to(device)
+        return out
+
+    @property
+    def threshold(self) -> Optional[torch.Tensor]:
+        """(L, S, D) float64 thresholds gathered on the CPU (a copy), or None before :meth:`finalize_baseline`."""
+        return self._gather_key("threshold")
+
+    @property
+    def sums(self) -> torch.Tensor:
+        """(L, S, C, D) float64 baseline sums gathered on the CPU (a copy: update through :meth:`add_rows`)."""
+        return self._gather_key("sums")
+
+    @property
+    def above(self) -> torch.Tensor:
+        """(L, S, C, D) int64 counts gathered on the CPU (a copy)."""
+        return self._gather_key("above")
+
+    @property
+    def baseline_class_count(self) -> torch.Tensor:
+        return self.parts[0].baseline_class_count
+
+    @property
+    def eval_class_count(self) -> torch.Tensor:
+        return self.parts[0].eval_class_count
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The raw state gathered on the CPU, in :meth:`NeuronStats.state_tensors`'s layout (checkpoints)."""
+        state = {"sums": self.sums, "above": self.above, "baseline_class_count": self.baseline_class_count.cpu(),
+                 "eval_class_count": self.eval_class_count.cpu()}
+        threshold = self.threshold
+        if threshold is not None:
+            state["threshold"] = threshold
+        return state
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_tensors`: each part takes its layers' slices."""
+        for (device, layers), part in zip(self.groups, self.parts):
+            index = torch.tensor(layers, device=tensors["sums"].device)
+            part.load_state({key: (value.index_select(0, index.to(value.device)) if value.dim() > 1 else value)
+                             for key, value in tensors.items()})
+
+    def gather(self, device: torch.device | str = "cpu") -> NeuronStats:
+        """One :class:`NeuronStats` on ``device`` holding every layer (exact copies of the parts' numbers)."""
+        out = NeuronStats(self.num_layers, self.num_slots, self.width, self.num_classes, device)
+        out.load_state({k: v.to(device) for k, v in self.state_tensors().items()})
+        return out
 
 
 # ------------------------------------------------------------------------------------------- selection

@@ -64,3 +64,25 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
 def test_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "skillkern", "score", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "--max-baseline" in res.stdout
+
+
+@requires_data
+def test_score_device_map_is_passed_to_load_model(tmp_path, monkeypatch):
+    import skillkern.models as models
+
+    real_load, seen = models.load_model, {}
+
+    def recording_load(name, **kwargs):
+        seen.update(kwargs)
+        return real_load(name)  # one CPU here; the GPU split is tested in test_scoring.py
+
+    monkeypatch.setattr(models, "load_model", recording_load)
+    out = tmp_path / "mapped"
+    common = ["score", "--task", "sst2", "--max-baseline", "16", "--max-eval", "16", "--max-length", "32",
+              "--no-progress", "--out", str(out)]
+    assert main(common + ["--device-map", "auto"]) == 0
+    assert seen == {"device_map": "auto"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layer_devices"] == ["cpu"] and summary["neuron_path"] == "hooks"
+    with pytest.raises(SystemExit, match="--device or --device-map"):
+        main(common + ["--device-map", "auto", "--device", "cpu"])

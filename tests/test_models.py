@@ -23,10 +23,13 @@ from skillkern.models import (
     capture_neurons,
     edit_neurons,
     ffn_layers,
+    fused_ffn_weights,
+    layer_device,
     load_model,
     model_id,
     neuron_widths,
     register_architecture,
+    replace_neuron_computation,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -198,6 +201,91 @@ def test_edit_neurons(model_type):
     assert not torch.allclose(zeroed, base)
     assert hooks_left(model) == []
     assert torch.equal(forward(model), base)
+
+
+def patched_left(model: nn.Module) -> list[str]:
+    return [name or "<root>" for name, mod in model.named_modules() if "forward" in mod.__dict__]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_replace_neuron_computation_with_fused_weights(model_type):
+    """The fused kernel's view of every table row (weights in nn.Linear layout, the config's activation): its
+    PyTorch reference reproduces the captured neurons, and computing h that way inside the model (up-projection
+    + activation replaced) gives the same outputs. Every patch is gone afterwards, also after an exception."""
+    from skillkern.ops.ffn_stats import ffn_stats_reference
+
+    model = tiny_model(model_type)
+    layers = ffn_layers(model)
+    weights = [fused_ffn_weights(model, layer) for layer in layers]
+    assert all((w.w_gate is not None) == layer.gated for w, layer in zip(weights, layers))
+    assert all(layer_device(layer) == torch.device("cpu") for layer in layers)
+    hs: dict[int, torch.Tensor] = {}
+    with capture_neurons(model, lambda i, h: hs.__setitem__(i, h.clone())):
+        base = forward(model)
+    computed: dict[int, torch.Tensor] = {}
+
+    def fn(i, x):
+        w = weights[i]
+        h = ffn_stats_reference(x.reshape(-1, x.shape[-1]), w.w1, w.b1, act=w.act, w_gate=w.w_gate)
+        computed[i] = h
+        return h.view(*x.shape[:-1], -1)
+
+    with replace_neuron_computation(model, fn):
+        assert len(patched_left(model)) >= 2 * N_LAYERS
+        out = forward(model)
+    assert patched_left(model) == [] and hooks_left(model) == []
+    for i in range(N_LAYERS):
+        torch.testing.assert_close(computed[i].view(hs[i].shape), hs[i], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, base, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="boom"):
+        with replace_neuron_computation(model, lambda i, x: (_ for _ in ()).throw(RuntimeError("boom"))):
+            forward(model)
+    assert patched_left(model) == []
+    assert torch.equal(forward(model), base)
+
+
+def test_fused_weights_refuse_what_the_kernel_cannot_compute():
+    model = tiny_model("llama")
+    layer = ffn_layers(model)[0]
+    gate = fused_ffn_weights(model, layer, which="gate")
+    assert gate.w_gate is None and gate.w1 is layer.gate.weight
+    with pytest.raises(ValueError, match="which='gate' needs a gated MLP"):
+        fused_ffn_weights(tiny_model("bert"), ffn_layers(tiny_model("bert"))[0], which="gate")
+    layer.gate.bias = nn.Parameter(torch.zeros(WIDTH))  # (monkeypatch's undo would delete the None entry)
+    try:
+        with pytest.raises(ValueError, match="gate projection has a bias"):
+            fused_ffn_weights(model, layer)
+    finally:
+        layer.gate.bias = None
+    assert "bias" in layer.gate._parameters and layer.gate.bias is None
+    gpt2 = ffn_layers(tiny_model("gpt2"))[0]
+    w = fused_ffn_weights(tiny_model("gpt2"), gpt2)
+    assert w.w1.shape == (WIDTH, 32) and w.w1.data_ptr() == gpt2.up.weight.data_ptr()  # a view, no copy
+    bert = tiny_model("bert")
+    handle = ffn_layers(bert)[1].up.register_forward_hook(lambda *a: None)
+    try:
+        with pytest.raises(ValueError, match="forward hooks"):
+            fused_ffn_weights(bert, ffn_layers(bert)[1])
+    finally:
+        handle.remove()
+
+
+def test_load_model_passes_device_map(monkeypatch):
+    seen = {}
+
+    fresh = AutoModel.from_config(tiny_config("bert"))
+
+    def fake_from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        return fresh
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda path: type("Tok", (), {"pad_token": "[PAD]"})())
+    model, _ = load_model("some/model", device_map="auto")
+    assert seen == {"device_map": "auto"} and model is fresh
+    with pytest.raises(ValueError, match="device or device_map"):
+        load_model("some/model", device="cpu", device_map="auto")
 
 
 def test_edit_then_capture_sees_edited_neurons_and_layer_selection():

@@ -224,3 +224,101 @@ def test_skip_nonfinite_drops_and_counts_samples(minilm):
     strict = Scorer(model, tokenizer, 2, ScoreSettings(batch_size=4), progress=False)
     with edit_neurons(model, poison, layers=[2]), pytest.raises(NonFiniteActivationError, match="layer 2"):
         strict.score(rows, rows)
+
+
+@requires_data
+def test_layers_on_two_devices_keep_their_stats_apart(minilm, sst2, monkeypatch, tmp_path):
+    """A model whose layers sit on two devices (faked: layers 3-5 report a second CPU device object) is scored
+    into one accumulator per device, each layer's rows going to its own device's part; the gathered result, and
+    one resumed from a mid-run checkpoint of the sharded state, equal the single-device run exactly."""
+    import skillkern.scoring as scoring_mod
+    from skillkern.checkpoint import Checkpoint
+    from skillkern.stats import ShardedNeuronStats
+
+    model, tokenizer = minilm
+    base, ev = sst2[0][:32], sst2[1][:24]
+    settings = ScoreSettings(max_length=MAX_LEN, batch_size=8)
+    single = Scorer(model, tokenizer, 2, settings, progress=False).score(base, ev)
+
+    second = torch.device("cpu", 0)  # a distinct device object; tensors made on it live on the CPU
+    real = scoring_mod.layer_device
+    monkeypatch.setattr(scoring_mod, "layer_device", lambda layer: second if layer.index >= 3 else real(layer))
+    routed: dict[int, set] = {}
+    real_part = ShardedNeuronStats._part
+
+    def spy(self, layer):
+        part, local = real_part(self, layer)
+        routed.setdefault(layer, set()).add(self.parts.index(part))
+        return part, local
+
+    monkeypatch.setattr(ShardedNeuronStats, "_part", spy)
+    scorer = Scorer(model, tokenizer, 2, settings, progress=False)
+    assert list(scorer.device_groups.values()) == [[0, 1, 2], [3, 4, 5]]
+    assert isinstance(scorer.new_stats(), ShardedNeuronStats)
+    got = scorer.score(base, ev)
+    assert routed == {0: {0}, 1: {0}, 2: {0}, 3: {1}, 4: {1}, 5: {1}}
+    assert isinstance(got, NeuronStats) and got.sums.device.type == "cpu"
+    for key in ("sums", "threshold", "above", "baseline_class_count", "eval_class_count"):
+        assert torch.equal(getattr(got, key), getattr(single, key).cpu()), key
+
+    # 4 baseline chunks, the thresholds, 3 evaluation chunks: crash after the first evaluation chunk's
+    # checkpoint and resume from the sharded state (thresholds included)
+    saves = {"n": 0}
+    real_save = Checkpoint.save
+
+    def crashing_save(self, *a, **k):
+        real_save(self, *a, **k)
+        saves["n"] += 1
+        if saves["n"] == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "save", crashing_save)
+    path = tmp_path / "checkpoint.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        Scorer(model, tokenizer, 2, settings, progress=False).score(base, ev, Checkpoint(path, {"job": 1}, every=1))
+    assert saves["n"] == 6
+    monkeypatch.setattr(Checkpoint, "save", real_save)
+    resumed = Scorer(model, tokenizer, 2, settings, progress=False).score(base, ev, Checkpoint(path, {"job": 1}))
+    for key in ("sums", "threshold", "above", "baseline_class_count", "eval_class_count"):
+        assert torch.equal(getattr(resumed, key), getattr(single, key).cpu()), key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@requires_data
+def test_device_map_over_two_gpus_keeps_each_layers_stats_there(tmp_path, minilm, sst2):
+    pytest.importorskip("accelerate")
+    from transformers import AutoConfig, AutoModel
+
+    from skillkern.models import load_model
+    from skillkern.stats import ShardedNeuronStats
+
+    _, tokenizer = minilm
+    config = AutoConfig.for_model("bert", num_hidden_layers=4, hidden_size=32, intermediate_size=37,
+                                  num_attention_heads=4, vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    device_map = {"embeddings": 0, "encoder.layer.0": 0, "encoder.layer.1": 0, "encoder.layer.2": 1,
+                  "encoder.layer.3": 1, "pooler": 1}
+    model, tok = load_model(str(tmp_path / "tiny"), device_map=device_map)
+    base, ev = sst2[0][:64], sst2[1][:48]
+    single_model, _ = load_model(str(tmp_path / "tiny"), device="cuda:0")
+    for backend in ("torch", "auto"):  # hooks + stats_update; the fused kernel (auto on CUDA)
+        settings = ScoreSettings(max_length=MAX_LEN, batch_size=16, backend=backend)
+        scorer = Scorer(model, tok, 2, settings, progress=False)
+        cuda0, cuda1 = torch.device("cuda", 0), torch.device("cuda", 1)
+        assert scorer.layer_devices == [cuda0, cuda0, cuda1, cuda1]
+        stats = scorer.new_stats()
+        assert isinstance(stats, ShardedNeuronStats)
+        scorer.run_pass(stats, base)
+        stats.finalize_baseline()
+        scorer.run_pass(stats, ev)
+        assert [p.above.device for p in stats.parts] == [cuda0, cuda1]
+        assert [p.threshold.device for p in stats.parts] == [cuda0, cuda1]
+        got = stats.gather()
+        ref = Scorer(single_model, tok, 2, settings, progress=False).score(base, ev)
+        if backend == "torch":  # same kernels, same row order: identical
+            assert torch.equal(got.above, ref.above.cpu()) and torch.equal(got.threshold, ref.threshold.cpu())
+        else:  # float64 atomics add rows in no fixed order
+            torch.testing.assert_close(got.threshold, ref.threshold.cpu(), rtol=1e-12, atol=1e-12)

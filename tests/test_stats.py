@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from skillkern.stats import (NeuronStats, StatsFileError, combine_runs, select_global, select_multiclass,
-                             select_per_layer, top_neurons)
+from skillkern.stats import (NeuronStats, ShardedNeuronStats, StatsFileError, combine_runs, select_global,
+                             select_multiclass, select_per_layer, top_neurons)
 
 
 def _feed(stats, layers_rows, labels, chunk=13):
@@ -45,6 +45,39 @@ def test_accuracy_matches_brute_force(classes):
     expected = pred[..., 1].max(1) if classes == 2 else pred.max(-1).max(1)
     np.testing.assert_allclose(stats.predictivity().numpy(), expected, atol=1e-12)
     assert stats.sign().shape == (L, D)
+
+
+def test_sharded_stats_equal_one_device():
+    """Layers split over 'devices' (two distinct CPU device objects, interleaved so groups are not contiguous):
+    every number equals the single-tensor accumulator's exactly, and the state round-trips."""
+    g = torch.Generator().manual_seed(7)
+    L, S, D, C, N = 4, 2, 9, 3, 40
+    base = [torch.randn(N, S, D, generator=g) for _ in range(L)]
+    ev = [torch.randn(N, S, D, generator=g) for _ in range(L)]
+    yb, ye = torch.randint(0, C, (N,), generator=g), torch.randint(0, C, (N,), generator=g)
+    devices = ["cpu", torch.device("cpu", 0), "cpu", torch.device("cpu", 0)]
+    one, sharded = NeuronStats(L, S, D, C), ShardedNeuronStats(L, S, D, C, devices)
+    assert [layers for _, layers in sharded.groups] == [[0, 2], [1, 3]]
+    assert [p.num_layers for p in sharded.parts] == [2, 2]
+    for stats in (one, sharded):
+        _feed(stats, base, yb)
+        assert stats.threshold is None
+        stats.finalize_baseline()
+    assert torch.equal(sharded.threshold, one.threshold)
+    state = sharded.state_tensors()  # mid-run checkpoint of the evaluation pass
+    for stats in (one, sharded):
+        _feed(stats, ev, ye)
+    merged = sharded.gather()
+    for key in ("sums", "above", "threshold", "baseline_class_count", "eval_class_count"):
+        assert torch.equal(getattr(merged, key), getattr(one, key)), key
+    assert torch.equal(merged.predictivity(), one.predictivity())
+    again = ShardedNeuronStats(L, S, D, C, devices)
+    again.load_state(state)
+    _feed(again, ev, ye)
+    assert torch.equal(again.above, one.above) and torch.equal(again.sums, one.sums)
+    assert again.parts[1].above.shape == (2, S, C, D)
+    with pytest.raises(ValueError, match="3 layer devices"):
+        ShardedNeuronStats(L, S, D, C, devices[:3])
 
 
 def test_sign_marks_inhibitory_neurons():
