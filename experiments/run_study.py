@@ -160,7 +160,7 @@ def main() -> int:
     for noisy in ("skillkern.models", "skillkern.data", "skillkern.tune", "skillkern.perturb", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quick:
-        args.tasks = "sst2,tweet" if args.tasks == ",".join(TASKS) else args.tasks
+        args.tasks = "sst2,rte,tweet" if args.tasks == ",".join(TASKS) else args.tasks
         args.prompt_len, args.epochs, args.max_length = 4, 1, 32
         args.max_train, args.max_dev, args.max_test, args.eval_every = 32, 16, 16, 1
         global BITFIT_TASKS

@@ -318,9 +318,23 @@ def test_study_quick(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "experiments" / "run_study.py"), "--quick", "--out", str(out),
                     "--work", str(work), "--threads", "1"], check=True, cwd=ROOT, capture_output=True)
     res = json.loads((out / "results.json").read_text())
-    assert set(res["tasks"]) == {"sst2", "tweet"} and res["bitfit"]["sst2"]["perturbation"]["fractions"]
+    assert set(res["tasks"]) == {"sst2", "rte", "tweet"} and res["bitfit"]["sst2"]["perturbation"]["fractions"]
     assert set(res["controls"]["sst2"]) >= {"random", "handwritten", "tuned"}
     for f in ("RESULTS.md", "table.csv", "correlation.png", "perturbation_overview.png"):
         assert (out / f).is_file(), f
     text = (out / "RESULTS.md").read_text()
     assert "| sst2 | 1 |" in text and "linear head on slot 0" in text
+    # the applications on the same runs: pruning, cross-task perturbation, transferability
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "run_applications.py"), "--work", str(work), "--out",
+                    str(out), "--retune-tasks", "sst2", "--retune-epochs", "0.5", "--cross-rows", "8",
+                    "--transfer-rows", "8", "--transfer-steps", "1", "--transfer-tasks", "sst2,rte", "--threads", "1"],
+                   check=True, cwd=ROOT, capture_output=True)
+    prune = json.loads((out / "pruning.json").read_text())
+    assert set(prune) == {"sst2", "rte", "tweet"} and "test_accuracy_pruned_retuned" in prune["sst2"]["prompt"]
+    assert prune["sst2"]["prompt"]["widths"][-1] < prune["sst2"]["prompt"]["widths"][0]
+    cross = json.loads((out / "cross_task.json").read_text())
+    assert set(cross["rows"]["rte"]["skill_of"]) == {"sst2", "rte", "tweet"}
+    transfer = json.loads((out / "transfer.json").read_text())
+    assert set(transfer["pairs"]) == {"sst2->rte", "rte->sst2"}
+    text = (out / "RESULTS.md").read_text()
+    assert "## Pruning to skill neurons" in text and "## Transferability indicators" in text
