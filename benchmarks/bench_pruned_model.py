@@ -78,6 +78,45 @@ def pruned_copy(model, keep: float, layers: str):
     return prune_model(m, keep_idx, baseline)
 
 
+def plot(csv_path: Path) -> Path:
+    """Measured speed-up beside the FLOP limit, one panel per model, one bar pair per (batch, seq)."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in csv.DictReader(open(csv_path)) if r["metric"] == "speedup_vs_dense"]
+    models = sorted({r["shape"].split(":")[0] for r in rows}, key=lambda m: [r["shape"] for r in rows].index(
+        next(r["shape"] for r in rows if r["shape"].startswith(m + ":"))))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        shapes = [r["shape"] for r in rows if r["shape"].startswith(m + ":") and r["provider"] == "flop-limit"]
+        labels = [":".join(x.split(":")[1:3]).replace("batch=", "b").replace("seq=", "t") for x in shapes]
+        meas = [next(r for r in rows if r["shape"] == x and r["provider"] == "pruned-sliced") for x in shapes]
+        lim = [float(next(r for r in rows if r["shape"] == x and r["provider"] == "flop-limit")["median"])
+               for x in shapes]
+        xs = range(len(shapes))
+        med = [float(r["median"]) for r in meas]
+        err = [[v - float(r["p20"]) for v, r in zip(med, meas)], [float(r["p80"]) - v for v, r in zip(med, meas)]]
+        ax.bar([x - 0.2 for x in xs], med, 0.4, yerr=err, capsize=3, label="measured (pruned, sliced weights)")
+        ax.bar([x + 0.2 for x in xs], lim, 0.4, color="lightgrey", label="FLOP limit")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(m, fontsize=10)
+        ax.axhline(1, color="k", lw=0.6)
+    axes[0][0].set_ylabel("speed-up over dense")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    dev = rows[0]["device"] if rows else ""
+    fig.suptitle(f"2% of neurons kept in the top 75% of layers, end to end; {dev}", fontsize=10)
+    fig.tight_layout()
+    out = csv_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +128,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--max-tokens", type=int, default=2048, help="skip batch*seq above this on CPU (time budget)")
     p.add_argument("--out", default=None)
+    p.add_argument("--plot-only", default=None, help="redraw the PNG of this CSV")
     args = p.parse_args()
+    if args.plot_only:
+        print(f"wrote {plot(Path(args.plot_only))}")
+        return 0
     dev = device_name(args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     rows = []
@@ -122,9 +165,10 @@ def main() -> int:
                 print(f"{shape}: dense {sorted(td)[len(td) // 2] * 1e3:.1f} ms, pruned "
                       f"{sorted(tp)[len(tp) // 2] * 1e3:.1f} ms, speed-up {med:.2f}x of limit {limit:.2f}x "
                       f"({med / limit:.0%})", flush=True)
-    out = args.out or f"benchmarks/results/pruned_model_{'gpu' if args.device.startswith('cuda') else 'cpu'}.csv"
+    out = args.out or (Path(__file__).parent / "results" /
+                       f"pruned_model_{'gpu' if args.device.startswith('cuda') else 'cpu'}.csv")
     write_rows(out, rows)
-    print(f"wrote {out}")
+    print(f"wrote {out} and {plot(Path(out))}")
     return 0
 
 

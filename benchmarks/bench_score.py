@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import device_name, peak_rss_mib, row, time_it, write_rows
+from _common import device_name, peak_rss_mib, row, write_rows
 
 BENCH = "score"
 
@@ -49,33 +49,47 @@ def plain_pass(model, tokenizer, examples, settings) -> None:
 
 
 def bench_time(args) -> list[dict]:
+    """Rounds of [plain pass, then every scoring pass]; each pass's ratio is taken against the plain pass of
+    the same round, so slow drifts of a shared machine cancel out."""
+    import time
+
+    from skillkern import _ext
     from skillkern.scoring import ScoreSettings, Scorer
 
     model, tokenizer, examples, classes = _setup(args.model, args.task, args.rows, args.device)
     dev = device_name(args.device)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     base = ScoreSettings(batch_size=args.batch_size, max_length=args.max_length)
     shape = f"{args.model}:{args.task}:rows={args.rows}:bs={args.batch_size}"
-    out = []
-    plain = time_it(lambda: plain_pass(model, tokenizer, examples, base), args.repeats, sync=sync)
-    out.append(row(BENCH, "pass", "plain-inference", shape, "time", plain, "s", dev))
-    med_plain = sorted(plain)[len(plain) // 2]
-    backends = ["torch"]
-    from skillkern import _ext
-
-    if _ext.available():
-        backends.append("ext")
+    backends = ["torch"] + (["ext"] if _ext.available() else [])
+    providers = {}
     for backend in backends:
         settings = ScoreSettings(batch_size=args.batch_size, max_length=args.max_length, backend=backend)
         scorer = Scorer(model, tokenizer, classes, settings, progress=False)
-        stats = scorer.new_stats()
-        sums = time_it(lambda: scorer.run_pass(stats, examples), args.repeats, sync=sync)
-        stats.finalize_baseline()
-        counts = time_it(lambda: scorer.run_pass(stats, examples), args.repeats, sync=sync)
-        for name, samples in (("baseline-pass", sums), ("eval-pass", counts)):
-            out.append(row(BENCH, "pass", f"{name}[{backend}]", shape, "time", samples, "s", dev))
-            out.append(row(BENCH, "pass", f"{name}[{backend}]", shape, "ratio_vs_plain",
-                           [s / med_plain for s in samples], "x", dev))
+        sums_stats = scorer.new_stats()
+        count_stats = scorer.new_stats()
+        scorer.run_pass(count_stats, examples)
+        count_stats.finalize_baseline()
+        providers[f"baseline-pass[{backend}]"] = lambda sc=scorer, st=sums_stats: sc.run_pass(st, examples)
+        providers[f"eval-pass[{backend}]"] = lambda sc=scorer, st=count_stats: sc.run_pass(st, examples)
+    times = {"plain-inference": []} | {name: [] for name in providers}
+    ratios = {name: [] for name in providers}
+    plain_pass(model, tokenizer, examples, base)  # warm-up
+    for _ in range(args.repeats):
+        sync()
+        t = time.perf_counter()
+        plain_pass(model, tokenizer, examples, base)
+        sync()
+        plain = time.perf_counter() - t
+        times["plain-inference"].append(plain)
+        for name, fn in providers.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+            ratios[name].append(times[name][-1] / plain)
+    out = [row(BENCH, "pass", name, shape, "time", samples, "s", dev) for name, samples in times.items()]
+    out += [row(BENCH, "pass", name, shape, "ratio_vs_plain", samples, "x", dev) for name, samples in ratios.items()]
     return out
 
 
@@ -127,13 +141,20 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/score_<cpu|cuda>.csv)")
+    p.add_argument("--time-only", action="store_true", help="re-run the timing; keep the CSV's memory rows")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
         return
-    rows = bench_time(args) + bench_memory(args)
     out = Path(args.out or Path(__file__).parent / "results" / f"score_{torch.device(args.device).type}.csv")
+    if args.time_only and out.exists():  # re-time; keep the memory rows of the earlier run
+        import csv
+
+        kept = [r for r in csv.DictReader(open(out)) if r["op"] == "memory"]
+        rows = bench_time(args) + kept
+    else:
+        rows = bench_time(args) + bench_memory(args)
     write_rows(out, rows)
     for r in rows:
         print(f"{r['provider']:>28} {r['metric']:>28} {r['shape']:>40}: {r['median']} {r['unit']}")
