@@ -92,10 +92,11 @@ def ensure_scores(run: Path, name: str) -> None:
             score_run(run, subtask=sub, progress=False)
 
 
-def ensure_perturb(run: Path, args, neurons_from: Path | None = None, tag: str = "perturb_gaussian") -> dict:
+def ensure_perturb(run: Path, args, neurons_from: Path | None = None, tag: str = "perturb_gaussian",
+                   mode: str = "gaussian") -> dict:
     out = run / f"{tag}.json"
     if not done(out):
-        result = perturb_run(run, mode="gaussian", fractions=args.fractions, neurons_from=neurons_from, seed=0,
+        result = perturb_run(run, mode=mode, fractions=args.fractions, neurons_from=neurons_from, seed=0,
                              progress=False)
         out.write_text(json.dumps(result, indent=2) + "\n")
         plot_perturbation(result, out.with_suffix(".png"))
@@ -191,9 +192,12 @@ def main() -> int:
             info = ensure_run(run, name, settings_for(args, seed), args)
             ensure_scores(run, name)
             pert = ensure_perturb(run, args)
+            # mean ablation (a = baseline), the strongest of METHOD.md's modes, beside the gaussian default
+            pert_mean = ensure_perturb(run, args, tag="perturb_mean", mode="mean")
             pred = task_predictivity(run)
             per_seed.append({"seed": seed, "dev_accuracy": info["dev_accuracy"], "test_accuracy": info["test_accuracy"],
-                             "best_predictivity": float(pred.max()), "perturbation": pert, "seconds": info["seconds"]})
+                             "best_predictivity": float(pred.max()), "perturbation": pert,
+                             "perturbation_mean": pert_mean, "seconds": info["seconds"]})
             shutil.copy(run / "perturb_gaussian.png", out / "perturbation" / f"{name}_seed{seed}.png")
         rows[name] = per_seed
         log.info("%s: test accuracy %s", name, [r["test_accuracy"] for r in per_seed])
