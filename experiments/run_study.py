@@ -156,6 +156,11 @@ def main() -> int:
     p.add_argument("--max-test", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--skip-extras", action="store_true", help="only tune/score/perturb")
+    p.add_argument("--cached-only", action="store_true",
+                   help="compute nothing: report what earlier invocations finished (missing parts are left out)")
+    p.add_argument("--control-tasks", default=None, help="tasks for the random/hand-written prompt controls "
+                                                          "(default: all)")
+    p.add_argument("--bitfit-tasks", default=",".join(BITFIT_TASKS), help="tasks for BitFit (default sst2,qnli)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("skillkern.models", "skillkern.data", "skillkern.tune", "skillkern.perturb", "transformers"):
@@ -164,8 +169,7 @@ def main() -> int:
         args.tasks = "sst2,rte,tweet" if args.tasks == ",".join(TASKS) else args.tasks
         args.prompt_len, args.epochs, args.max_length = 4, 1, 32
         args.max_train, args.max_dev, args.max_test, args.eval_every = 32, 16, 16, 1
-        global BITFIT_TASKS
-        BITFIT_TASKS = ("sst2",)
+        args.bitfit_tasks = "sst2"
     if args.threads:
         torch.set_num_threads(args.threads)
     args.fractions = FRACTIONS
@@ -189,20 +193,27 @@ def main() -> int:
         per_seed = []
         for seed in seeds[name]:
             run = work / name / f"seed{seed}"
+            if args.cached_only and not (run / "perturb_gaussian.json").exists():
+                continue
             info = ensure_run(run, name, settings_for(args, seed), args)
             ensure_scores(run, name)
             pert = ensure_perturb(run, args)
             # mean ablation (a = baseline), the strongest of METHOD.md's modes, beside the gaussian default
-            pert_mean = ensure_perturb(run, args, tag="perturb_mean", mode="mean")
+            pert_mean = None if args.cached_only and not (run / "perturb_mean.json").exists() else \
+                ensure_perturb(run, args, tag="perturb_mean", mode="mean")
             pred = task_predictivity(run)
             per_seed.append({"seed": seed, "dev_accuracy": info["dev_accuracy"], "test_accuracy": info["test_accuracy"],
                              "best_predictivity": float(pred.max()), "perturbation": pert,
                              "perturbation_mean": pert_mean, "seconds": info["seconds"]})
             shutil.copy(run / "perturb_gaussian.png", out / "perturbation" / f"{name}_seed{seed}.png")
+        if not per_seed:
+            continue
         rows[name] = per_seed
         log.info("%s: test accuracy %s", name, [r["test_accuracy"] for r in per_seed])
 
     # 2. task-level aggregates and the correlation of predictivity between tasks
+    tasks = [t for t in tasks if t in rows]
+    seeds = {t: [r["seed"] for r in rows[t]] for t in tasks}
     preds = {n: combine_runs([task_predictivity(work / n / f"seed{s}") for s in seeds[n]]) for n in tasks}
     L = next(iter(preds.values())).shape[0]
     corr_whole = np.full((len(tasks), len(tasks)), np.nan)
@@ -217,9 +228,15 @@ def main() -> int:
     # 3. controls: untrained random prompt and a hand-written prompt (predictivity only), seed 0
     controls = {}
     bitfit = {}
+    control_tasks = tasks if args.control_tasks is None else [t for t in args.control_tasks.split(",") if t in tasks]
+    bitfit_tasks = tuple(t for t in args.bitfit_tasks.split(",") if t)
     if not args.skip_extras:
-        for name in tasks:
+        for name in control_tasks:
             entry = {}
+            if args.cached_only and not all(scores_path(work / name / f"{k}_prompt", s).is_file()
+                                            for k in ("random", "handwritten")
+                                            for s in (("pn", "neu") if name in MULTICLASS else (None,))):
+                continue
             for kind in ("random", "handwritten"):
                 run = work / name / f"{kind}_prompt"
                 init = handwritten_init(args.model, HANDWRITTEN[name], args.prompt_len) if kind == "handwritten" \
@@ -232,10 +249,12 @@ def main() -> int:
             entry["tuned_mean_top1pct"] = top_mean(preds[name])
             controls[name] = entry
         # 4. BitFit: biases only, no prompt; perturb the prompt-found skill neurons there
-        for name in BITFIT_TASKS:
+        for name in bitfit_tasks:
             if name not in tasks:
                 continue
             run = work / name / "bitfit"
+            if args.cached_only and not (run / "perturb_gaussian_prompt_neurons.json").exists():
+                continue
             info = ensure_run(run, name, settings_for(args, 0, method="bitfit", lr=args.lr / 10), args)
             pert = ensure_perturb(run, args, neurons_from=work / name / f"seed{seeds[name][0]}",
                                   tag="perturb_gaussian_prompt_neurons")
