@@ -51,12 +51,16 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(s), q[1], q[7]
 
 
-def time_it(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> list[float]:
-    """Wall-clock seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+def time_it(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None,
+            before: Callable[[], None] | None = None) -> list[float]:
+    """Wall-clock seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs; ``before()`` runs untimed
+    ahead of every timed call (e.g. to evict caches)."""
     for _ in range(warmup):
         fn()
     out = []
     for _ in range(repeats):
+        if before:
+            before()
         if sync:
             sync()
         t = time.perf_counter()

@@ -105,20 +105,9 @@ def work(rows: int, hidden: int, neurons: int, gated: bool, esize: int) -> tuple
 
 
 def time_cold(fn, repeats: int, sync, flush) -> list[float]:
-    """Like _common.time_it, but evicts the caches before every call (untimed): in a real model every layer
-    has its own weights, so a layer's weights come from memory, not from a cache warmed by the last call."""
-    out = []
-    for _ in range(repeats):
-        if flush is not None:
-            flush()
-        if sync:
-            sync()
-        t = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        out.append(time.perf_counter() - t)
-    return out
+    """_common.time_it with the caches evicted before every call (untimed): in a real model every layer has its
+    own weights, so a layer's weights come from memory, not from a cache warmed by the last call."""
+    return time_it(fn, repeats, warmup=0, sync=sync, before=flush)
 
 
 def measure(fn, sync, flush, args) -> list[float]:

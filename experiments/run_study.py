@@ -287,14 +287,9 @@ def top_mean(pred: torch.Tensor, frac: float = 0.01) -> float:
     return float(flat[:k].mean())
 
 
-def acc_at(pert: dict, q: float, which: str) -> float:
-    for f, v in zip(pert["fractions"], pert[which]):
-        if abs(f - q) < 1e-9:
-            return v
-    return float("nan")
-
-
 def write_table_csv(results: dict, path: Path) -> None:
+    from results_md import _acc_at  # one definition of "accuracy at fraction q"
+
     lines = ["task,seeds,test_accuracy,best_predictivity," +
              ",".join(f"{w}_{int(q * 100)}pct" for q in results["fractions"][1:] for w in ("skill", "random"))]
     for name, per_seed in results["tasks"].items():
@@ -302,7 +297,7 @@ def write_table_csv(results: dict, path: Path) -> None:
                  np.mean([r["best_predictivity"] for r in per_seed])]
         for q in results["fractions"][1:]:
             for w in ("skill", "random"):
-                cells.append(np.mean([acc_at(r["perturbation"], q, w) for r in per_seed]))
+                cells.append(np.mean([_acc_at(r["perturbation"], q, w) for r in per_seed]))
         lines.append(",".join(str(round(c, 4)) if isinstance(c, float) else str(c) for c in cells))
     path.write_text("\n".join(lines) + "\n")
 

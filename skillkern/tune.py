@@ -107,7 +107,7 @@ def evaluate(model: PromptModel, examples: Sequence, batch_size: int = 32, max_l
     ctx = edit_neurons(model.backbone, edit, layers) if edit is not None else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
         for batch in iter_batches(model.tokenizer, examples, batch_size, max_length, pad_multiple=32,
-                                  device=model.slot0.device if model.prompt is not None else _device(model)):
+                                  device=_device(model)):
             logits = model(**batch.inputs)
             correct += int((logits.argmax(-1) == batch.labels).sum())
     return correct / len(examples)
