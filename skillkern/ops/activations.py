@@ -41,6 +41,41 @@ def canonical(name: str) -> str:
                      f"(and the transformers aliases {sorted(HF_ALIASES)})")
 
 
+#: input dtypes the fused FFN kernels take (their accumulators are float32)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_up_projection(op: str, x: torch.Tensor, w1: torch.Tensor, b1, w_gate, act: str,
+                        **others) -> tuple[int, int, int]:
+    """Shared argument checks of the fused FFN ops: ``x`` (rows, hidden), ``w1``/``w_gate`` (neurons, hidden),
+    ``b1`` (neurons,), and ``others`` (named tensors or None) in the dtype and on the device of ``x``.
+
+    Raises a ValueError that starts with ``op`` and names the argument; returns (rows, hidden, neurons)."""
+    canonical(act)  # ValueError naming the supported activations
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D (rows, hidden), got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    rows, hidden = x.shape
+    if w1.dim() != 2 or w1.shape[1] != hidden:
+        raise ValueError(f"{op}: w1 must have shape (neurons, {hidden}) (nn.Linear layout) to match x "
+                         f"{tuple(x.shape)}, got {tuple(w1.shape)}")
+    width = w1.shape[0]
+    if w_gate is not None and tuple(w_gate.shape) != tuple(w1.shape):
+        raise ValueError(f"{op}: w_gate must have the shape of w1 {tuple(w1.shape)}, got {tuple(w_gate.shape)}")
+    if b1 is not None and tuple(b1.shape) != (width,):
+        raise ValueError(f"{op}: b1 must have shape ({width},) to match w1 {tuple(w1.shape)}, "
+                         f"got {tuple(b1.shape)}")
+    for name, t in {"w1": w1, "w_gate": w_gate, "b1": b1, **others}.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"{op}: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    return rows, hidden, width
+
+
 def apply_act(x: torch.Tensor, name: str) -> torch.Tensor:
     """PyTorch reference of the activation ``name`` (any shape)."""
     name = canonical(name)

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from .activations import HAVE_TRITON, act_id, apply_act, canonical, tl, triton, triton_act
+from .activations import (HAVE_TRITON, act_id, apply_act, canonical, check_up_projection, tl, triton,
+                          triton_act)
 from .stats_update import (MODE_COUNTS, MODE_NONE, MODE_SUMS, _stats_epilogue, check_stats_state,
                            check_triton_device, stats_update, stats_update_reference, thresholds_for_float32,
                            triton_interpreted)
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton", "ext")
 MODES = {"none": MODE_NONE, "sums": MODE_SUMS, "counts": MODE_COUNTS}
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 if HAVE_TRITON:
 
@@ -144,27 +144,7 @@ def check_ffn_args(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor]
         raise ValueError(f"ffn_stats: unknown mode {mode!r}; choose one of {tuple(MODES)}")
     if backend not in BACKENDS:
         raise ValueError(f"ffn_stats: unknown backend {backend!r}; choose one of {BACKENDS}")
-    canonical(act)  # ValueError naming the supported activations
-    if x.dim() != 2:
-        raise ValueError(f"ffn_stats: x must be 2-D (rows, hidden), got shape {tuple(x.shape)}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"ffn_stats: x must be float32, float16 or bfloat16, got {x.dtype}")
-    rows, hidden = x.shape
-    if w1.dim() != 2 or w1.shape[1] != hidden:
-        raise ValueError(f"ffn_stats: w1 must have shape (neurons, {hidden}) (nn.Linear layout) to match x "
-                         f"{tuple(x.shape)}, got {tuple(w1.shape)}")
-    width = w1.shape[0]
-    if w_gate is not None and tuple(w_gate.shape) != tuple(w1.shape):
-        raise ValueError(f"ffn_stats: w_gate must have the shape of w1 {tuple(w1.shape)}, got {tuple(w_gate.shape)}")
-    if b1 is not None and tuple(b1.shape) != (width,):
-        raise ValueError(f"ffn_stats: b1 must have shape ({width},), got {tuple(b1.shape)}")
-    for name, t in (("w1", w1), ("w_gate", w_gate), ("b1", b1)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise ValueError(f"ffn_stats: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
-        if t.device != x.device:
-            raise ValueError(f"ffn_stats: {name} is on {t.device} but x is on {x.device}")
+    rows, _, width = check_up_projection("ffn_stats", x, w1, b1, w_gate, act)
     if mode == "none":
         for name, t in (("out", out), ("threshold", threshold)):
             if t is not None:

@@ -68,13 +68,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .activations import HAVE_TRITON, act_id, apply_act, canonical, tl, triton, triton_act
+from .activations import (HAVE_TRITON, act_id, apply_act, canonical, check_up_projection, tl, triton,
+                          triton_act)
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton")
 SCHEDULES = ("auto", "fused", "two_pass")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: the second launch of the two-pass schedule priced in bytes of HBM traffic: about 5 us at H100 bandwidth,
 #: launch latency plus draining one kernel and filling the next. Used by schedule="auto"; not yet measured.
 LAUNCH_BYTES = 16 << 20
@@ -296,34 +296,13 @@ def check_masked_ffn_args(x, w1, b1, w2, b2, keep, w_gate, row_set, act: str, ba
         raise ValueError(f"masked_ffn: unknown backend {backend!r}; choose one of {BACKENDS}")
     if schedule not in SCHEDULES:
         raise ValueError(f"masked_ffn: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
-    canonical(act)  # ValueError naming the supported activations
-    if x.dim() != 2:
-        raise ValueError(f"masked_ffn: x must be 2-D (rows, hidden), got shape {tuple(x.shape)}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"masked_ffn: x must be float32, float16 or bfloat16, got {x.dtype}")
-    rows, hidden = x.shape
-    if w1.dim() != 2 or w1.shape[1] != hidden:
-        raise ValueError(f"masked_ffn: w1 must have shape (neurons, {hidden}) (nn.Linear layout) to match x "
-                         f"{tuple(x.shape)}, got {tuple(w1.shape)}")
-    width = w1.shape[0]
-    if w_gate is not None and tuple(w_gate.shape) != tuple(w1.shape):
-        raise ValueError(f"masked_ffn: w_gate must have the shape of w1 {tuple(w1.shape)}, got {tuple(w_gate.shape)}")
-    if b1 is not None and tuple(b1.shape) != (width,):
-        raise ValueError(f"masked_ffn: b1 must have shape ({width},) to match w1 {tuple(w1.shape)}, "
-                         f"got {tuple(b1.shape)}")
+    rows, hidden, width = check_up_projection("masked_ffn", x, w1, b1, w_gate, act, w2=w2, b2=b2)
     if w2.dim() != 2 or w2.shape[1] != width:
         raise ValueError(f"masked_ffn: w2 must have shape (out, {width}) (nn.Linear layout) to match w1 "
                          f"{tuple(w1.shape)}, got {tuple(w2.shape)}")
     if b2 is not None and tuple(b2.shape) != (w2.shape[0],):
         raise ValueError(f"masked_ffn: b2 must have shape ({w2.shape[0]},) to match w2 {tuple(w2.shape)}, "
                          f"got {tuple(b2.shape)}")
-    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("w_gate", w_gate)):
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise ValueError(f"masked_ffn: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype")
-        if t.device != x.device:
-            raise ValueError(f"masked_ffn: {name} is on {t.device} but x is on {x.device}")
     for name, t in (("keep", keep), ("row_set", row_set)):
         if t is None:
             continue
