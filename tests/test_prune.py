@@ -14,12 +14,7 @@ from transformers import AutoConfig, AutoModel  # noqa: E402
 WIDTH = 37
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(model_type: str, vocab: int = 101):
