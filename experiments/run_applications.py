@@ -36,9 +36,12 @@ from skillkern.tune import STATE_FILE, TuneSettings, evaluate, load_run, read_ru
 log = logging.getLogger("applications")
 
 
-def _json(path: Path, compute):
+def _json(path: Path, compute, needs: str = ""):
+    """Read ``path`` if it exists (and holds the key ``needs``), else compute and write it."""
     if path.exists():
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
+        if not needs or needs in value:
+            return value
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2) + "\n")
@@ -55,7 +58,8 @@ def part_prune(tasks, work: Path, out: Path, args) -> dict:
             r = _json(work / name / f"pruned_{baseline}" / "prune_summary.json",
                       lambda: prune_run(run, work / name / f"pruned_{baseline}", keep=args.keep, layers=args.layers,
                                         baseline=baseline, retune=retune, retune_epochs=args.retune_epochs,
-                                        progress=False))
+                                        progress=False),
+                      needs="test_accuracy_pruned_retuned" if retune else "")
             entry[baseline] = r
         results[name] = entry
         log.info("pruned %s: original %.3f, prompt-baseline %.3f, token-baseline %.3f", name,
@@ -122,6 +126,13 @@ def activated_neurons(pm, probe) -> torch.Tensor:
     return torch.stack([acc[i] for i in sorted(acc)]) * 2 > len(probe)
 
 
+def _transfer_settings(info_b: dict, args) -> TuneSettings:
+    """Task B's own settings with a budget of ``args.transfer_steps`` steps and the transfer test rows."""
+    return TuneSettings(**{**info_b["settings"], "epochs": args.transfer_steps * info_b["settings"]["batch_size"]
+                           / info_b["rows"]["train"],
+                           "eval_every": 10 ** 9, "max_test": args.transfer_rows, "max_dev": args.transfer_rows})
+
+
 def part_transfer(tasks, work: Path, out: Path, args) -> dict:
     """Real transfer A -> B (binary tasks) beside the overlap indicator and the skill-neuron indicator."""
     binary = [t for t in tasks if t not in MULTICLASS and t in args.transfer_tasks]
@@ -144,8 +155,7 @@ def part_transfer(tasks, work: Path, out: Path, args) -> dict:
 
             state = state or load_file(str(work / a / "seed0" / STATE_FILE))
             info_b = read_run(work / b / "seed0")
-            s = TuneSettings(**{**info_b["settings"], "epochs": args.transfer_steps * 16 / info_b["rows"]["train"],
-                                "eval_every": 10 ** 9, "max_test": args.transfer_rows, "max_dev": args.transfer_rows})
+            s = _transfer_settings(info_b, args)
             pm, task, _ = load_run(work / b / "seed0")
             pm.load_trained_state(state)
             test = run_splits(task, s)[2]
@@ -162,11 +172,30 @@ def part_transfer(tasks, work: Path, out: Path, args) -> dict:
             (out / "transfer_pairs.json").write_text(json.dumps(pairs, indent=2) + "\n")
             log.info("transfer %s -> %s: zero-shot %.3f, after %d steps %.3f", a, b, zero, r["steps"],
                      r["test_accuracy"])
+    # the same budget from the usual initialisation, so "after_steps" can be read as a gain (or a loss)
+    scratch_file = out / "transfer_scratch.json"
+    scratch = json.loads(scratch_file.read_text()) if scratch_file.exists() else {}
+    for b in binary:
+        if b in scratch:
+            continue
+        info_b = read_run(work / b / "seed0")
+        s = _transfer_settings(info_b, args)
+        _, task, _ = load_run(work / b / "seed0")
+        scratch[b] = tune_run(info_b["model"], task, s, work / "transfer" / f"scratch__{b}", progress=False,
+                              label="from scratch (transfer baseline)")["test_accuracy"]
+        scratch_file.write_text(json.dumps(scratch, indent=2) + "\n")
+        log.info("transfer baseline on %s: %d steps from scratch %.3f", b, args.transfer_steps, scratch[b])
     keys = sorted(pairs)
-    real = {m: np.array([pairs[k][m] for k in keys]) for m in ("zero_shot", "after_steps")}
+    for k in keys:  # Su et al.'s relative performance: transfer accuracy over the target's own prompt accuracy
+        p = pairs[k]
+        p["relative_zero_shot"] = p["zero_shot"] / p["own_accuracy"]
+        p["relative_after_steps"] = p["after_steps"] / p["own_accuracy"]
+        p["gain_over_scratch"] = p["after_steps"] - scratch[k.split("->")[1]]
+    real = {m: np.array([pairs[k][m] for k in keys])
+            for m in ("zero_shot", "after_steps", "relative_zero_shot", "relative_after_steps", "gain_over_scratch")}
     ind = {m: np.array([pairs[k][m] for k in keys]) for m in ("overlap_indicator", "skill_indicator")}
     corr = {f"{i}~{m}": spearman(ind[i], real[m]) for i in ind for m in real}
-    result = {"tasks": binary, "pairs": pairs, "spearman": corr, "indicator_q": args.indicator_q,
+    result = {"tasks": binary, "pairs": pairs, "scratch": scratch, "spearman": corr, "indicator_q": args.indicator_q,
               "transfer_steps": args.transfer_steps, "test_rows": args.transfer_rows}
     (out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_transfer(result, out / "transfer.png")
@@ -230,14 +259,15 @@ def main() -> int:
     p.add_argument("--parts", default="prune,cross,transfer")
     p.add_argument("--keep", type=float, default=0.02)
     p.add_argument("--layers", default="top:0.75")
-    p.add_argument("--retune-tasks", default="sst2,imdb,qnli,tweet")
+    p.add_argument("--retune-tasks", default=",".join(TASKS))
     p.add_argument("--retune-epochs", type=float, default=1.0)
     p.add_argument("--cross-q", type=float, default=0.1)
     p.add_argument("--cross-rows", type=int, default=200)
     p.add_argument("--indicator-q", type=float, default=0.05)
     p.add_argument("--transfer-steps", type=int, default=20)
-    p.add_argument("--transfer-tasks", default="sst2,imdb,qnli,rte,qqp,mrpc",
-                   help="binary tasks whose ordered pairs are transferred (each pair costs a short tuning run)")
+    p.add_argument("--transfer-tasks", default=",".join(t for t in TASKS if t not in MULTICLASS),
+                   help="binary tasks whose ordered pairs are transferred (each pair costs a short tuning run; "
+                        "3-class tasks are left out: a linear head cannot carry over between label sets)")
     p.add_argument("--transfer-rows", type=int, default=200)
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()

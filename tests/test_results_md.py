@@ -1,0 +1,43 @@
+"""RESULTS.md generation: the significance rule over seeds and the speed table read from benchmark CSVs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+from results_md import _significant, _speed_lines  # noqa: E402
+
+
+def _seed(skill: float, random: float, rows: int = 400) -> dict:
+    return {"perturbation": {"fractions": [0.0, 0.2], "skill": [0.8, skill], "random": [0.8, random],
+                             "clean_accuracy": 0.8, "test_rows": rows}}
+
+
+def test_significance_needs_the_gap_and_the_same_sign_in_every_seed():
+    # two SE of the difference at p = 0.8, n = 400: 2 * sqrt(2 * 0.16 / 400) = 0.0566
+    assert _significant([_seed(0.60, 0.75)], "perturbation", 0.2)[2]
+    assert not _significant([_seed(0.72, 0.75)], "perturbation", 0.2)[2]  # gap inside the noise
+    a, b, ok = _significant([_seed(0.50, 0.75), _seed(0.78, 0.76)], "perturbation", 0.2)
+    assert (round(a, 3), round(b, 3)) == (0.64, 0.755)
+    assert not ok  # the mean gap is large, but one seed points the other way
+    assert _significant([_seed(0.60, 0.75), _seed(0.62, 0.74)], "perturbation", 0.2)[2]
+    assert not _significant([_seed(0.60, 0.75, rows=10)], "perturbation", 0.2)[2]  # few rows: wide noise band
+
+
+def test_speed_table_reads_the_benchmark_csv(tmp_path):
+    head = "bench,op,provider,shape,dtype,metric,median,p20,p80,unit,n,device\n"
+    rows = [("pruned-sliced", "m:batch=1:seq=32:keep=0.02", "1.5", "1.4", "1.6"),
+            ("flop-limit", "m:batch=1:seq=32:keep=0.02", "1.8", "1.8", "1.8"),
+            ("pruned-sliced", "m:batch=8:seq=32:keep=0.02", "1.75", "1.7", "1.8"),
+            ("flop-limit", "m:batch=8:seq=32:keep=0.02", "1.8", "1.8", "1.8")]
+    body = "".join(f"pruned_model,forward,{p},{s},float32,speedup_vs_dense,{m},{lo},{hi},x,10,CPU X\n"
+                   for p, s, m, lo, hi in rows)
+    (tmp_path / "pruned_model_cpu.csv").write_text(head + body)
+    text = "\n".join(_speed_lines(tmp_path))
+    assert "| CPU X | m | batch=1 seq=32 | 1.50x | 1.40-1.60 | 1.80x | 83% |" in text
+    assert "| CPU X | m | batch=8 seq=32 | 1.75x | 1.70-1.80 | 1.80x | 97% |" in text
+    assert "Below the 90% goal: m batch=1 seq=32." in text
+    assert "Only CPU numbers exist" in text
+    assert _speed_lines(tmp_path / "missing") == []
