@@ -322,9 +322,12 @@ def applications_sections(out: Path, rel: str) -> list[str]:
                   "|---|" + "---|" * len(_TRANSFER_METRICS)]
         for ind, label in (("overlap_indicator", "activated-neuron overlap (Su et al.)"),
                            ("skill_indicator", "skill-neuron overlap")):
-            lines.append(f"| {label} | " + " | ".join(_f(sp.get(f"{ind}~{key}"), 2) for _, key in _TRANSFER_METRICS)
-                         + " |")
-        lines += [""]
+            pv = tr.get("spearman_p_two_sided", {})
+            lines.append(f"| {label} | " + " | ".join(
+                _f(sp.get(f"{ind}~{key}"), 2) + (f" (p {pv[f'{ind}~{key}']:.2f})" if f"{ind}~{key}" in pv else "")
+                for _, key in _TRANSFER_METRICS) + " |")
+        lines += ["", f"p: two-sided permutation p-value over the {len(tr['pairs'])} pairs (2,000 permutations); the "
+                  "pairs share tasks, so they are not independent and p is, if anything, too small.", ""]
         if tr.get("scratch"):
             pairs = tr["pairs"]
             helped = sum(p.get("gain_over_scratch", 0) > 0 for p in pairs.values())

@@ -126,6 +126,13 @@ def activated_neurons(pm, probe) -> torch.Tensor:
     return torch.stack([acc[i] for i in sorted(acc)]) * 2 > len(probe)
 
 
+def permutation_p(x: np.ndarray, y: np.ndarray, rho: float, n: int = 2000, seed: int = 0) -> float:
+    """Two-sided permutation p-value of a Spearman correlation ``rho`` of x and y (fixed seed: reproducible)."""
+    g = np.random.default_rng(seed)
+    hits = sum(abs(spearman(x, g.permutation(y))) >= abs(rho) - 1e-12 for _ in range(n))
+    return (hits + 1) / (n + 1)
+
+
 def _transfer_settings(info_b: dict, args) -> TuneSettings:
     """Task B's own settings with a budget of ``args.transfer_steps`` steps and the transfer test rows."""
     return TuneSettings(**{**info_b["settings"], "epochs": args.transfer_steps * info_b["settings"]["batch_size"]
@@ -195,7 +202,9 @@ def part_transfer(tasks, work: Path, out: Path, args) -> dict:
             for m in ("zero_shot", "after_steps", "relative_zero_shot", "relative_after_steps", "gain_over_scratch")}
     ind = {m: np.array([pairs[k][m] for k in keys]) for m in ("overlap_indicator", "skill_indicator")}
     corr = {f"{i}~{m}": spearman(ind[i], real[m]) for i in ind for m in real}
-    result = {"tasks": binary, "pairs": pairs, "scratch": scratch, "spearman": corr, "indicator_q": args.indicator_q,
+    p_values = {f"{i}~{m}": permutation_p(ind[i], real[m], corr[f"{i}~{m}"]) for i in ind for m in real}
+    result = {"tasks": binary, "pairs": pairs, "scratch": scratch, "spearman": corr,
+              "spearman_p_two_sided": p_values, "indicator_q": args.indicator_q,
               "transfer_steps": args.transfer_steps, "test_rows": args.transfer_rows}
     (out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_transfer(result, out / "transfer.png")
@@ -237,15 +246,17 @@ def plot_cross(result: dict, path: Path) -> None:
 def plot_transfer(result: dict, path: Path) -> None:
     plt = _plt()
     pairs = result["pairs"]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-    for ax, ind in zip(axes, ("overlap_indicator", "skill_indicator")):
-        x = [p[ind] for p in pairs.values()]
-        y = [p["after_steps"] for p in pairs.values()]
-        ax.scatter(x, y, s=12)
-        rho = result["spearman"][f"{ind}~after_steps"]
-        ax.set_title(f"{ind.replace('_', ' ')}: Spearman {rho:.2f}", fontsize=9)
-        ax.set_xlabel(ind.replace("_", " "))
-        ax.set_ylabel(f"accuracy after {result['transfer_steps']} steps")
+    metrics = [m for m in ("zero_shot", "after_steps", "gain_over_scratch") if all(m in p for p in pairs.values())]
+    fig, axes = plt.subplots(2, len(metrics), figsize=(3.6 * len(metrics), 6.2), squeeze=False)
+    for row, ind in enumerate(("overlap_indicator", "skill_indicator")):
+        for col, m in enumerate(metrics):
+            ax = axes[row, col]
+            ax.scatter([p[ind] for p in pairs.values()], [p[m] for p in pairs.values()], s=10)
+            ax.set_title(f"Spearman {result['spearman'][f'{ind}~{m}']:.2f}", fontsize=9)
+            ax.set_xlabel(ind.replace("_", " "), fontsize=8)
+            ax.set_ylabel(m.replace("_", " ") + (f" ({result['transfer_steps']} steps)" if m != "zero_shot" else ""),
+                          fontsize=8)
+    fig.suptitle(f"transfer over {len(pairs)} ordered task pairs", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
