@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,8 @@ def activated_neurons(pm, probe) -> torch.Tensor:
 
 def permutation_p(x: np.ndarray, y: np.ndarray, rho: float, n: int = 2000, seed: int = 0) -> float:
     """Two-sided permutation p-value of a Spearman correlation ``rho`` of x and y (fixed seed: reproducible)."""
+    if math.isnan(rho):
+        return float("nan")
     g = np.random.default_rng(seed)
     hits = sum(abs(spearman(x, g.permutation(y))) >= abs(rho) - 1e-12 for _ in range(n))
     return (hits + 1) / (n + 1)

@@ -330,6 +330,9 @@ def test_study_quick(tmp_path):
     cross = json.loads((out / "cross_task.json").read_text())
     assert set(cross["rows"]["rte"]["skill_of"]) == {"sst2", "rte", "tweet"}
     transfer = json.loads((out / "transfer.json").read_text())
-    assert set(transfer["pairs"]) == {"sst2->rte", "rte->sst2"}
+    assert set(transfer["pairs"]) == {"sst2->rte", "rte->sst2"} and set(transfer["scratch"]) == {"sst2", "rte"}
+    gain = transfer["pairs"]["sst2->rte"]["after_steps"] - transfer["scratch"]["rte"]
+    assert transfer["pairs"]["sst2->rte"]["gain_over_scratch"] == pytest.approx(gain)
+    assert all(0 < p <= 1 or p != p for p in transfer["spearman_p_two_sided"].values())  # nan: constant input
     text = (out / "RESULTS.md").read_text()
     assert "## Pruning to skill neurons" in text and "## Transferability indicators" in text
