@@ -30,7 +30,7 @@ from skillkern.data import binary_subtask, load_task  # noqa: E402
 from skillkern.perturb import perturb_run, run_predictivity, score_run, scores_path  # noqa: E402
 from skillkern.plotting import plot_perturbation  # noqa: E402
 from skillkern.stats import combine_runs  # noqa: E402
-from skillkern.tune import TuneSettings, read_run, tune_run  # noqa: E402
+from skillkern.tune import TuneSettings, read_run, run_splits, tune_run  # noqa: E402
 
 log = logging.getLogger("study")
 
@@ -269,6 +269,7 @@ def main() -> int:
         "fractions": list(FRACTIONS), "seeds": seeds, "tasks": rows,
         "correlation": {"tasks": tasks, "whole_model": corr_whole.tolist(), "per_layer": corr_layer.tolist()},
         "controls": controls, "bitfit": bitfit, "threads": torch.get_num_threads(),
+        "majority": {n: majority_rate(n, settings_for(args, 0)) for n in tasks},
         "seconds_this_invocation": round(time.perf_counter() - started, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -279,6 +280,13 @@ def main() -> int:
     write_results_md(results, out, ROOT / "RESULTS.md" if not args.quick else out / "RESULTS.md")
     log.info("study done in %.0fs; wrote %s", time.perf_counter() - started, out)
     return 0
+
+
+def majority_rate(name: str, settings: TuneSettings) -> float:
+    """Accuracy of always predicting the most frequent label on the test rows a run reports on."""
+    test = run_splits(task_data(name), settings)[2]
+    counts = np.bincount([e.label for e in test])
+    return float(counts.max() / max(1, len(test)))
 
 
 def top_mean(pred: torch.Tensor, frac: float = 0.01) -> float:
