@@ -181,7 +181,7 @@ def write_results_md(results: dict, out: Path, path: Path) -> None:
     if results.get("controls"):
         lines += ["## Untrained random prompt and hand-written prompt", "",
                   "Best predictivity and mean of the top 1% of neurons, scored on the same rows as the tuned prompt "
-                  "(seed 0 for the controls).", "",
+                  "(seed 0, for the tuned prompt too).", "",
                   "| task | tuned best | random best | hand-written best | tuned top-1% | random top-1% | "
                   "hand-written top-1% |", "|---|---|---|---|---|---|---|"]
         for name, c in results["controls"].items():
