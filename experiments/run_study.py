@@ -245,7 +245,7 @@ def main() -> int:
                 ensure_scores(run, name)
                 entry[kind] = float(task_predictivity(run).max())
                 entry[kind + "_mean_top1pct"] = top_mean(task_predictivity(run))
-            # the controls are seed 0 only, so they stand beside the seed-0 tuned prompt (a seed mean has a lower max)
+            # the controls are seed 0 only, so they stand beside the seed-0 tuned prompt, not the seed mean
             tuned = task_predictivity(work / name / "seed0") if 0 in seeds[name] else preds[name]
             entry["tuned"] = float(tuned.max())
             entry["tuned_mean_top1pct"] = top_mean(tuned)
