@@ -190,8 +190,7 @@ def part_transfer(tasks, work: Path, out: Path, args) -> dict:
             continue
         info_b = read_run(work / b / "seed0")
         s = _transfer_settings(info_b, args)
-        _, task, _ = load_run(work / b / "seed0")
-        scratch[b] = tune_run(info_b["model"], task, s, work / "transfer" / f"scratch__{b}", progress=False,
+        scratch[b] = tune_run(info_b["model"], task_data(b), s, work / "transfer" / f"scratch__{b}", progress=False,
                               label="from scratch (transfer baseline)")["test_accuracy"]
         scratch_file.write_text(json.dumps(scratch, indent=2) + "\n")
         log.info("transfer baseline on %s: %d steps from scratch %.3f", b, args.transfer_steps, scratch[b])
