@@ -2,14 +2,20 @@
 
 Models: the embedded all-MiniLM-L6-v2, a randomly initialised RoBERTa-base config and a Llama-style (gated MLP)
 config. Pruning as ``skillkern prune`` does it: the top 75% of layers keep 2% of their neurons (which neurons does
-not change the speed: a fixed random set here), the rest folded into the bias, weights sliced (on CPU the sliced
-dense weights are the fastest path; the masked_ffn kernel is for GPUs).
+not change the speed: a fixed random set here), the rest folded into the bias. Providers:
+
+* ``pruned-sliced``: :func:`skillkern.prune.prune_model`, the weights sliced to the kept neurons (the fastest
+  path on a CPU, and what ``skillkern prune`` saves);
+* ``pruned-masked_ffn``: the dense model run through :func:`skillkern.prune.masked_ffn_model`, the Triton
+  ``masked_ffn`` kernel on the dense weights (GPU; on a CPU it would time the index_select reference, which
+  re-gathers the weights on every call, so it is only run there when asked for with ``--providers``).
 
 FLOP limit: forward FLOPs of the dense model / of the pruned model, counting every matmul (projections, FFN,
 attention scores and values) at the measured batch and sequence length. ``fraction_of_limit`` = measured
 speed-up / limit (goal: >= 0.9).
 
     python benchmarks/bench_pruned_model.py            # CPU results -> benchmarks/results/pruned_model_cpu.csv
+    python benchmarks/bench_pruned_model.py --device cuda   # float16, both providers -> pruned_model_gpu.csv
 """
 
 from __future__ import annotations
@@ -20,21 +26,21 @@ from pathlib import Path
 
 import torch
 
-from _common import device_name, row, time_it, write_rows
+from _common import device_name, quantiles, row, time_it, write_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from skillkern.models import ffn_layers, load_model  # noqa: E402
-from skillkern.prune import parse_layers, prune_model  # noqa: E402
+from skillkern.prune import masked_ffn_model, parse_layers, prune_model  # noqa: E402
 
 BENCH = "pruned_model"
 
 
-def build(name: str, device: str):
+def build(name: str, device: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModel
 
     if name == "minilm":
-        return load_model("minilm", device=device)[0]
+        return load_model("minilm", device=device, dtype=dtype)[0]
     torch.manual_seed(0)
     if name == "roberta-base":
         cfg = AutoConfig.for_model("roberta", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -45,16 +51,17 @@ def build(name: str, device: str):
                                    max_position_embeddings=1024)
     else:
         raise ValueError(name)
-    return AutoModel.from_config(cfg).eval().to(device)
+    return AutoModel.from_config(cfg).eval().to(device=device, dtype=dtype)
 
 
-def forward_flops(model, batch: int, seq: int) -> float:
-    """Multiply-add FLOPs (2 per MAC) of one forward pass: linear layers + attention scores/values."""
+def forward_flops(model, batch: int, seq: int, widths: list[int] | None = None) -> float:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass: linear layers + attention scores/values.
+    ``widths``: the FFN widths per layer, if not the model's own (a pruned model's)."""
     cfg = model.config
     H = cfg.hidden_size
     tokens = batch * seq
     layers = ffn_layers(model)
-    ffn = sum(layer.width for layer in layers)
+    ffn = sum(widths) if widths is not None else sum(layer.width for layer in layers)
     gated = layers[0].gated
     kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = H // cfg.num_attention_heads
@@ -64,18 +71,15 @@ def forward_flops(model, batch: int, seq: int) -> float:
     return 2.0 * tokens * (per_token_fixed + per_token_ffn)
 
 
-def pruned_copy(model, keep: float, layers: str):
-    import copy
-
-    m = copy.deepcopy(model)
-    L = len(ffn_layers(m))
+def pruning_plan(model, keep: float, layers: str) -> tuple[dict, torch.Tensor]:
+    """Kept neurons per pruned layer (a fixed random 'keep' fraction) and a zero baseline."""
+    L = len(ffn_layers(model))
     chosen = parse_layers(layers, L)
     g = torch.Generator().manual_seed(0)
-    width = ffn_layers(m)[0].width
+    width = ffn_layers(model)[0].width
     k = int(keep * width + 1e-9)
     keep_idx = {i: torch.randperm(width, generator=g)[:k] for i in chosen}
-    baseline = torch.zeros(L, width, dtype=torch.float64)
-    return prune_model(m, keep_idx, baseline)
+    return keep_idx, torch.zeros(L, width, dtype=torch.float64)
 
 
 def plot(csv_path: Path) -> Path:
@@ -94,14 +98,19 @@ def plot(csv_path: Path) -> Path:
     for ax, m in zip(axes[0], models):
         shapes = [r["shape"] for r in rows if r["shape"].startswith(m + ":") and r["provider"] == "flop-limit"]
         labels = [":".join(x.split(":")[1:3]).replace("batch=", "b").replace("seq=", "t") for x in shapes]
-        meas = [next(r for r in rows if r["shape"] == x and r["provider"] == "pruned-sliced") for x in shapes]
         lim = [float(next(r for r in rows if r["shape"] == x and r["provider"] == "flop-limit")["median"])
                for x in shapes]
+        provs = [p for p in ("pruned-sliced", "pruned-masked_ffn") if any(r["provider"] == p for r in rows)]
         xs = range(len(shapes))
-        med = [float(r["median"]) for r in meas]
-        err = [[v - float(r["p20"]) for v, r in zip(med, meas)], [float(r["p80"]) - v for v, r in zip(med, meas)]]
-        ax.bar([x - 0.2 for x in xs], med, 0.4, yerr=err, capsize=3, label="measured (pruned, sliced weights)")
-        ax.bar([x + 0.2 for x in xs], lim, 0.4, color="lightgrey", label="FLOP limit")
+        w = 0.8 / (len(provs) + 1)
+        for j, prov in enumerate(provs):
+            meas = [next((r for r in rows if r["shape"] == x and r["provider"] == prov), None) for x in shapes]
+            pos = [x - 0.4 + w * (j + 0.5) for x, r in zip(xs, meas) if r is not None]
+            med = [float(r["median"]) for r in meas if r is not None]
+            err = [[v - float(r["p20"]) for v, r in zip(med, [r for r in meas if r])],
+                   [float(r["p80"]) - v for v, r in zip(med, [r for r in meas if r])]]
+            ax.bar(pos, med, w, yerr=err, capsize=3, label=f"measured, {prov[7:]}")
+        ax.bar([x - 0.4 + w * (len(provs) + 0.5) for x in xs], lim, w, color="lightgrey", label="FLOP limit")
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_title(m, fontsize=10)
@@ -120,6 +129,10 @@ def plot(csv_path: Path) -> Path:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default: float16 on CUDA, "
+                   "float32 on CPU)")
+    p.add_argument("--providers", default=None, help="comma list of sliced, masked_ffn (default: both on CUDA, "
+                   "sliced on CPU)")
     p.add_argument("--models", default="minilm,roberta-base,llama-style")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--seqs", default="32,128")
@@ -133,40 +146,63 @@ def main() -> int:
     if args.plot_only:
         print(f"wrote {plot(Path(args.plot_only))}")
         return 0
+    cuda = args.device.startswith("cuda")
+    dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
+    providers = (args.providers or ("sliced,masked_ffn" if cuda else "sliced")).split(",")
+    bad = [x for x in providers if x not in ("sliced", "masked_ffn")]
+    if bad:
+        p.error(f"unknown providers {bad}: use sliced, masked_ffn")
     dev = device_name(args.device)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+    sync = torch.cuda.synchronize if cuda else None
+    dname = str(dtype).replace("torch.", "")
     rows = []
     for name in args.models.split(","):
-        dense = build(name, args.device)
-        pruned = pruned_copy(dense, args.keep, args.layers)
+        dense = build(name, args.device, dtype)
+        keep_idx, baseline = pruning_plan(dense, args.keep, args.layers)
+        import copy
+
+        sliced = prune_model(copy.deepcopy(dense), keep_idx, baseline) if "sliced" in providers else None
         for b in map(int, args.batches.split(",")):
             for t in map(int, args.seqs.split(",")):
-                if args.device == "cpu" and b * t > args.max_tokens:
+                if not cuda and b * t > args.max_tokens:
                     continue
                 ids = torch.randint(5, 1000, (b, t), device=args.device)
                 mask = torch.ones_like(ids)
                 shape = f"{name}:batch={b}:seq={t}:keep={args.keep}:layers={args.layers}"
+
+                def fwd(model):
+                    return lambda: model(input_ids=ids, attention_mask=mask)
+
+                def timed_masked():
+                    with masked_ffn_model(dense, keep_idx, baseline):
+                        return time_it(fwd(dense), args.repeats, sync=sync)
+
+                runs = {"sliced": lambda: time_it(fwd(sliced), args.repeats, sync=sync), "masked_ffn": timed_masked}
                 with torch.inference_mode():
-                    td = time_it(lambda: dense(input_ids=ids, attention_mask=mask), args.repeats, sync=sync)
-                    tp = time_it(lambda: pruned(input_ids=ids, attention_mask=mask), args.repeats, sync=sync)
-                    # interleave a second round so drift in machine load hits both
-                    td += time_it(lambda: dense(input_ids=ids, attention_mask=mask), args.repeats, 0, sync)
-                    tp += time_it(lambda: pruned(input_ids=ids, attention_mask=mask), args.repeats, 0, sync)
-                limit = forward_flops(dense, b, t) / forward_flops(pruned, b, t)
-                med_dense = sorted(td)[len(td) // 2]
-                speed = [med_dense / q for q in tp]  # spread of the pruned timings against the dense median
-                rows += [row(BENCH, "forward", "dense", shape, "time", td, "s", dev),
-                         row(BENCH, "forward", "pruned-sliced", shape, "time", tp, "s", dev),
-                         row(BENCH, "forward", "pruned-sliced", shape, "speedup_vs_dense", speed, "x", dev),
-                         row(BENCH, "forward", "flop-limit", shape, "speedup_vs_dense", [limit], "x", dev),
-                         row(BENCH, "forward", "pruned-sliced", shape, "fraction_of_limit",
-                             [s / limit for s in speed], "x", dev)]
-                med = sorted(speed)[len(speed) // 2]
-                print(f"{shape}: dense {sorted(td)[len(td) // 2] * 1e3:.1f} ms, pruned "
-                      f"{sorted(tp)[len(tp) // 2] * 1e3:.1f} ms, speed-up {med:.2f}x of limit {limit:.2f}x "
-                      f"({med / limit:.0%})", flush=True)
-    out = args.out or (Path(__file__).parent / "results" /
-                       f"pruned_model_{'gpu' if args.device.startswith('cuda') else 'cpu'}.csv")
+                    td = time_it(fwd(dense), args.repeats, sync=sync)
+                    tp = {prov: runs[prov]() for prov in providers}
+                    # interleave a second round so drift in machine load hits every provider alike
+                    td += time_it(fwd(dense), args.repeats, 0, sync)
+                    for prov in providers:
+                        tp[prov] += runs[prov]()
+                widths = [len(keep_idx[i]) if i in keep_idx else layer.width
+                          for i, layer in enumerate(ffn_layers(dense))]
+                limit = forward_flops(dense, b, t) / forward_flops(dense, b, t, widths)
+                med_dense = quantiles(td)[0]
+                rows += [row(BENCH, "forward", "dense", shape, "time", td, "s", dev, dname),
+                         row(BENCH, "forward", "flop-limit", shape, "speedup_vs_dense", [limit], "x", dev, dname)]
+                for prov, times in tp.items():
+                    speed = [med_dense / q for q in times]  # spread of the pruned timings against the dense median
+                    rows += [row(BENCH, "forward", f"pruned-{prov}", shape, "time", times, "s", dev, dname),
+                             row(BENCH, "forward", f"pruned-{prov}", shape, "speedup_vs_dense", speed, "x", dev,
+                                 dname),
+                             row(BENCH, "forward", f"pruned-{prov}", shape, "fraction_of_limit",
+                                 [s / limit for s in speed], "x", dev, dname)]
+                    med = quantiles(speed)[0]
+                    print(f"{shape} {prov}: dense {med_dense * 1e3:.2f} ms, pruned "
+                          f"{quantiles(times)[0] * 1e3:.2f} ms, speed-up {med:.2f}x of limit {limit:.2f}x "
+                          f"({med / limit:.0%})", flush=True)
+    out = args.out or (Path(__file__).parent / "results" / f"pruned_model_{'gpu' if cuda else 'cpu'}.csv")
     write_rows(out, rows)
     print(f"wrote {out} and {plot(Path(out))}")
     return 0

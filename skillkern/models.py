@@ -48,6 +48,7 @@ __all__ = [
     "model_id",
     "neuron_widths",
     "register_architecture",
+    "replace_ffn_computation",
     "replace_neuron_computation",
 ]
 
@@ -576,9 +577,34 @@ def replace_neuron_computation(model: nn.Module, fn: Callable[[int, torch.Tensor
     """
     if which not in ("neuron", "gate"):
         raise ValueError(f"which must be 'neuron' or 'gate', got {which!r}")
+    with _patched_ffn(model, fn, layers, which, whole=False) as chosen:
+        yield chosen
+
+
+@contextlib.contextmanager
+def replace_ffn_computation(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Tensor],
+                            layers: Iterable[int] | None = None) -> Iterator[list[FFNLayer]]:
+    """Compute each layer's whole FFN, up-projection to down-projection, with ``fn(layer_index, x)``.
+
+    ``x`` is the FFN input ``(..., hidden)``; ``fn`` returns what the down-projection would return,
+    ``(..., hidden_out)`` with its bias added. What the block does after the down-projection (dropout, residual,
+    LayerNorm) runs unchanged. The patch is :func:`replace_neuron_computation`'s, plus ``down -> identity``
+    (gated: ``up -> ones`` broadcast over the output), undone on exit. :func:`skillkern.prune.masked_ffn_model`
+    uses it to run pruned layers with the ``masked_ffn`` kernel from the dense weights.
+
+    Yields:
+        the patched :class:`FFNLayer` objects.
+    """
+    with _patched_ffn(model, fn, layers, "neuron", whole=True) as chosen:
+        yield chosen
+
+
+@contextlib.contextmanager
+def _patched_ffn(model: nn.Module, fn: Callable[[int, torch.Tensor], torch.Tensor], layers: Iterable[int] | None,
+                 which: str, whole: bool) -> Iterator[list[FFNLayer]]:
     chosen = _select(ffn_layers(model), layers)
     _check_hookable(model)
-    for field in ("up", "gate"):
+    for field in ("up", "gate") + (("down",) if whole else ()):
         mods = [getattr(layer, field) for layer in chosen if getattr(layer, field) is not None]
         if len({id(m) for m in mods}) != len(mods):
             raise ValueError(f"one {field} module is shared by several layers; it cannot be patched per layer")
@@ -602,10 +628,13 @@ def replace_neuron_computation(model: nn.Module, fn: Callable[[int, torch.Tensor
                 setattr(parent, attr, _identity)
                 undo.append(lambda p=parent, a=attr, b=before: setattr(p, a, b))
             if layer.gated and which == "neuron":
-                def ones(x: torch.Tensor, *_args: Any, _d: int = layer.width, **_kwargs: Any) -> torch.Tensor:
-                    return x.new_ones(()).expand(*x.shape[:-1], _d)
+                # ones of shape (..., 1): broadcast against h (..., D) or, whole, the FFN output (..., hidden_out)
+                def ones(x: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+                    return x.new_ones(()).expand(*x.shape[:-1], 1)
 
                 _patch_forward(layer.up, ones, undo)
+            if whole:
+                _patch_forward(layer.down, _identity, undo)
         yield chosen
     finally:
         for restore in reversed(undo):

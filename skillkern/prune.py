@@ -13,11 +13,12 @@ weights, so a pruned folder comes back in one call with bit-identical outputs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -81,6 +82,29 @@ def _up_like(layer: FFNLayer, module: nn.Module, keep: torch.Tensor) -> nn.Modul
     return _resized(module, w[keep], None if b is None else b[keep], False)
 
 
+def _folded_bias(layer: FFNLayer, keep: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """``b2 + W2[:, P] @ baseline[P]`` over the pruned neurons P only, summed in float64 (hidden_out,)."""
+    pruned = torch.ones(layer.width, dtype=torch.bool)
+    pruned[keep] = False
+    w2 = layer.down.weight.detach()
+    w2_lin = w2.t() if layer.spec.conv1d else w2                           # (hidden_out, D)
+    m = baseline.to(torch.float64)
+    fold = (w2_lin.double()[:, pruned.to(w2.device)] @ m[pruned.to(m.device)].to(w2.device)).to(w2.dtype)
+    b2 = layer.down.bias.detach() if getattr(layer.down, "bias", None) is not None else torch.zeros_like(fold)
+    return b2 + fold
+
+
+def _checked_keep(layer: FFNLayer, keep, baseline: torch.Tensor) -> torch.Tensor:
+    """Sorted unique int64 indices on the CPU, after checking them and the baseline against the layer."""
+    D = layer.width
+    keep = torch.as_tensor(keep, dtype=torch.int64).unique(sorted=True).cpu()
+    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= D):
+        raise ValueError(f"layer {layer.index}: kept neuron indices must be in [0, {D})")
+    if baseline.shape != (D,):
+        raise ValueError(f"layer {layer.index}: baseline must have shape ({D},), got {tuple(baseline.shape)}")
+    return keep
+
+
 @torch.no_grad()
 def prune_layer(layer: FFNLayer, keep: torch.Tensor, baseline: torch.Tensor) -> None:
     """Prune one FFN layer in place to the neurons ``keep``, folding the others at ``baseline`` into the bias.
@@ -89,26 +113,69 @@ def prune_layer(layer: FFNLayer, keep: torch.Tensor, baseline: torch.Tensor) -> 
         keep: (K,) int64 neuron indices to keep (any order; they are sorted).
         baseline: (D,) value each pruned neuron is frozen at.
     """
-    D = layer.width
-    keep = torch.as_tensor(keep, dtype=torch.int64).unique(sorted=True).cpu()
-    if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= D):
-        raise ValueError(f"layer {layer.index}: kept neuron indices must be in [0, {D})")
-    if baseline.shape != (D,):
-        raise ValueError(f"layer {layer.index}: baseline must have shape ({D},), got {tuple(baseline.shape)}")
-    pruned = torch.ones(D, dtype=torch.bool)
-    pruned[keep] = False
+    keep = _checked_keep(layer, keep, baseline)
     down = layer.down
-    w2 = down.weight.detach()
-    w2_lin = w2.t() if layer.spec.conv1d else w2                           # (hidden, D)
-    m = baseline.to(torch.float64)
-    fold = (w2_lin.double()[:, pruned] @ m[pruned.to(m.device)].to(w2.device)).to(w2.dtype)   # (hidden,)
-    b2 = down.bias.detach() if getattr(down, "bias", None) is not None else torch.zeros_like(fold)
-    new_w2 = w2[keep] if layer.spec.conv1d else w2[:, keep]
+    b2 = _folded_bias(layer, keep, baseline)
+    new_w2 = down.weight.detach()[keep] if layer.spec.conv1d else down.weight.detach()[:, keep]
     spec, block = layer.spec, layer.block
-    _set_path(block, spec.down, _resized(down, new_w2, b2 + fold, layer.spec.conv1d))
+    _set_path(block, spec.down, _resized(down, new_w2, b2, layer.spec.conv1d))
     _set_path(block, spec.up, _up_like(layer, layer.up, keep))
     if layer.gate is not None:
         _set_path(block, spec.gate, _up_like(layer, layer.gate, keep))
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def masked_ffn_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch.Tensor, *,
+                     backend: str = "auto", schedule: str = "auto", contiguous_w2: Optional[bool] = None
+                     ) -> Iterator[nn.Module]:
+    """Run ``model`` as the model :func:`prune_model` would make, from its dense weights, with ``masked_ffn``.
+
+    Inside the block every layer in ``keep`` computes ``W2[:, K] @ act(W1[K] x + b1[K]) + b2'`` with the
+    :func:`skillkern.ops.masked_ffn.masked_ffn` kernel (gated MLPs: the gated form), where ``b2'`` is the bias
+    with the pruned neurons folded in at ``baseline`` exactly as :func:`prune_layer` folds it. Nothing is sliced
+    or copied except the folded biases (and, with ``contiguous_w2``, a transposed copy of W2 per layer), so
+    one set of weights serves the dense model outside the block and the pruned one inside it. On a GPU this is
+    the fast path for few rows; on a CPU, slicing (:func:`prune_model`) is faster.
+
+    Args:
+        keep: layer index -> (K_l,) int64 kept neuron indices; layers not in the dict run unchanged.
+        baseline: (L, D) values the pruned neurons are frozen at.
+        backend, schedule: passed to ``masked_ffn`` (``backend="torch"`` is the index_select reference).
+        contiguous_w2: keep a transposed contiguous copy of each W2, so the kept neurons' output weights are
+            contiguous rows (see the masked_ffn module docstring); default: on CUDA only.
+
+    Yields:
+        the model, patched until the block exits (also on exceptions). Inference only.
+    """
+    from .models import fused_ffn_weights, replace_ffn_computation
+    from .ops.masked_ffn import masked_ffn
+
+    layers = ffn_layers(model)
+    if baseline.dim() != 2 or baseline.shape[0] != len(layers):
+        raise ValueError(f"baseline must be (layers={len(layers)}, neurons), got {tuple(baseline.shape)}")
+    prepared = {}
+    for index, idx in keep.items():
+        if not 0 <= index < len(layers):
+            raise ValueError(f"layer {index} out of range for {len(layers)} layers")
+        layer = layers[index]
+        k = _checked_keep(layer, idx, baseline[index])
+        w = fused_ffn_weights(model, layer)
+        w2 = layer.down.weight.detach()
+        w2 = w2.t() if layer.spec.conv1d else w2                           # (hidden_out, D), maybe a view
+        if contiguous_w2 if contiguous_w2 is not None else w2.is_cuda:
+            w2 = w2.t().contiguous().t() if w2.stride(0) != 1 else w2
+        prepared[index] = dict(w1=w.w1.detach(), b1=None if w.b1 is None else w.b1.detach(), w2=w2,
+                               b2=_folded_bias(layer, k, baseline[index]), keep=k.to(w2.device),
+                               w_gate=None if w.w_gate is None else w.w_gate.detach(), act=w.act)
+
+    def run(index: int, x: torch.Tensor) -> torch.Tensor:
+        p = prepared[index]
+        return masked_ffn(x, p["w1"], p["b1"], p["w2"], p["b2"], p["keep"], act=p["act"], w_gate=p["w_gate"],
+                          backend=backend, schedule=schedule, check=False)
+
+    with replace_ffn_computation(model, run, layers=sorted(prepared)):
+        yield model
 
 
 def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch.Tensor,

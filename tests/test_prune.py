@@ -130,3 +130,65 @@ def test_parse_layers_and_bad_input():
         prune_model(model, {0: torch.tensor([1])}, torch.zeros(2, WIDTH))
     with pytest.raises(ValueError, match="kept neuron indices"):
         prune_model(model, {0: torch.tensor([WIDTH])}, torch.zeros(3, WIDTH))
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "gpt2", "llama"])
+def test_masked_ffn_model_matches_the_sliced_model(model_type):
+    """The dense model run through masked_ffn (torch backend) computes what prune_model's sliced copy computes,
+    and the dense model is itself again once the block exits."""
+    import copy
+
+    from skillkern.prune import masked_ffn_model
+
+    model = tiny(model_type)
+    keep, baseline = plan(model)
+    with torch.no_grad():
+        dense = model(**inputs()).last_hidden_state
+        sliced = prune_model(copy.deepcopy(model), keep, baseline)(**inputs()).last_hidden_state
+        with masked_ffn_model(model, keep, baseline, backend="torch"):
+            got = model(**inputs()).last_hidden_state
+        again = model(**inputs()).last_hidden_state
+    # the same index_select + F.linear products on the same sorted indices and the same folded bias
+    torch.testing.assert_close(got, sliced, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, dense, atol=1e-3)  # the pruning did change the output
+    assert torch.equal(again, dense)
+    assert all(layer.width == WIDTH for layer in ffn_layers(model))  # nothing was sliced
+
+
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_masked_ffn_model_triton_kernel(model_type, monkeypatch):
+    """The same through the Triton kernels (interpreted on CPU), both schedules."""
+    import copy
+
+    from skillkern.ops.activations import HAVE_TRITON
+    from skillkern.ops.masked_ffn import triton_interpreted
+    from skillkern.prune import masked_ffn_model
+
+    if not (HAVE_TRITON and triton_interpreted()):
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    model = tiny(model_type)
+    keep, baseline = plan(model)
+    with torch.no_grad():
+        sliced = prune_model(copy.deepcopy(model), keep, baseline)(**inputs()).last_hidden_state
+        for schedule in ("fused", "two_pass"):
+            with masked_ffn_model(model, keep, baseline, backend="triton", schedule=schedule,
+                                  contiguous_w2=schedule == "fused"):
+                got = model(**inputs()).last_hidden_state
+            # fp32 products in another summation order: float rounding only
+            torch.testing.assert_close(got, sliced, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_ffn_model_bad_input():
+    from skillkern.prune import masked_ffn_model
+
+    model = tiny("bert")
+    keep, baseline = plan(model)
+    with pytest.raises(ValueError, match="baseline must be"):
+        with masked_ffn_model(model, keep, baseline[:2]):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        with masked_ffn_model(model, {5: torch.tensor([0])}, baseline):
+            pass
+    with pytest.raises(ValueError, match=r"must be in \[0, 37\)"):
+        with masked_ffn_model(model, {1: torch.tensor([37])}, baseline):
+            pass

@@ -31,13 +31,22 @@ def test_speed_table_reads_the_benchmark_csv(tmp_path):
     rows = [("pruned-sliced", "m:batch=1:seq=32:keep=0.02", "1.5", "1.4", "1.6"),
             ("flop-limit", "m:batch=1:seq=32:keep=0.02", "1.8", "1.8", "1.8"),
             ("pruned-sliced", "m:batch=8:seq=32:keep=0.02", "1.75", "1.7", "1.8"),
-            ("flop-limit", "m:batch=8:seq=32:keep=0.02", "1.8", "1.8", "1.8")]
+            ("flop-limit", "m:batch=8:seq=32:keep=0.02", "1.8", "1.8", "1.8"),
+            ("pruned-masked_ffn", "m:batch=8:seq=32:keep=0.02", "1.2", "1.1", "1.3"),   # slower: not shown
+            ("pruned-masked_ffn", "m:batch=1:seq=32:keep=0.02", "1.3", "1.2", "1.4")]
     body = "".join(f"pruned_model,forward,{p},{s},float32,speedup_vs_dense,{m},{lo},{hi},x,10,CPU X\n"
                    for p, s, m, lo, hi in rows)
     (tmp_path / "pruned_model_cpu.csv").write_text(head + body)
     text = "\n".join(_speed_lines(tmp_path))
-    assert "| CPU X | m | batch=1 seq=32 | 1.50x | 1.40-1.60 | 1.80x | 83% |" in text
-    assert "| CPU X | m | batch=8 seq=32 | 1.75x | 1.70-1.80 | 1.80x | 97% |" in text
+    assert "| CPU X | float32 | m | batch=1 seq=32 | sliced | 1.50x | 1.40-1.60 | 1.80x | 83% |" in text
+    assert "| CPU X | float32 | m | batch=8 seq=32 | sliced | 1.75x | 1.70-1.80 | 1.80x | 97% |" in text
+    (tmp_path / "pruned_model_cpu.csv").write_text(head + body.replace("masked_ffn,m:batch=1:seq=32:keep=0.02,"
+                                                                       "float32,speedup_vs_dense,1.3",
+                                                                       "masked_ffn,m:batch=1:seq=32:keep=0.02,"
+                                                                       "float32,speedup_vs_dense,1.7"))
+    text2 = "\n".join(_speed_lines(tmp_path))
+    assert "| CPU X | float32 | m | batch=1 seq=32 | masked_ffn | 1.70x | 1.20-1.40 | 1.80x | 94% |" in text2
+    assert "Every shape reaches the 90% goal." in text2
     assert "Below the 90% goal: m batch=1 seq=32." in text
     assert "Only CPU numbers exist" in text
     assert _speed_lines(tmp_path / "missing") == []
