@@ -320,36 +320,65 @@ def applications_sections(out: Path, rel: str) -> list[str]:
     f = out / "transfer.json"
     if f.is_file():
         tr = json.loads(f.read_text())
-        sp = tr["spearman"]
+        seeds = tr.get("seeds", [0])
+        n_pairs = len(tr["pairs"])
+        counts = tr.get("pairs_per_metric", {})
         lines += ["## Transferability indicators", "",
-                  f"For every ordered pair of {', '.join(tr['tasks'])}: task A's prompt and head initialise task B "
-                  f"(zero-shot accuracy on B, and accuracy after {tr['transfer_steps']} tuning steps, first "
-                  f"{tr['test_rows']} test rows). Indicators: Su et al.'s overlap of the neurons the two prompts "
-                  "activate (> 0 at a prompt slot on most of 64 fixed probe texts; Jaccard), and the overlap of the "
-                  f"two tasks' skill neurons (top {tr['indicator_q']:.0%} per layer; Jaccard).", "",
+                  f"For every ordered pair of {', '.join(tr['tasks'])} ({n_pairs} pairs): task A's prompt "
+                  f"initialises task B's tuning, and accuracy on B is measured zero-shot and after "
+                  f"{tr['transfer_steps']} tuning steps (first {tr['test_rows']} test rows"
+                  + (f"; each pair run with the runs of seeds {', '.join(map(str, seeds))} and averaged" if len(seeds) > 1
+                     else f"; seed {seeds[0]}") + "). A's linear head comes with the prompt when A and B have the "
+                  "same number of labels; across label counts B starts from a fresh head and zero-shot is not "
+                  f"defined ({counts.get('zero_shot', n_pairs)} of {n_pairs} pairs have a zero-shot number). "
+                  "Indicators: Su et al.'s overlap of the neurons the two prompts activate (> 0 at a prompt slot on "
+                  "most of 64 fixed probe texts; Jaccard), and the overlap of the two tasks' skill neurons (top "
+                  f"{tr['indicator_q']:.0%} per layer; for 3-class tasks of the larger of the pn / neu "
+                  "predictivities; Jaccard).", "",
                   "Spearman correlation of each indicator, over the pairs, with: the zero-shot accuracy; the accuracy "
                   "after tuning; both divided by B's own prompt accuracy (Su et al.'s relative performance, which "
-                  "removes how easy B is); and the gain after tuning over the same budget from scratch.", "",
-                  "| indicator | " + " | ".join(m for m, _ in _TRANSFER_METRICS) + " |",
-                  "|---|" + "---|" * len(_TRANSFER_METRICS)]
-        for ind, label in (("overlap_indicator", "activated-neuron overlap (Su et al.)"),
-                           ("skill_indicator", "skill-neuron overlap")):
-            pv = tr.get("spearman_p_two_sided", {})
-            lines.append(f"| {label} | " + " | ".join(
-                _f(sp.get(f"{ind}~{key}"), 2) + (f" (p {pv[f'{ind}~{key}']:.2f})" if f"{ind}~{key}" in pv else "")
-                for _, key in _TRANSFER_METRICS) + " |")
-        lines += ["", f"p: two-sided permutation p-value over the {len(tr['pairs'])} pairs (2,000 permutations); the "
-                  "pairs share tasks, so they are not independent and p is, if anything, too small.", ""]
+                  "removes how easy B is); and the gain after tuning over the same budget from scratch.", ""]
+
+        def table(block: dict, title: str) -> list[str]:
+            sp, pv, cnt = block["spearman"], block.get("spearman_p_two_sided", {}), block.get("pairs_per_metric", {})
+            out_lines = [title, "", "| indicator | " + " | ".join(
+                             f"{m} ({cnt[key]} pairs)" if key in cnt else m for m, key in _TRANSFER_METRICS) + " |",
+                         "|---|" + "---|" * len(_TRANSFER_METRICS)]
+            for ind, label in (("overlap_indicator", "activated-neuron overlap (Su et al.)"),
+                               ("skill_indicator", "skill-neuron overlap")):
+                out_lines.append(f"| {label} | " + " | ".join(
+                    _f(sp.get(f"{ind}~{key}"), 2)
+                    + (f" (p {pv[f'{ind}~{key}']:.2f})" if pv.get(f"{ind}~{key}") == pv.get(f"{ind}~{key}")
+                       and f"{ind}~{key}" in pv else "")
+                    for _, key in _TRANSFER_METRICS) + " |")
+            return out_lines + [""]
+
+        lines += table(tr, "All pairs" + (", seed means:" if len(seeds) > 1 else ":"))
+        if tr.get("same_labels") and tr["same_labels"]["pairs_per_metric"].get("after_steps", 0) < n_pairs:
+            lines += table(tr["same_labels"], "Only the pairs with the same number of labels (head carried over):")
+        per_seed = tr.get("per_seed", {})
+        if len(per_seed) > 1:
+            lines += ["Per seed (all pairs), Spearman with the accuracy after tuning and with the gain over scratch:",
+                      "", "| seed | overlap ~ after | skill ~ after | overlap ~ gain | skill ~ gain |",
+                      "|---|---|---|---|---|"]
+            for sd, block in per_seed.items():
+                sp = block["spearman"]
+                lines.append(f"| {sd} | " + " | ".join(_f(sp.get(k), 2) for k in (
+                    "overlap_indicator~after_steps", "skill_indicator~after_steps",
+                    "overlap_indicator~gain_over_scratch", "skill_indicator~gain_over_scratch")) + " |")
+            lines.append("")
+        lines += [f"p: two-sided permutation p-value over the pairs (2,000 permutations); the pairs share tasks, so "
+                  "they are not independent and p is, if anything, too small.", ""]
         if tr.get("scratch"):
             pairs = tr["pairs"]
             helped = sum(p.get("gain_over_scratch", 0) > 0 for p in pairs.values())
             lines += [f"Transfer beats the same {tr['transfer_steps']} steps from scratch on {helped} of "
-                      f"{len(pairs)} pairs (mean gain {100 * _mean([p.get('gain_over_scratch') for p in pairs.values()]):+.1f} "
+                      f"{n_pairs} pairs (mean gain {100 * _mean([p.get('gain_over_scratch') for p in pairs.values()]):+.1f} "
                       "points). From scratch: " + ", ".join(f"{b} {_f(v)}" for b, v in tr["scratch"].items()) + ".", ""]
         lines += ["Paper (RoBERTa-base, METHOD.md, unverified): 0.71 for the skill-neuron indicator vs 0.53 for the "
-                  "overlap indicator. Here the head is a linear head carried over with the prompt, so on a binary "
-                  "pair the zero-shot accuracy also depends on whether the two tasks' label 1 means alike; with one "
-                  "seed, short budgets and 200 test rows the real-transfer numbers are noisy; read the correlations "
+                  "overlap indicator. Here the head is a linear head carried over with the prompt, so on a pair with "
+                  "a carried head the zero-shot accuracy also depends on whether the two tasks' label ids mean alike; "
+                  f"with short budgets and {tr['test_rows']} test rows the real-transfer numbers are noisy; read the correlations "
                   "with that in mind.", "",
                   f"![transfer]({rel}/transfer.png)", ""]
     return lines

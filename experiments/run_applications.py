@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_study import MULTICLASS, TASKS, spearman, task_data  # noqa: E402
+from run_study import TASKS, spearman, task_data  # noqa: E402
 
 from skillkern.perturb import perturbation, random_selection, run_predictivity, skill_selection  # noqa: E402
 from skillkern.prune import prune_run  # noqa: E402
@@ -143,71 +143,152 @@ def _transfer_settings(info_b: dict, args) -> TuneSettings:
                            "eval_every": 10 ** 9, "max_test": args.transfer_rows, "max_dev": args.transfer_rows})
 
 
-def part_transfer(tasks, work: Path, out: Path, args) -> dict:
-    """Real transfer A -> B (binary tasks) beside the overlap indicator and the skill-neuron indicator."""
-    binary = [t for t in tasks if t not in MULTICLASS and t in args.transfer_tasks]
+def _head_matches(state: dict, pm) -> bool:
+    """Whether A's saved head has B's label count (then it carries over with the prompt)."""
+    return pm.head is not None and "head.weight" in state and state["head.weight"].shape == pm.head.weight.shape
+
+
+def _correlations(pairs: dict, keys: list) -> tuple[dict, dict, dict]:
+    """Spearman of each indicator with each real-transfer metric over ``keys`` (pairs lacking a metric, e.g.
+    zero-shot across label sets, are left out of that metric), two-sided permutation p-values, pair counts."""
+    corr, p_values, counts = {}, {}, {}
+    for m in _REAL:
+        ks = [k for k in keys if pairs[k].get(m) is not None]
+        y = np.array([pairs[k][m] for k in ks])
+        for i in ("overlap_indicator", "skill_indicator"):
+            x = np.array([pairs[k][i] for k in ks])
+            rho = spearman(x, y) if len(ks) > 2 else float("nan")
+            corr[f"{i}~{m}"], p_values[f"{i}~{m}"] = rho, permutation_p(x, y, rho)
+        counts[m] = len(ks)
+    return corr, p_values, counts
+
+
+_REAL = ("zero_shot", "after_steps", "relative_zero_shot", "relative_after_steps", "gain_over_scratch")
+
+
+def _seed_files(out: Path, work: Path, seed: int) -> tuple[Path, Path, Path]:
+    """(pairs cache, scratch cache, run folder root) of one transfer seed (seed 0 keeps the original names)."""
+    tag = "" if seed == 0 else f"_seed{seed}"
+    return out / f"transfer_pairs{tag}.json", out / f"transfer_scratch{tag}.json", work / f"transfer{tag}"
+
+
+def transfer_seed(chosen: list, work: Path, out: Path, args, seed: int) -> tuple[dict, dict]:
+    """Every ordered pair of ``chosen`` with seed ``seed``'s runs: A's prompt initialises B's tuning (B's seed-
+    ``seed`` settings). A's linear head comes with it when the two tasks have the same number of labels; across
+    label sets (a 3-class task and a binary one) B starts from a fresh head and zero-shot is not defined (None).
+    Returns (pairs, scratch: B -> accuracy after the same budget from the usual initialisation). Resumable."""
+    run = f"seed{seed}"
     probe = run_splits(task_data("sst2"), TuneSettings(max_test=64))[2][:64]  # fixed probe texts for all prompts
     activated, skill = {}, {}
-    for a in binary:
-        pm, _, _ = load_run(work / a / "seed0")
+    for a in chosen:
+        pm, _, _ = load_run(work / a / run)
         activated[a] = activated_neurons(pm, probe)
         skill[a] = torch.zeros_like(activated[a])
-        for layer, idx in enumerate(skill_selection(run_predictivity(work / a / "seed0"), args.indicator_q)):
+        # the top q of each layer for every task, 3-class ones included (max of the pn / neu predictivities), so
+        # the Jaccard overlaps compare sets of one size
+        for layer, idx in enumerate(select_per_layer(_single(run_predictivity(work / a / run)), args.indicator_q)):
             skill[a][layer, idx] = True
-    pairs_file = out / "transfer_pairs.json"
+    pairs_file, scratch_file, folders = _seed_files(out, work, seed)
     pairs = json.loads(pairs_file.read_text()) if pairs_file.exists() else {}
-    for a in binary:
+    inter = lambda x, y: float((x & y).sum()) / max(1.0, float((x | y).sum()))  # noqa: E731
+    for a in chosen:
         state = None
-        for b in binary:
-            if a == b or f"{a}->{b}" in pairs:
+        for b in chosen:
+            if a == b:
+                continue
+            if f"{a}->{b}" in pairs:  # cached; the indicators are cheap and recomputed with the current rule
+                pairs[f"{a}->{b}"].update(overlap_indicator=inter(activated[a], activated[b]),
+                                          skill_indicator=inter(skill[a], skill[b]))
                 continue
             from safetensors.torch import load_file
 
-            state = state or load_file(str(work / a / "seed0" / STATE_FILE))
-            info_b = read_run(work / b / "seed0")
+            state = state or load_file(str(work / a / run / STATE_FILE))
+            info_b = read_run(work / b / run)
             s = _transfer_settings(info_b, args)
-            pm, task, _ = load_run(work / b / "seed0")
-            pm.load_trained_state(state)
-            test = run_splits(task, s)[2]
-            zero = evaluate(pm, test, 32, s.max_length)
+            pm, task, _ = load_run(work / b / run)
+            with_head = _head_matches(state, pm)
+            init = state if with_head else {k: v for k, v in state.items() if not k.startswith("head.")}
+            zero = None
+            if with_head:
+                pm.load_trained_state(init)
+                zero = evaluate(pm, run_splits(task, s)[2], 32, s.max_length)
             t0 = time.perf_counter()
-            r = tune_run(info_b["model"], task, s, work / "transfer" / f"{a}__{b}", progress=False, init_state=state,
-                         label=f"initialised from {a}")
-            inter = lambda x, y: float((x & y).sum()) / max(1.0, float((x | y).sum()))  # noqa: E731
+            r = tune_run(info_b["model"], task, s, folders / f"{a}__{b}", progress=False, init_state=init,
+                         label=f"initialised from {a}" + ("" if with_head else " (prompt only, fresh head)"))
             pairs[f"{a}->{b}"] = {"zero_shot": zero, "after_steps": r["test_accuracy"], "steps": r["steps"],
-                                  "own_accuracy": info_b["test_accuracy"],
+                                  "head_carried": with_head, "own_accuracy": info_b["test_accuracy"],
                                   "overlap_indicator": inter(activated[a], activated[b]),
                                   "skill_indicator": inter(skill[a], skill[b]),
                                   "seconds": round(time.perf_counter() - t0, 1)}
-            (out / "transfer_pairs.json").write_text(json.dumps(pairs, indent=2) + "\n")
-            log.info("transfer %s -> %s: zero-shot %.3f, after %d steps %.3f", a, b, zero, r["steps"],
-                     r["test_accuracy"])
-    # the same budget from the usual initialisation, so "after_steps" can be read as a gain (or a loss)
-    scratch_file = out / "transfer_scratch.json"
+            pairs_file.write_text(json.dumps(pairs, indent=2) + "\n")
+            log.info("transfer seed %d %s -> %s: zero-shot %s, after %d steps %.3f", seed, a, b,
+                     "n/a" if zero is None else f"{zero:.3f}", r["steps"], r["test_accuracy"])
+    pairs_file.write_text(json.dumps(pairs, indent=2) + "\n")
     scratch = json.loads(scratch_file.read_text()) if scratch_file.exists() else {}
-    for b in binary:
+    for b in chosen:
         if b in scratch:
             continue
-        info_b = read_run(work / b / "seed0")
+        info_b = read_run(work / b / run)
         s = _transfer_settings(info_b, args)
-        scratch[b] = tune_run(info_b["model"], task_data(b), s, work / "transfer" / f"scratch__{b}", progress=False,
+        scratch[b] = tune_run(info_b["model"], task_data(b), s, folders / f"scratch__{b}", progress=False,
                               label="from scratch (transfer baseline)")["test_accuracy"]
         scratch_file.write_text(json.dumps(scratch, indent=2) + "\n")
-        log.info("transfer baseline on %s: %d steps from scratch %.3f", b, args.transfer_steps, scratch[b])
-    keys = sorted(pairs)
+        log.info("transfer baseline seed %d on %s: %d steps from scratch %.3f", seed, b, args.transfer_steps,
+                 scratch[b])
+    keys = sorted(k for k in pairs if all(t in chosen for t in k.split("->")))
+    pairs = {k: pairs[k] for k in keys}
     for k in keys:  # Su et al.'s relative performance: transfer accuracy over the target's own prompt accuracy
         p = pairs[k]
-        p["relative_zero_shot"] = p["zero_shot"] / p["own_accuracy"]
+        p.setdefault("head_carried", True)  # pairs cached before the field existed were all same-label-count
+        p["relative_zero_shot"] = None if p["zero_shot"] is None else p["zero_shot"] / p["own_accuracy"]
         p["relative_after_steps"] = p["after_steps"] / p["own_accuracy"]
         p["gain_over_scratch"] = p["after_steps"] - scratch[k.split("->")[1]]
-    real = {m: np.array([pairs[k][m] for k in keys])
-            for m in ("zero_shot", "after_steps", "relative_zero_shot", "relative_after_steps", "gain_over_scratch")}
-    ind = {m: np.array([pairs[k][m] for k in keys]) for m in ("overlap_indicator", "skill_indicator")}
-    corr = {f"{i}~{m}": spearman(ind[i], real[m]) for i in ind for m in real}
-    p_values = {f"{i}~{m}": permutation_p(ind[i], real[m], corr[f"{i}~{m}"]) for i in ind for m in real}
-    result = {"tasks": binary, "pairs": pairs, "scratch": scratch, "spearman": corr,
-              "spearman_p_two_sided": p_values, "indicator_q": args.indicator_q,
-              "transfer_steps": args.transfer_steps, "test_rows": args.transfer_rows}
+    return pairs, scratch
+
+
+def _mean_pairs(per_seed: list[dict]) -> dict:
+    """Pairwise means over seeds of every numeric field (None stays None)."""
+    out = {}
+    for k in per_seed[0]:
+        entry = {}
+        for f, v in per_seed[0][k].items():
+            vals = [ps[k][f] for ps in per_seed]
+            entry[f] = (None if any(x is None for x in vals) else vals[0] if isinstance(v, bool)
+                        else float(np.mean(vals)))
+        out[k] = entry
+    return out
+
+
+def part_transfer(tasks, work: Path, out: Path, args) -> dict:
+    """Real transfer A -> B for every ordered pair, beside the overlap and the skill-neuron indicators, for each
+    seed in ``args.transfer_seeds``; correlations over the seed-mean of each pair and per seed."""
+    chosen = [t for t in tasks if t in args.transfer_tasks]
+    seeds = [sd for sd in args.transfer_seeds if all((work / t / f"seed{sd}" / "run.json").exists() for t in chosen)]
+    if len(seeds) < len(args.transfer_seeds):
+        log.warning("transfer: seeds %s lack runs of some of %s; using seeds %s",
+                    sorted(set(args.transfer_seeds) - set(seeds)), chosen, seeds)
+    if not seeds:
+        raise SystemExit(f"transfer: no seed of {args.transfer_seeds} has runs of every task {chosen} under {work}")
+    runs = {sd: transfer_seed(chosen, work, out, args, sd) for sd in seeds}
+    common = sorted(set.intersection(*(set(p) for p, _ in runs.values())))
+    per_seed = [{k: runs[sd][0][k] for k in common} for sd in seeds]
+    pairs = _mean_pairs(per_seed)
+    scratch = {b: float(np.mean([runs[sd][1][b] for sd in seeds])) for b in chosen}
+    corr, p_values, counts = _correlations(pairs, common)
+    same = [k for k in common if pairs[k]["head_carried"]]
+    corr_same, p_same, counts_same = _correlations(pairs, same)
+    seed_corr = {str(sd): dict(zip(("spearman", "spearman_p_two_sided", "pairs_per_metric"),
+                               _correlations(ps, common))) for sd, ps in zip(seeds, per_seed)}
+    result = {"tasks": chosen, "seeds": seeds, "pairs": pairs, "scratch": scratch,
+              "spearman": corr, "spearman_p_two_sided": p_values, "pairs_per_metric": counts,
+              "same_labels": {"spearman": corr_same, "spearman_p_two_sided": p_same, "pairs_per_metric": counts_same},
+              "per_seed": seed_corr,
+              "per_seed_pairs": {str(sd): {k: {f: ps[k][f] for f in ("zero_shot", "after_steps", "overlap_indicator",
+                                                                     "skill_indicator")} for k in common}
+                                 for sd, ps in zip(seeds, per_seed)},
+              "per_seed_scratch": {str(sd): runs[sd][1] for sd in seeds},
+              "indicator_q": args.indicator_q, "transfer_steps": args.transfer_steps,
+              "test_rows": args.transfer_rows}
     (out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_transfer(result, out / "transfer.png")
     return result
@@ -253,12 +334,19 @@ def plot_transfer(result: dict, path: Path) -> None:
     for row, ind in enumerate(("overlap_indicator", "skill_indicator")):
         for col, m in enumerate(metrics):
             ax = axes[row, col]
-            ax.scatter([p[ind] for p in pairs.values()], [p[m] for p in pairs.values()], s=10)
-            ax.set_title(f"Spearman {result['spearman'][f'{ind}~{m}']:.2f}", fontsize=9)
+            for carried, style in ((True, dict(c="C0", label="head carried over")),
+                                   (False, dict(c="C3", marker="x", label="prompt only (other label count)"))):
+                pts = [(p[ind], p[m]) for p in pairs.values()
+                       if p.get(m) is not None and p.get("head_carried", True) == carried]
+                if pts:
+                    ax.scatter(*zip(*pts), s=10, **style)
+            n = result.get("pairs_per_metric", {}).get(m, len(pairs))
+            ax.set_title(f"Spearman {result['spearman'][f'{ind}~{m}']:.2f} ({n} pairs)", fontsize=9)
             ax.set_xlabel(ind.replace("_", " "), fontsize=8)
             ax.set_ylabel(m.replace("_", " ") + (f" ({result['transfer_steps']} steps)" if m != "zero_shot" else ""),
                           fontsize=8)
-    fig.suptitle(f"transfer over {len(pairs)} ordered task pairs", fontsize=10)
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(f"transfer over {len(pairs)} ordered pairs of {len(result['tasks'])} tasks", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -278,10 +366,11 @@ def main() -> int:
     p.add_argument("--cross-rows", type=int, default=200)
     p.add_argument("--indicator-q", type=float, default=0.05)
     p.add_argument("--transfer-steps", type=int, default=20)
-    p.add_argument("--transfer-tasks", default=",".join(t for t in TASKS if t not in MULTICLASS),
-                   help="binary tasks whose ordered pairs are transferred (each pair costs a short tuning run; "
-                        "3-class tasks are left out: a linear head cannot carry over between label sets)")
+    p.add_argument("--transfer-tasks", default=",".join(TASKS),
+                   help="tasks whose ordered pairs are transferred (each pair costs a short tuning run)")
     p.add_argument("--transfer-rows", type=int, default=200)
+    p.add_argument("--transfer-seeds", default="0,1,2", help="study seeds whose runs are transferred (each seed "
+                   "costs a short tuning run per pair; pairs are averaged over seeds)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -291,6 +380,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     args.retune_tasks = [t for t in args.retune_tasks.split(",") if t]
     args.transfer_tasks = [t for t in args.transfer_tasks.split(",") if t]
+    args.transfer_seeds = [int(x) for x in args.transfer_seeds.split(",") if x.strip()]
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = [t for t in args.tasks.split(",") if (work / t / "seed0" / "run.json").exists()]

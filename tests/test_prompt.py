@@ -322,7 +322,7 @@ def test_study_quick(tmp_path):
     # the applications on the same runs: pruning, cross-task perturbation, transferability
     subprocess.run([sys.executable, str(ROOT / "experiments" / "run_applications.py"), "--work", str(work), "--out",
                     str(out), "--retune-tasks", "sst2", "--retune-epochs", "0.5", "--cross-rows", "8",
-                    "--transfer-rows", "8", "--transfer-steps", "1", "--transfer-tasks", "sst2,rte", "--threads", "1"],
+                    "--transfer-rows", "8", "--transfer-steps", "1", "--transfer-tasks", "sst2,rte,tweet", "--threads", "1"],
                    check=True, cwd=ROOT, capture_output=True)
     prune = json.loads((out / "pruning.json").read_text())
     assert set(prune) == {"sst2", "rte", "tweet"} and "test_accuracy_pruned_retuned" in prune["sst2"]["prompt"]
@@ -330,7 +330,12 @@ def test_study_quick(tmp_path):
     cross = json.loads((out / "cross_task.json").read_text())
     assert set(cross["rows"]["rte"]["skill_of"]) == {"sst2", "rte", "tweet"}
     transfer = json.loads((out / "transfer.json").read_text())
-    assert set(transfer["pairs"]) == {"sst2->rte", "rte->sst2"} and set(transfer["scratch"]) == {"sst2", "rte"}
+    assert len(transfer["pairs"]) == 6 and set(transfer["scratch"]) == {"sst2", "rte", "tweet"}
+    # binary -> binary carries the head (zero-shot defined); across label counts the prompt alone, zero-shot None
+    assert transfer["pairs"]["sst2->rte"]["head_carried"] and transfer["pairs"]["sst2->rte"]["zero_shot"] is not None
+    assert not transfer["pairs"]["sst2->tweet"]["head_carried"] and transfer["pairs"]["sst2->tweet"]["zero_shot"] is None
+    assert transfer["pairs_per_metric"]["zero_shot"] == 2 and transfer["pairs_per_metric"]["after_steps"] == 6
+    assert transfer["seeds"] == [0]  # the quick study has seed 0 only; the default seeds 1, 2 are skipped
     gain = transfer["pairs"]["sst2->rte"]["after_steps"] - transfer["scratch"]["rte"]
     assert transfer["pairs"]["sst2->rte"]["gain_over_scratch"] == pytest.approx(gain)
     assert all(0 < p <= 1 or p != p for p in transfer["spearman_p_two_sided"].values())  # nan: constant input
