@@ -124,12 +124,55 @@ def prune_layer(layer: FFNLayer, keep: torch.Tensor, baseline: torch.Tensor) -> 
         _set_path(block, spec.gate, _up_like(layer, layer.gate, keep))
 
 
+class MaskedFFNModel:
+    """What :func:`masked_ffn_model` yields: the patched model, and with several plans the rows' plan ids.
+
+    Attributes:
+        model: the patched model (call it directly when there is one plan).
+        plans: how many pruning plans (tasks) it serves.
+        task_ids: (batch,) int64 plan index of each batch row for the next forward; set by :meth:`__call__`.
+    """
+
+    def __init__(self, model: nn.Module, plans: int) -> None:
+        self.model = model
+        self.plans = plans
+        self.task_ids: Optional[torch.Tensor] = None
+
+    def __call__(self, *args, task_ids=None, **kwargs):
+        """``model(*args, **kwargs)`` with batch row ``i`` run as plan ``task_ids[i]`` (a (batch,) int sequence or
+        tensor; may be omitted with one plan)."""
+        if task_ids is not None:
+            task_ids = torch.as_tensor(task_ids, dtype=torch.int64).reshape(-1)
+            if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= self.plans):
+                raise ValueError(f"task_ids must be in [0, {self.plans}) for {self.plans} pruning plans, got "
+                                 f"{task_ids.tolist()[:8]}")
+        self.task_ids = task_ids
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.task_ids = None
+
+    def row_sets(self, x: torch.Tensor) -> torch.Tensor:
+        """x.shape[:-1] int64 plan ids of the FFN input ``x`` ((batch, seq, H), or (batch * seq, H) for blocks
+        that flatten tokens)."""
+        ids = self.task_ids
+        if ids is None:
+            raise ValueError(f"this model serves {self.plans} pruning plans: call the handle with task_ids=(batch,) "
+                             "naming each row's plan")
+        ids = ids.to(x.device)
+        batch = ids.shape[0]
+        if x.dim() >= 3 and x.shape[0] == batch:
+            return ids.reshape(batch, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        if x.dim() == 2 and batch and x.shape[0] % batch == 0:
+            return ids.repeat_interleave(x.shape[0] // batch)
+        raise ValueError(f"task_ids has {batch} rows but the FFN input has shape {tuple(x.shape)}")
+
+
 @contextlib.contextmanager
-@torch.no_grad()
-def masked_ffn_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch.Tensor, *,
-                     backend: str = "auto", schedule: str = "auto", contiguous_w2: Optional[bool] = None
-                     ) -> Iterator[nn.Module]:
-    """Run ``model`` as the model :func:`prune_model` would make, from its dense weights, with ``masked_ffn``.
+def masked_ffn_model(model: nn.Module, keep, baseline, *, backend: str = "auto", schedule: str = "auto",
+                     contiguous_w2: Optional[bool] = None) -> Iterator[MaskedFFNModel]:
+    """Run ``model`` as the model :func:`prune_model` would make, from its dense weights, with ``masked_ffn``;
+    or as several such models at once, one per batch row.
 
     Inside the block every layer in ``keep`` computes ``W2[:, K] @ act(W1[K] x + b1[K]) + b2'`` with the
     :func:`skillkern.ops.masked_ffn.masked_ffn` kernel (gated MLPs: the gated form), where ``b2'`` is the bias
@@ -138,44 +181,77 @@ def masked_ffn_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: 
     one set of weights serves the dense model outside the block and the pruned one inside it. On a GPU this is
     the fast path for few rows; on a CPU, slicing (:func:`prune_model`) is faster.
 
+    Several plans (e.g. several tasks' skill neurons): pass lists, and call the yielded handle with
+    ``task_ids``; each layer then runs one ``masked_ffn`` call over a (plans, max kept) index table with a
+    per-row plan, adding each row's own folded bias. A plan that leaves a layer whole keeps all its neurons there.
+
     Args:
-        keep: layer index -> (K_l,) int64 kept neuron indices; layers not in the dict run unchanged.
-        baseline: (L, D) values the pruned neurons are frozen at.
+        keep: layer index -> (K_l,) int64 kept neuron indices (layers not in the dict run unchanged), or a list
+            of such dicts, one per plan.
+        baseline: (L, D) values the pruned neurons are frozen at, or a list of them, one per plan.
         backend, schedule: passed to ``masked_ffn`` (``backend="torch"`` is the index_select reference).
         contiguous_w2: keep a transposed contiguous copy of each W2, so the kept neurons' output weights are
             contiguous rows (see the masked_ffn module docstring); default: on CUDA only.
 
     Yields:
-        the model, patched until the block exits (also on exceptions). Inference only.
+        a :class:`MaskedFFNModel`; the model is patched until the block exits (also on exceptions). Inference
+        only.
     """
     from .models import fused_ffn_weights, replace_ffn_computation
     from .ops.masked_ffn import masked_ffn
 
+    many = isinstance(keep, (list, tuple))
+    plans = list(keep) if many else [keep]
+    bases = list(baseline) if isinstance(baseline, (list, tuple)) else [baseline]
+    if len(bases) != len(plans):
+        raise ValueError(f"{len(plans)} keep plans but {len(bases)} baselines: give one baseline per plan")
+    if not plans:
+        raise ValueError("masked_ffn_model needs at least one pruning plan")
     layers = ffn_layers(model)
-    if baseline.dim() != 2 or baseline.shape[0] != len(layers):
-        raise ValueError(f"baseline must be (layers={len(layers)}, neurons), got {tuple(baseline.shape)}")
+    for base in bases:
+        if base.dim() != 2 or base.shape[0] != len(layers):
+            raise ValueError(f"baseline must be (layers={len(layers)}, neurons), got {tuple(base.shape)}")
+    for plan in plans:
+        for index in plan:
+            if not 0 <= index < len(layers):
+                raise ValueError(f"layer {index} out of range for {len(layers)} layers")
+    handle = MaskedFFNModel(model, len(plans))
     prepared = {}
-    for index, idx in keep.items():
-        if not 0 <= index < len(layers):
-            raise ValueError(f"layer {index} out of range for {len(layers)} layers")
-        layer = layers[index]
-        k = _checked_keep(layer, idx, baseline[index])
-        w = fused_ffn_weights(model, layer)
-        w2 = layer.down.weight.detach()
-        w2 = w2.t() if layer.spec.conv1d else w2                           # (hidden_out, D), maybe a view
-        if contiguous_w2 if contiguous_w2 is not None else w2.is_cuda:
-            w2 = w2.t().contiguous().t() if w2.stride(0) != 1 else w2
-        prepared[index] = dict(w1=w.w1.detach(), b1=None if w.b1 is None else w.b1.detach(), w2=w2,
-                               b2=_folded_bias(layer, k, baseline[index]), keep=k.to(w2.device),
-                               w_gate=None if w.w_gate is None else w.w_gate.detach(), act=w.act)
+    with torch.no_grad():
+        for index in sorted({i for plan in plans for i in plan}):
+            layer = layers[index]
+            w = fused_ffn_weights(model, layer)
+            w2 = layer.down.weight.detach()
+            w2 = w2.t() if layer.spec.conv1d else w2                       # (hidden_out, D), maybe a view
+            if contiguous_w2 if contiguous_w2 is not None else w2.is_cuda:
+                w2 = w2.t().contiguous().t() if w2.stride(0) != 1 else w2
+            sets, biases = [], []
+            for plan, base in zip(plans, bases):
+                k = _checked_keep(layer, plan[index], base[index]) if index in plan else torch.arange(layer.width)
+                sets.append(k)
+                biases.append(_folded_bias(layer, k, base[index]))
+            if many:
+                table = torch.full((len(sets), max(len(k) for k in sets)), -1, dtype=torch.int64)
+                for g, k in enumerate(sets):
+                    table[g, : len(k)] = k
+                keep_t, b2 = table.to(w2.device), torch.stack(biases)           # (G, Kmax), (G, hidden_out)
+            else:
+                keep_t, b2 = sets[0].to(w2.device), biases[0]
+            prepared[index] = dict(w1=w.w1.detach(), b1=None if w.b1 is None else w.b1.detach(), w2=w2, b2=b2,
+                                   keep=keep_t, w_gate=None if w.w_gate is None else w.w_gate.detach(), act=w.act)
 
     def run(index: int, x: torch.Tensor) -> torch.Tensor:
         p = prepared[index]
-        return masked_ffn(x, p["w1"], p["b1"], p["w2"], p["b2"], p["keep"], act=p["act"], w_gate=p["w_gate"],
-                          backend=backend, schedule=schedule, check=False)
+        if not many:
+            return masked_ffn(x, p["w1"], p["b1"], p["w2"], p["b2"], p["keep"], act=p["act"], w_gate=p["w_gate"],
+                              backend=backend, schedule=schedule, check=False)
+        rows = handle.row_sets(x)
+        y = masked_ffn(x, p["w1"], p["b1"], p["w2"], None, p["keep"], act=p["act"], w_gate=p["w_gate"],
+                       row_set=rows, backend=backend, schedule=schedule, check=False)
+        return y + p["b2"][rows]  # each row's own folded bias
 
     with replace_ffn_computation(model, run, layers=sorted(prepared)):
-        yield model
+        yield handle
 
 
 def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch.Tensor,

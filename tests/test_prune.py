@@ -192,3 +192,41 @@ def test_masked_ffn_model_bad_input():
     with pytest.raises(ValueError, match=r"must be in \[0, 37\)"):
         with masked_ffn_model(model, {1: torch.tensor([37])}, baseline):
             pass
+    with pytest.raises(ValueError, match="2 keep plans but 1 baselines"):
+        with masked_ffn_model(model, [keep, keep], [baseline]):
+            pass
+
+
+@pytest.mark.parametrize("model_type,backend", [("bert", "torch"), ("gpt2", "torch"), ("llama", "torch"),
+                                                ("bert", "triton"), ("llama", "triton")])
+def test_masked_ffn_model_serves_several_plans_per_row(model_type, backend):
+    """Two pruning plans (different layers, kept sets and baselines) in one batch: each row computes what its own
+    sliced model computes."""
+    import copy
+
+    from skillkern.ops.activations import HAVE_TRITON
+    from skillkern.ops.masked_ffn import triton_interpreted
+    from skillkern.prune import masked_ffn_model
+
+    if backend == "triton" and not (HAVE_TRITON and triton_interpreted()):
+        pytest.skip("needs triton with TRITON_INTERPRET=1")
+    model = tiny(model_type)
+    keep_a, base_a = plan(model)
+    g = torch.Generator().manual_seed(11)
+    keep_b = {0: torch.randperm(WIDTH, generator=g)[:4], 1: torch.arange(20, 29)}  # layer 2 whole, layer 0 pruned
+    base_b = torch.randn(base_a.shape, generator=g, dtype=torch.float64)
+    x = inputs()
+    with torch.no_grad():
+        want_a = prune_model(copy.deepcopy(model), keep_a, base_a)(**x).last_hidden_state
+        want_b = prune_model(copy.deepcopy(model), keep_b, base_b)(**x).last_hidden_state
+        with masked_ffn_model(model, [keep_a, keep_b], [base_a, base_b], backend=backend) as served:
+            got = served(**x, task_ids=[1, 0, 1]).last_hidden_state
+            with pytest.raises(ValueError, match="task_ids"):
+                served(**x)
+            with pytest.raises(ValueError, match=r"task_ids must be in \[0, 2\)"):
+                served(**x, task_ids=[0, 2, 0])
+    tol = dict(rtol=1e-6, atol=1e-6) if backend == "torch" else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[0], want_b[0], **tol)
+    torch.testing.assert_close(got[1], want_a[1], **tol)
+    torch.testing.assert_close(got[2], want_b[2], **tol)
+    assert not torch.allclose(want_a, want_b, atol=1e-3)  # the two plans really differ
