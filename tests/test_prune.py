@@ -230,3 +230,28 @@ def test_masked_ffn_model_serves_several_plans_per_row(model_type, backend):
     torch.testing.assert_close(got[1], want_a[1], **tol)
     torch.testing.assert_close(got[2], want_b[2], **tol)
     assert not torch.allclose(want_a, want_b, atol=1e-3)  # the two plans really differ
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+def test_gpu_masked_ffn_model_float16(model_type):
+    """On a GPU in float16 the masked_ffn kernel path is as close to the float32 sliced model as the float16
+    sliced model is (plus a little)."""
+    import copy
+
+    from skillkern.prune import masked_ffn_model
+
+    model = tiny(model_type)
+    keep, baseline = plan(model)
+    x = inputs()
+    with torch.no_grad():
+        want = prune_model(copy.deepcopy(model), keep, baseline)(**x).last_hidden_state
+        xc = {k: v.cuda() for k, v in x.items()}
+        half = copy.deepcopy(model).half().cuda()
+        sliced16 = prune_model(copy.deepcopy(half), keep, baseline)(**xc).last_hidden_state.float().cpu()
+        for schedule in ("fused", "two_pass"):
+            with masked_ffn_model(half, keep, baseline, backend="triton", schedule=schedule):
+                got = half(**xc).last_hidden_state.float().cpu()
+            err, ref_err = (got - want).abs().max().item(), (sliced16 - want).abs().max().item()
+            assert err <= 2 * ref_err + 2e-3, (schedule, err, ref_err)
