@@ -82,6 +82,33 @@ def pruning_plan(model, keep: float, layers: str) -> tuple[dict, torch.Tensor]:
     return keep_idx, torch.zeros(L, width, dtype=torch.float64)
 
 
+#: ops whose time scales with the FLOPs the limit counts: the projections, FFN and attention products
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
+              "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_cudnn_attention")
+
+
+def matmul_time_share(fn, repeats: int) -> float:
+    """Share of the self time (CPU, or CUDA kernels on a GPU) that ``fn`` spends in matrix-product ops, by the
+    torch profiler. The rest (LayerNorm, activations, softmax outside fused attention, adds, copies, dispatch)
+    does not shrink with the removed FLOPs, which is why a small model cannot reach the FLOP limit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    with profile(activities=acts) as prof:
+        for _ in range(repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events)
+    mm = sum(getattr(e, attr) for e in events if e.key in MATMUL_OPS)
+    return mm / total if total else float("nan")
+
+
 def plot(csv_path: Path) -> Path:
     """Measured speed-up beside the FLOP limit, one panel per model, one bar pair per (batch, seq)."""
     import csv
@@ -140,6 +167,8 @@ def main() -> int:
     p.add_argument("--layers", default="top:0.75")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--max-tokens", type=int, default=2048, help="skip batch*seq above this on CPU (time budget)")
+    p.add_argument("--breakdown", action="store_true", help="also profile the dense model's share of time in "
+                   "matrix products (metric matmul_time_share) and the speed-up it allows if the rest stays")
     p.add_argument("--out", default=None)
     p.add_argument("--plot-only", default=None, help="redraw the PNG of this CSV")
     args = p.parse_args()
@@ -191,6 +220,16 @@ def main() -> int:
                 med_dense = quantiles(td)[0]
                 rows += [row(BENCH, "forward", "dense", shape, "time", td, "s", dev, dname),
                          row(BENCH, "forward", "flop-limit", shape, "speedup_vs_dense", [limit], "x", dev, dname)]
+                if args.breakdown:
+                    with torch.inference_mode():
+                        share = matmul_time_share(fwd(dense), args.repeats)
+                    # if matrix-product time shrinks with the FLOPs and everything else stays as it is
+                    time_limit = 1.0 / (share / limit + (1.0 - share))
+                    rows += [row(BENCH, "forward", "dense", shape, "matmul_time_share", [share], "x", dev, dname),
+                             row(BENCH, "forward", "time-share-limit", shape, "speedup_vs_dense", [time_limit], "x",
+                                 dev, dname)]
+                    print(f"{shape}: {share:.0%} of the dense time in matrix products -> {time_limit:.2f}x if the "
+                          "rest stays", flush=True)
                 for prov, times in tp.items():
                     speed = [med_dense / q for q in times]  # spread of the pruned timings against the dense median
                     rows += [row(BENCH, "forward", f"pruned-{prov}", shape, "time", times, "s", dev, dname),

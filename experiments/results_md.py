@@ -22,6 +22,11 @@ def _f(x, digits=3) -> str:
     return f"{x:.{digits}f}"
 
 
+def _p(p: float) -> str:
+    """A p-value: two decimals, three below 0.01, and the permutation floor as '< 0.001'."""
+    return "p < 0.001" if p < 0.001 else f"p {p:.3f}" if p < 0.01 else f"p {p:.2f}"
+
+
 def _acc_at(pert: dict, q: float, which: str) -> float:
     for f, v in zip(pert["fractions"], pert[which]):
         if abs(f - q) < 1e-9:
@@ -348,7 +353,7 @@ def applications_sections(out: Path, rel: str) -> list[str]:
                                ("skill_indicator", "skill-neuron overlap")):
                 out_lines.append(f"| {label} | " + " | ".join(
                     _f(sp.get(f"{ind}~{key}"), 2)
-                    + (f" (p {pv[f'{ind}~{key}']:.2f})" if pv.get(f"{ind}~{key}") == pv.get(f"{ind}~{key}")
+                    + (f" ({_p(pv[f'{ind}~{key}'])})" if pv.get(f"{ind}~{key}") == pv.get(f"{ind}~{key}")
                        and f"{ind}~{key}" in pv else "")
                     for _, key in _TRANSFER_METRICS) + " |")
             return out_lines + [""]
