@@ -50,3 +50,25 @@ def test_speed_table_reads_the_benchmark_csv(tmp_path):
     assert "Below the 90% goal: m batch=1 seq=32." in text
     assert "Only CPU numbers exist" in text
     assert _speed_lines(tmp_path / "missing") == []
+
+
+def test_transfer_seed_means_and_correlations_skip_missing_metrics():
+    from run_applications import _correlations, _mean_pairs
+
+    s0 = {"a->b": {"zero_shot": 0.6, "after_steps": 0.7, "head_carried": True, "overlap_indicator": 0.1,
+                   "skill_indicator": 0.2},
+          "a->c": {"zero_shot": None, "after_steps": 0.5, "head_carried": False, "overlap_indicator": 0.3,
+                   "skill_indicator": 0.1}}
+    s1 = {"a->b": dict(s0["a->b"], zero_shot=0.8, skill_indicator=0.4), "a->c": dict(s0["a->c"], after_steps=0.7)}
+    mean = _mean_pairs([s0, s1])
+    assert mean["a->b"]["zero_shot"] == 0.7 and abs(mean["a->b"]["skill_indicator"] - 0.3) < 1e-12
+    assert mean["a->c"]["zero_shot"] is None and mean["a->c"]["after_steps"] == 0.6
+    assert mean["a->b"]["head_carried"] is True and mean["a->c"]["head_carried"] is False
+    pairs = {f"p{i}": {"zero_shot": None if i % 2 else i / 10, "after_steps": i / 10, "overlap_indicator": i,
+                       "skill_indicator": -i, "relative_zero_shot": None, "relative_after_steps": i,
+                       "gain_over_scratch": i} for i in range(8)}
+    corr, p, counts = _correlations(pairs, sorted(pairs))
+    assert counts["zero_shot"] == 4 and counts["after_steps"] == 8 and counts["relative_zero_shot"] == 0
+    assert corr["overlap_indicator~after_steps"] == 1.0 and corr["skill_indicator~zero_shot"] == -1.0
+    assert corr["skill_indicator~relative_zero_shot"] != corr["skill_indicator~relative_zero_shot"]  # nan: no pairs
+    assert p["overlap_indicator~after_steps"] < 0.01
