@@ -247,6 +247,16 @@ def _speed_lines(results_dir: Path) -> list[str]:
     lines += ["", "Shares above 100% are within the timing spread (p20/p80 are in the CSV): the FLOP limit counts "
               "matrix products only, and the shrunken weights also stay in cache. "
               + (f"Below the 90% goal: {', '.join(low)}." if low else "Every shape reaches the 90% goal.")]
+    shares: dict = {}
+    for f in sorted(results_dir.glob("pruned_model_*.csv")):
+        for r in csv.DictReader(f.open()):
+            if r["metric"] == "matmul_time_share":
+                shares.setdefault(r["shape"].split(":")[0], []).append(float(r["median"]))
+    if shares:
+        lines += ["Profiled share of the dense model's time in matrix products (the part that shrinks with the "
+                  "removed FLOPs; LayerNorm, activations, adds, copies and dispatch do not): "
+                  + ", ".join(f"{m} {min(v):.0%}-{max(v):.0%}" for m, v in shares.items())
+                  + ". The smaller the model, the larger the part the FLOP limit does not see."]
     if all(f.name.endswith("_cpu.csv") for f in results_dir.glob("pruned_model_*.csv")):
         lines += ["Only CPU numbers exist: no GPU has been available to this project's sessions so far."]
     return lines + [""]

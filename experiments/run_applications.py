@@ -346,7 +346,10 @@ def plot_transfer(result: dict, path: Path) -> None:
             ax.set_ylabel(m.replace("_", " ") + (f" ({result['transfer_steps']} steps)" if m != "zero_shot" else ""),
                           fontsize=8)
     axes[0][-1].legend(fontsize=6)
-    fig.suptitle(f"transfer over {len(pairs)} ordered pairs of {len(result['tasks'])} tasks", fontsize=10)
+    seeds = result.get("seeds", [0])
+    fig.suptitle(f"transfer over {len(pairs)} ordered pairs of {len(result['tasks'])} tasks"
+                 + (f", means over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f", seed {seeds[0]}"),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
