@@ -382,7 +382,7 @@ def applications_sections(out: Path, rel: str) -> list[str]:
                     "overlap_indicator~after_steps", "skill_indicator~after_steps",
                     "overlap_indicator~gain_over_scratch", "skill_indicator~gain_over_scratch")) + " |")
             lines.append("")
-        lines += [f"p: two-sided permutation p-value over the pairs (2,000 permutations); the pairs share tasks, so "
+        lines += ["p: two-sided permutation p-value over the pairs (2,000 permutations); the pairs share tasks, so "
                   "they are not independent and p is, if anything, too small.", ""]
         if tr.get("scratch"):
             pairs = tr["pairs"]
