@@ -21,6 +21,7 @@ speed-up / limit (goal: >= 0.9).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -131,11 +132,13 @@ def plot(csv_path: Path) -> Path:
         xs = range(len(shapes))
         w = 0.8 / (len(provs) + 1)
         for j, prov in enumerate(provs):
-            meas = [next((r for r in rows if r["shape"] == x and r["provider"] == prov), None) for x in shapes]
-            pos = [x - 0.4 + w * (j + 0.5) for x, r in zip(xs, meas) if r is not None]
-            med = [float(r["median"]) for r in meas if r is not None]
-            err = [[v - float(r["p20"]) for v, r in zip(med, [r for r in meas if r])],
-                   [float(r["p80"]) - v for v, r in zip(med, [r for r in meas if r])]]
+            found = [(x, next((r for r in rows if r["shape"] == sh and r["provider"] == prov), None))
+                     for x, sh in zip(xs, shapes)]
+            found = [(x, r) for x, r in found if r is not None]
+            pos = [x - 0.4 + w * (j + 0.5) for x, _ in found]
+            med = [float(r["median"]) for _, r in found]
+            err = [[v - float(r["p20"]) for v, (_, r) in zip(med, found)],
+                   [float(r["p80"]) - v for v, (_, r) in zip(med, found)]]
             ax.bar(pos, med, w, yerr=err, capsize=3, label=f"measured, {prov[7:]}")
         ax.bar([x - 0.4 + w * (len(provs) + 0.5) for x in xs], lim, w, color="lightgrey", label="FLOP limit")
         ax.set_xticks(list(xs))
@@ -188,8 +191,6 @@ def main() -> int:
     for name in args.models.split(","):
         dense = build(name, args.device, dtype)
         keep_idx, baseline = pruning_plan(dense, args.keep, args.layers)
-        import copy
-
         sliced = prune_model(copy.deepcopy(dense), keep_idx, baseline) if "sliced" in providers else None
         for b in map(int, args.batches.split(",")):
             for t in map(int, args.seqs.split(",")):
