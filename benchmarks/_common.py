@@ -53,10 +53,24 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
 
 def time_it(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None,
             before: Callable[[], None] | None = None) -> list[float]:
-    """Wall-clock seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs; ``before()`` runs untimed
-    ahead of every timed call (e.g. to evict caches)."""
+    """Seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs; ``before()`` runs untimed ahead of every
+    timed call (e.g. to evict caches). With ``sync`` (device work to wait for) on a CUDA machine, each run is
+    timed by CUDA events around it on the current stream (the GPU's own clock; launch latency included where
+    the GPU waits for the host), else by the host's clock between two syncs."""
     for _ in range(warmup):
         fn()
+    if sync is not None and torch.cuda.is_available():
+        out = []
+        for _ in range(repeats):
+            if before:
+                before()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1e3)
+        return out
     out = []
     for _ in range(repeats):
         if before:
