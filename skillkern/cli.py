@@ -75,7 +75,6 @@ def cmd_score(args) -> int:
     from . import __version__
     from .data import binary_subtask, load_task
     from .models import load_model, model_id
-    from .ops.stats_update import resolve_backend
     from .plotting import plot_predictivity
     from .scoring import ScoreSettings, Scorer
     from .stats import top_neurons
@@ -140,7 +139,7 @@ def cmd_score(args) -> int:
         "eval_rows": len(evaluation),
         "split_seed": args.seed,
         "settings": settings.to_dict(),
-        "backend_resolved": resolve_backend(args.backend, device),
+        "backends": scorer.backends,
         "neuron_path": scorer.path,
         "neuron": "input of the FFN down-projection" if args.which == "neuron" else "act(W_gate x)",
         "world_size": world,

@@ -80,7 +80,8 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
         "prompt": info.get("prompt", "tuned"), "head": info["head_description"],
         "baseline_split": baseline_split, "eval_split": eval_split, "baseline_rows": len(baseline),
         "eval_rows": len(evaluation), "split_seed": s.split_seed, "settings": settings.to_dict(),
-        "layers": len(scorer.layers), "width": scorer.width,
+        "layers": len(scorer.layers), "width": scorer.width, "backends": scorer.backends,
+        "neuron_path": scorer.path,
     }
     path = Path(out) if out is not None else scores_path(run, subtask)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ import torch
 
 from .models import (FusedFFNWeights, capture_neurons, ffn_layers, fused_ffn_weights, layer_device,
                      replace_neuron_computation)
-from .ops.activations import HAVE_TRITON
+from .ops import dispatch
 from .ops.ffn_stats import ffn_stats
 from .stats import NeuronStats, ShardedNeuronStats
 
@@ -258,6 +258,7 @@ class Scorer:
                         len(self.device_groups),
                         ", ".join(f"{d}: layers {v[0]}..{v[-1]}" for d, v in self.device_groups.items()))
         self.path: Optional[str] = None
+        self.backends: dict[str, str] = {}  # {op: backend} that really ran, filled by score()
 
     def new_stats(self) -> "NeuronStats | ShardedNeuronStats":
         """Empty statistics: a :class:`NeuronStats` on the model's device, or, when the layers sit on several
@@ -269,14 +270,11 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------------ fused path
     def fused_backend(self) -> Optional[str]:
-        """``"triton"`` when the backend asks for the fused kernel (explicitly, or ``auto`` with every layer on
-        a CUDA device and Triton importable), else None."""
-        backend = self.settings.backend
-        if backend == "triton":
-            return "triton"
-        if backend == "auto" and HAVE_TRITON and all(d.type == "cuda" for d in self.layer_devices):
-            return "triton"
-        return None
+        """``"triton"`` when the dispatch policy runs ``ffn_stats`` on Triton for every layer's device (an
+        explicit ``triton``, or ``auto`` with every layer on a CUDA device), else None. An explicit backend
+        that cannot run raises :class:`~skillkern.ops.dispatch.BackendUnavailable`."""
+        chosen = {dispatch.resolve("ffn_stats", self.settings.backend, d) for d in self.layer_devices}
+        return "triton" if chosen == {"triton"} else None
 
     def _fused_plan(self) -> tuple[Optional[list[FusedFFNWeights]], str, bool]:
         """(per-layer weights, "") when the fused path applies, else (None, reason, model_side)."""
@@ -452,6 +450,13 @@ class Scorer:
         layers sit on several devices is scored into a :class:`ShardedNeuronStats` (each layer's statistics on
         its device, all-reduced per device with several processes) and the result is gathered on the CPU.
         """
+        with dispatch.recording() as ran:
+            try:
+                return self._score(baseline, evaluation, checkpoint)
+            finally:
+                self.backends = dispatch.describe(ran)
+
+    def _score(self, baseline: Sequence, evaluation: Sequence, checkpoint: Optional["Checkpoint"]) -> NeuronStats:
         stats = self.new_stats()
         parts = stats.parts if isinstance(stats, ShardedNeuronStats) else [stats]
         rank, world = _dist_rank_world()

@@ -31,7 +31,8 @@ import torch
 import torch.utils.cpp_extension as cpp_extension
 
 from skillkern import _ext
-from skillkern.ops.stats_update import resolve_backend, stats_update
+from skillkern.ops.dispatch import resolve
+from skillkern.ops.stats_update import stats_update
 
 ROOT = Path(__file__).resolve().parents[1]
 CU_SOURCES = sorted(glob.glob(str(ROOT / "csrc" / "*.cu")))
@@ -237,9 +238,10 @@ def test_cuda_strided_inputs_and_side_stream():
         torch.ops.skillkern.stats_update(h.cuda()[:, ::2], slot.cuda(), label.cuda(), got, threshold.cuda()[:, ::2])
     stream.synchronize()
     _assert_bitwise(got, expected, "strided h and threshold on a side stream")
-    # The public function picks the op for CUDA tensors by itself.
-    assert resolve_backend("auto", torch.device("cuda")) == "ext"
-    got = stats_update(h.cuda()[:, ::2], slot.cuda(), label.cuda(), torch.zeros_like(got), threshold.cuda()[:, ::2])
+    # The public function runs the compiled op for CUDA tensors when asked for it.
+    assert resolve("stats_update", "ext", torch.device("cuda")) == "ext"
+    got = stats_update(h.cuda()[:, ::2], slot.cuda(), label.cuda(), torch.zeros_like(got), threshold.cuda()[:, ::2],
+                       backend="ext")
     _assert_bitwise(got, expected, "public stats_update on CUDA tensors")
 
 

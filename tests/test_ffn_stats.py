@@ -25,7 +25,8 @@ import torch
 from skillkern import _ext
 from skillkern.ops.activations import ACTIVATIONS, HAVE_TRITON
 from skillkern.ops.ffn_stats import ffn_stats, ffn_stats_reference
-from skillkern.ops.stats_update import stats_update_reference, triton_interpreted
+from skillkern.ops.dispatch import triton_interpreted
+from skillkern.ops.stats_update import stats_update_reference
 
 CUDA = torch.cuda.is_available()
 TRITON_OK = HAVE_TRITON and (CUDA or triton_interpreted())

@@ -202,7 +202,7 @@ def test_masked_ffn_model_triton_kernel(model_type, monkeypatch):
     import copy
 
     from skillkern.ops.activations import HAVE_TRITON
-    from skillkern.ops.masked_ffn import triton_interpreted
+    from skillkern.ops.dispatch import triton_interpreted
     from skillkern.prune import masked_ffn_model
 
     if not (HAVE_TRITON and triton_interpreted()):
@@ -246,7 +246,7 @@ def test_masked_ffn_model_serves_several_plans_per_row(model_type, backend):
     import copy
 
     from skillkern.ops.activations import HAVE_TRITON
-    from skillkern.ops.masked_ffn import triton_interpreted
+    from skillkern.ops.dispatch import triton_interpreted
     from skillkern.prune import masked_ffn_model
 
     if backend == "triton" and not (HAVE_TRITON and triton_interpreted()):

@@ -27,7 +27,7 @@ from torch import nn
 
 from skillkern.models import ffn_layers
 from skillkern.ops.activations import HAVE_TRITON
-from skillkern.ops.stats_update import triton_interpreted
+from skillkern.ops.dispatch import triton_interpreted
 from skillkern.scoring import NonFiniteActivationError, ScoreSettings, Scorer
 
 transformers = pytest.importorskip("transformers")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from skillkern.ops.activations import HAVE_TRITON
-from skillkern.ops.stats_update import resolve_backend, stats_update, stats_update_reference, triton_interpreted
+from skillkern.ops.dispatch import resolve, triton_interpreted
+from skillkern.ops.stats_update import stats_update, stats_update_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -162,7 +163,7 @@ def test_neuron_stats_with_triton_backend():
 
 
 def test_auto_never_picks_the_interpreter():
-    # auto: compiled op when built, else triton on CUDA, else torch; never triton on CPU tensors
-    assert resolve_backend("auto", torch.device("cpu")) in ("ext", "torch")
+    # auto (one policy, ops/dispatch.py): CUDA: triton > ext > torch; elsewhere ext > torch; never the interpreter
+    assert resolve("stats_update", "auto", torch.device("cpu")) in ("ext", "torch")
     if CUDA:
-        assert resolve_backend("auto", torch.device("cuda")) in ("ext", "triton")
+        assert resolve("stats_update", "auto", torch.device("cuda")) in ("ext", "triton")

@@ -106,8 +106,26 @@ try:  # Triton is optional: the PyTorch references work without it.
         else:
             return x * tl.sigmoid(x)
 
+    @triton.jit
+    def _round_bf16(x):
+        """Round fp32 to the nearest bfloat16 (ties to even), returned as fp32 that truncates exactly.
+
+        Only for the interpreter, whose fp32 -> bf16 cast truncates; a GPU's cast already rounds to nearest.
+        """
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+        return tl.where(x != x, x, u.to(tl.float32, bitcast=True))  # NaN stays NaN
+
+    @triton.jit
+    def to_out_dtype(x, dtype: tl.constexpr, RNE_BF16: tl.constexpr):
+        """Cast an fp32 tile to ``dtype`` rounding to nearest, as a GPU does. ``RNE_BF16`` (set under the
+        interpreter for bfloat16 outputs) rounds first, so the CPU tests check the GPU's arithmetic."""
+        if RNE_BF16:
+            x = _round_bf16(x)
+        return x.to(dtype)
+
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = tl = None
-    triton_act = None
+    triton_act = to_out_dtype = None
     HAVE_TRITON = False

@@ -22,28 +22,26 @@ so ``torch.compile`` treats it as one opaque node that mutates ``out``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import _ext
-from .activations import (HAVE_TRITON, act_id, apply_act, canonical, check_up_projection, tl, triton,
-                          triton_act)
-from .stats_update import (MODE_COUNTS, MODE_NONE, MODE_SUMS, _stats_epilogue, check_stats_state,
-                           check_triton_device, stats_update, stats_update_reference, thresholds_for_float32,
-                           triton_interpreted)
+from . import dispatch
+from .activations import (HAVE_TRITON, act_id, apply_act, canonical, check_up_projection, tl, to_out_dtype,
+                          triton, triton_act)
+from .stats_update import (MODE_COUNTS, MODE_NONE, MODE_SUMS, _stats_epilogue, check_stats_state, run_into,
+                           stats_update_ext, stats_update_reference, thresholds_for_float32)
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "triton", "ext")
 MODES = {"none": MODE_NONE, "sums": MODE_SUMS, "counts": MODE_COUNTS}
 
 if HAVE_TRITON:
 
-    @triton.jit
+    # Row and class counts change from call to call: not specialised, so one compiled variant serves them all.
+    @triton.jit(do_not_specialize=["rows", "classes"])
     def _ffn_stats_kernel(x_ptr, w_ptr, g_ptr, b_ptr, h_ptr, slot_ptr, label_ptr, out_ptr, thr_ptr,
                           rows, hidden, width, classes,
                           stride_xr, stride_xh, stride_wd, stride_wh, stride_gd, stride_gh,
@@ -107,9 +105,7 @@ if HAVE_TRITON:
             h = triton_act(acc, ACT)
         # Round once to the output dtype; the statistics below use this rounded value (widened back to
         # fp32, exactly), so what is compared and summed is bit for bit the h this kernel returns.
-        if RNE_BF16:
-            h = _round_bf16(h)
-        h = h.to(h_ptr.dtype.element_ty)
+        h = to_out_dtype(h, h_ptr.dtype.element_ty, RNE_BF16)
         keep = mask_m[:, None] & mask_n[None, :]
         tl.store(h_ptr + offs_m[:, None] * width + offs_n[None, :], h, mask=keep)
         if MODE != 0:
@@ -117,16 +113,6 @@ if HAVE_TRITON:
             label = tl.load(label_ptr + offs_m, mask=mask_m, other=0)
             _stats_epilogue(h.to(tl.float32), slot, label, offs_n, mask_m, mask_n, out_ptr, thr_ptr, classes,
                             width, MODE)
-
-    @triton.jit
-    def _round_bf16(x):
-        """Round fp32 to the nearest bfloat16 (ties to even), returned as fp32 that truncates exactly.
-
-        Only for the interpreter, whose fp32 -> bf16 cast truncates; a GPU's cast already rounds to nearest.
-        """
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
-        return tl.where(x != x, x, u.to(tl.float32, bitcast=True))  # NaN stays NaN
 
 else:  # pragma: no cover - exercised only where triton is absent
     _ffn_stats_kernel = None
@@ -142,8 +128,8 @@ def check_ffn_args(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor]
     """
     if mode not in MODES:
         raise ValueError(f"ffn_stats: unknown mode {mode!r}; choose one of {tuple(MODES)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"ffn_stats: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"ffn_stats: unknown backend {backend!r}; choose one of {dispatch.BACKENDS}")
     rows, _, width = check_up_projection("ffn_stats", x, w1, b1, w_gate, act)
     if mode == "none":
         for name, t in (("out", out), ("threshold", threshold)):
@@ -164,28 +150,13 @@ def check_ffn_args(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor]
                       ranges=ranges)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: Triton for CUDA tensors when triton imports; otherwise PyTorch's GEMM followed by the
-    compiled statistics op where it is built ("ext", identical numbers to "torch"), else "torch"."""
-    device = torch.device(device)
-    if backend == "auto":
-        if device.type == "cuda" and HAVE_TRITON:
-            return "triton"
-        return "ext" if _ext.has_op("stats_update", device) else "torch"
-    if backend == "triton":
-        check_triton_device(device, "ffn_stats")
-    if backend == "ext" and not _ext.has_op("stats_update", device):
-        raise RuntimeError(f"ffn_stats: backend='ext' asked for, but the compiled stats_update op is not "
-                           f"available on {device}: {_ext.unavailable_reason()}")
-    return backend
-
-
 def _linear_act(x, w1, b1, w_gate, act):
     if w_gate is None:
         return apply_act(F.linear(x, w1, b1), act)
     return apply_act(F.linear(x, w_gate), act) * F.linear(x, w1, b1)
 
 
+@dispatch.register("ffn_stats", "torch")
 def ffn_stats_reference(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor] = None, *, act: str = "gelu",
                         w_gate: Optional[torch.Tensor] = None, slot: Optional[torch.Tensor] = None,
                         label: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
@@ -193,8 +164,18 @@ def ffn_stats_reference(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Te
     """PyTorch reference of :func:`ffn_stats` (the specification; no argument checks): F.linear + activation
     in ``x.dtype``, then :func:`stats_update_reference` on the result. Returns h: (rows, neurons)."""
     h = _linear_act(x, w1, b1, w_gate, act)
-    if mode != "none":
+    if mode != "none" and x.shape[0]:
         stats_update_reference(h, slot, label, out, threshold if mode == "counts" else None)
+    return h
+
+
+@dispatch.register("ffn_stats", "ext", ext_op="stats_update")
+def ffn_stats_ext(x, w1, b1=None, *, act="gelu", w_gate=None, slot=None, label=None, out=None, threshold=None,
+                  mode="none") -> torch.Tensor:
+    """PyTorch's GEMM + activation, then the compiled statistics op (identical numbers to the reference)."""
+    h = _linear_act(x, w1, b1, w_gate, act)
+    if mode != "none" and x.shape[0]:
+        stats_update_ext(h, slot, label, out, threshold if mode == "counts" else None)
     return h
 
 
@@ -202,11 +183,12 @@ def _launch_config(dtype: torch.dtype, gated: bool, interpreted: bool) -> dict:
     # tl.dot needs every block >= 16. Under the interpreter the cost is per program (numpy calls), so few
     # programs keep the tests fast, while the test shapes (37 x 45 -> 123) stay ragged in every tile
     # dimension, and 3 row tiles make a short last group of GROUP_M = 2.
-    # On a GPU (compiled ahead of time for sm_90 and sm_80 and read back with cuobjdump, not yet timed):
-    # 16-bit inputs run on tensor cores in 128x64 tiles that hold the statistics epilogue without register
-    # spills (128x128 tiles spill hundreds of bytes: the epilogue's [BLOCK_M, BLOCK_N] pointer tiles are
-    # 64-bit); 24 KiB of shared memory per stage when gated, 3 stages. fp32: exact fp32 products (no TF32)
-    # on the FMA units, 64x64 tiles (spills <= 64 bytes). Not autotuned yet.
+    # On a GPU (every configuration compiled for sm_80 and sm_90 by the compile gate, skillkern/ops/aot.py;
+    # registers and spills in benchmarks/results/kernel_resources.csv; not yet timed on a GPU): 16-bit inputs
+    # run on tensor cores in 128x64 tiles, 8 warps, that hold the statistics epilogue without register spills
+    # (128x128 tiles spill: the epilogue's [BLOCK_M, BLOCK_N] pointer tiles are 64-bit); 24 KiB of shared
+    # memory per stage when gated, 3 stages. fp32: exact fp32 products (no TF32) on the FMA units, 64x64 tiles
+    # and 8 warps, also without spills.
     if interpreted:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)
     if dtype == torch.float32:
@@ -214,30 +196,33 @@ def _launch_config(dtype: torch.dtype, gated: bool, interpreted: bool) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def ffn_stats_triton(x, w1, b1, w_gate, slot, label, out, threshold, act: str, mode: str) -> torch.Tensor:
-    """Launch :func:`_ffn_stats_kernel` (no argument checks; see :func:`ffn_stats`)."""
+@dispatch.register("ffn_stats", "triton")
+def ffn_stats_triton(x, w1, b1=None, *, act="gelu", w_gate=None, slot=None, label=None, out=None, threshold=None,
+                     mode="none") -> torch.Tensor:
+    """Launch :func:`_ffn_stats_kernel` (no argument checks; see :func:`ffn_stats`). ``x``, ``w1``, ``w_gate``
+    may have any strides (passed to the kernel); ``b1``, ``slot``, ``label``, ``threshold``, ``out``
+    contiguous (the host boundary, :func:`ffn_stats_host`, does it)."""
     rows, hidden = x.shape
     width = w1.shape[0]
     h = torch.empty((rows, width), dtype=x.dtype, device=x.device)
     if rows == 0 or width == 0:
         return h
-    check_triton_device(x.device, "ffn_stats")
-    interpreted = triton_interpreted()
+    interpreted = dispatch.launch_target(x.device).interpreted
     cfg = _launch_config(x.dtype, w_gate is not None, interpreted)
     m = MODES[mode]
     gate = w_gate if w_gate is not None else w1  # dummy pointers below are never read (constexpr-off branches)
-    bias = b1.contiguous() if b1 is not None else h
+    bias = b1 if b1 is not None else h
     if m == MODE_NONE:
         slot = label = torch.empty(0, dtype=torch.int64, device=x.device)
         out = thr = h
         classes = 1
     else:
-        slot, label = slot.contiguous(), label.contiguous()
         thr = thresholds_for_float32(threshold) if m == MODE_COUNTS else out
         classes = out.shape[1]
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(width, cfg["BLOCK_N"]),)
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
-        _ffn_stats_kernel[grid](
+    with dispatch.device_guard(x.device):
+        dispatch.launch(
+            _ffn_stats_kernel, grid,
             x, w1, gate, bias, h, slot, label, out, thr, rows, hidden, width, classes,
             x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), gate.stride(0), gate.stride(1),
             ACT=act_id(act), GATED=w_gate is not None, HAS_BIAS=b1 is not None, MODE=m,
@@ -248,15 +233,22 @@ def ffn_stats_triton(x, w1, b1, w_gate, slot, label, out, threshold, act: str, m
 
 def ffn_stats_host(x, w1, b1, w_gate, slot, label, out, threshold, act: str, mode: str,
                    backend: str) -> torch.Tensor:
-    """Check the inputs, choose the backend, run. The body of the registered op ``skillkern::ffn_stats``."""
+    """Check the inputs, choose the backend, run. The body of the registered op ``skillkern::ffn_stats``.
+
+    The host boundary: ``x`` and the weights keep their strides; the small vectors (bias, slot, label,
+    threshold) are made contiguous; a non-contiguous ``out`` is updated through a contiguous copy."""
     check_ffn_args(x, w1, b1, w_gate, slot, label, out, threshold, act, mode, backend)
-    chosen = resolve_backend(backend, x.device)
-    if chosen == "triton":
-        return ffn_stats_triton(x, w1, b1, w_gate, slot, label, out, threshold, act, mode)
-    h = _linear_act(x, w1, b1, w_gate, act)
-    if mode != "none" and x.shape[0]:
-        stats_update(h, slot, label, out, threshold if mode == "counts" else None, backend=chosen, check=False)
-    return h
+    impl = dispatch.implementation("ffn_stats", backend, x.device)
+    b1 = b1.contiguous() if b1 is not None else None
+    slot = slot.contiguous() if slot is not None else None
+    label = label.contiguous() if label is not None else None
+    threshold = threshold.contiguous() if threshold is not None else None
+
+    def run(o):
+        return impl.fn(x, w1, b1, act=act, w_gate=w_gate, slot=slot, label=label, out=o, threshold=threshold,
+                       mode=mode)
+
+    return run(out) if out is None else run_into(out, run)
 
 
 @torch.library.custom_op("skillkern::ffn_stats", mutates_args=("out",))
@@ -295,8 +287,10 @@ def ffn_stats(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor] = No
         out: (slots, classes, neurons) contiguous accumulator, float64 (sums) or int64 (counts), updated in place.
         threshold: (slots, neurons) float64 (mode counts only).
         mode: ``"none"`` (just h), ``"sums"`` or ``"counts"``.
-        backend: ``"auto"`` (Triton on CUDA, else PyTorch + the compiled stats op when built, else PyTorch),
-            ``"torch"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"ext"``.
+        backend: ``"auto"``, ``"torch"``, ``"ext"`` (PyTorch's GEMM + the compiled statistics op) or
+            ``"triton"`` (the fused kernel): see :mod:`skillkern.ops.dispatch`.
+
+    Every tensor may be a non-contiguous view (``out`` too: the update is copied back into it).
 
     Returns:
         h: (rows, neurons) in ``x.dtype``.

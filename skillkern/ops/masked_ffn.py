@@ -61,19 +61,18 @@ sees one opaque node; the data-dependent checks run inside the op. Inference onl
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .activations import (HAVE_TRITON, act_id, apply_act, canonical, check_up_projection, tl, triton,
-                          triton_act)
+from . import dispatch
+from .activations import (HAVE_TRITON, act_id, apply_act, canonical, check_up_projection, tl, to_out_dtype,
+                          triton, triton_act)
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "triton")
 SCHEDULES = ("auto", "fused", "two_pass")
 #: the second launch of the two-pass schedule priced in bytes of HBM traffic: about 5 us at H100 bandwidth,
 #: launch latency plus draining one kernel and filling the next. Used by schedule="auto"; not yet measured.
@@ -106,15 +105,11 @@ if HAVE_TRITON:
         return rows, row_mask, g
 
     @triton.jit
-    def _kept(keep_ptr, offs_k, K, HAS_KEEP: tl.constexpr):
+    def _kept(keep_ptr, offs_k, K):
         """Neuron indices of the K positions ``offs_k`` and their mask (past K, or a -1 pad: masked, index 0)."""
-        in_k = offs_k < K
-        if HAS_KEEP:
-            idx = tl.load(keep_ptr + offs_k, mask=in_k, other=-1)
-            ok = idx >= 0
-            return tl.where(ok, idx, 0), ok
-        else:
-            return offs_k, in_k
+        idx = tl.load(keep_ptr + offs_k, mask=offs_k < K, other=-1)
+        ok = idx >= 0
+        return tl.where(ok, idx, 0), ok
 
     @triton.jit
     def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -162,13 +157,15 @@ if HAVE_TRITON:
         else:
             return triton_act(acc, ACT)
 
-    @triton.jit
+    # Row counts, kept counts and set counts change from call to call: not specialised, so one compiled
+    # variant serves them all (and the compile gate's table stays small).
+    @triton.jit(do_not_specialize=["R", "K", "G", "stride_keep"])
     def _masked_ffn_kernel(x_ptr, w1_ptr, b1_ptr, wg_ptr, w2_ptr, keep_ptr, rows_ptr, set_rows_ptr, set_tiles_ptr,
                            out_ptr, R, H, H_out, K, G,
                            stride_xr, stride_xh, stride_w1d, stride_w1h, stride_wgd, stride_wgh,
                            stride_w2n, stride_w2d, stride_keep,
-                           ACT: tl.constexpr, GATED: tl.constexpr, HAS_B1: tl.constexpr, HAS_KEEP: tl.constexpr,
-                           HAS_SETS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                           ACT: tl.constexpr, GATED: tl.constexpr, HAS_B1: tl.constexpr,
+                           HAS_SETS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         """Fused split-K program (row tile, K chunk): intermediate in registers, partial y added to fp32 out."""
@@ -179,13 +176,13 @@ if HAVE_TRITON:
         if g >= G:  # unused row tile of the per-set layout
             return
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        kidx, k_mask = _kept(keep_ptr + g * stride_keep, offs_k, K, HAS_KEEP)
+        kidx, k_mask = _kept(keep_ptr + g * stride_keep, offs_k, K)
         hid = _hidden_chunk(x_ptr, w1_ptr, b1_ptr, wg_ptr, rows, row_mask, kidx, k_mask, H,
                             stride_xr, stride_xh, stride_w1d, stride_w1h, stride_wgd, stride_wgh,
                             ACT, GATED, HAS_B1, UPCAST, IEEE, BLOCK_M, BLOCK_K, BLOCK_H)
         # Round the intermediate once to the weights' dtype (PyTorch's low-precision path rounds it too) so
         # the second product runs on tensor cores.
-        hid = hid.to(w2_ptr.dtype.element_ty)
+        hid = to_out_dtype(hid, w2_ptr.dtype.element_ty, RNE_BF16)
         offs_n = tl.arange(0, BLOCK_N)
         # [BLOCK_K, BLOCK_N] tile of W2[:, K]^T: contiguous along N when W2 is stored transposed (see docstring)
         w2_ptrs = w2_ptr + kidx[:, None] * stride_w2d + offs_n[None, :] * stride_w2n
@@ -199,12 +196,14 @@ if HAVE_TRITON:
             w2_ptrs += BLOCK_N * stride_w2n
             o_ptrs += BLOCK_N
 
-    @triton.jit
+    # Row counts, kept counts and set counts change from call to call: not specialised, so one compiled
+    # variant serves them all (and the compile gate's table stays small).
+    @triton.jit(do_not_specialize=["R", "K", "G", "stride_keep"])
     def _masked_up_kernel(x_ptr, w1_ptr, b1_ptr, wg_ptr, keep_ptr, rows_ptr, set_rows_ptr, set_tiles_ptr, h_ptr,
                           R, H, K, G,
                           stride_xr, stride_xh, stride_w1d, stride_w1h, stride_wgd, stride_wgh, stride_keep, stride_hr,
-                          ACT: tl.constexpr, GATED: tl.constexpr, HAS_B1: tl.constexpr, HAS_KEEP: tl.constexpr,
-                          HAS_SETS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                          ACT: tl.constexpr, GATED: tl.constexpr, HAS_B1: tl.constexpr,
+                          HAS_SETS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
                           BLOCK_G: tl.constexpr):
         """Two-pass, stage 1: program (row tile, K chunk) writes its intermediate tile to h (R x K)."""
@@ -215,19 +214,22 @@ if HAVE_TRITON:
         if g >= G:
             return
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        kidx, k_mask = _kept(keep_ptr + g * stride_keep, offs_k, K, HAS_KEEP)
+        kidx, k_mask = _kept(keep_ptr + g * stride_keep, offs_k, K)
         hid = _hidden_chunk(x_ptr, w1_ptr, b1_ptr, wg_ptr, rows, row_mask, kidx, k_mask, H,
                             stride_xr, stride_xh, stride_w1d, stride_w1h, stride_wgd, stride_wgh,
                             ACT, GATED, HAS_B1, UPCAST, IEEE, BLOCK_M, BLOCK_K, BLOCK_H)
         # The padding columns [K, stride_hr) get act(0) = 0: whole-row masks let the stores vectorise.
-        tl.store(h_ptr + rows[:, None] * stride_hr + offs_k[None, :], hid.to(h_ptr.dtype.element_ty),
+        tl.store(h_ptr + rows[:, None] * stride_hr + offs_k[None, :],
+                 to_out_dtype(hid, h_ptr.dtype.element_ty, RNE_BF16),
                  mask=row_mask[:, None] & (offs_k < stride_hr)[None, :])
 
-    @triton.jit
+    # Row counts, kept counts and set counts change from call to call: not specialised, so one compiled
+    # variant serves them all (and the compile gate's table stays small).
+    @triton.jit(do_not_specialize=["R", "K", "G", "stride_keep"])
     def _masked_down_kernel(h_ptr, w2_ptr, b2_ptr, keep_ptr, rows_ptr, set_rows_ptr, set_tiles_ptr, y_ptr,
                             R, H_out, K, G, stride_w2n, stride_w2d, stride_keep, stride_hr,
-                            HAS_B2: tl.constexpr, HAS_KEEP: tl.constexpr, HAS_SETS: tl.constexpr,
-                            UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            HAS_B2: tl.constexpr, HAS_SETS: tl.constexpr,
+                            UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         """Two-pass, stage 2: program (row tile, output tile) computes y = h @ W2[:, K]^T + b2, plain stores."""
         pid_m = tl.program_id(0).to(tl.int64)
@@ -243,7 +245,7 @@ if HAVE_TRITON:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = (k0 + offs_kb).to(tl.int64)
-            kidx, k_mask = _kept(keep_row, offs_k, K, HAS_KEEP)
+            kidx, k_mask = _kept(keep_row, offs_k, K)
             a = tl.load(h_ptr + rows[:, None] * stride_hr + offs_k[None, :],  # padding columns hold zeros
                         mask=row_mask[:, None] & (offs_k < stride_hr)[None, :], other=0.0)
             w2 = tl.load(w2_ptr + kidx[:, None] * stride_w2d + offs_n[None, :] * stride_w2n,
@@ -251,7 +253,7 @@ if HAVE_TRITON:
             acc = _mma(a, w2, acc, UPCAST, IEEE)
         if HAS_B2:
             acc += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * H_out + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + rows[:, None] * H_out + offs_n[None, :], to_out_dtype(acc, y_ptr.dtype.element_ty, RNE_BF16),
                  mask=row_mask[:, None] & mask_n[None, :])
 
 else:  # pragma: no cover - exercised only where triton is absent
@@ -259,41 +261,13 @@ else:  # pragma: no cover - exercised only where triton is absent
 
 
 # ------------------------------------------------------------------------------------------------ host
-def triton_interpreted() -> bool:
-    """True when this module's kernels were built for the interpreter (``TRITON_INTERPRET=1`` at import)."""
-    if not HAVE_TRITON:
-        return False
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - other triton layouts
-        return False
-    return isinstance(_masked_ffn_kernel, InterpretedFunction)
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto``: Triton for CUDA tensors when triton imports, else PyTorch. ``triton`` on CPU tensors needs
-    ``TRITON_INTERPRET=1`` (set before skillkern is imported)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"masked_ffn: unknown backend {backend!r}; choose one of {BACKENDS}")
-    device = torch.device(device)
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and HAVE_TRITON else "torch"
-    if backend == "triton":
-        if not HAVE_TRITON:
-            raise RuntimeError("masked_ffn: backend='triton' asked for, but triton is not importable")
-        if device.type != "cuda" and not triton_interpreted():
-            raise RuntimeError(f"masked_ffn: backend='triton' needs CUDA tensors (got {device}); set "
-                               "TRITON_INTERPRET=1 before importing skillkern to run the kernels on CPU (slowly)")
-    return backend
-
-
 def check_masked_ffn_args(x, w1, b1, w2, b2, keep, w_gate, row_set, act: str, backend: str, schedule: str,
                           values: bool = True) -> None:
     """Raise a ValueError naming the problem when the arguments of :func:`masked_ffn` do not fit.
 
     ``values``: also check index ranges and duplicates (reads ``keep`` and ``row_set``: one host sync)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"masked_ffn: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"masked_ffn: unknown backend {backend!r}; choose one of {dispatch.BACKENDS}")
     if schedule not in SCHEDULES:
         raise ValueError(f"masked_ffn: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     rows, hidden, width = check_up_projection("masked_ffn", x, w1, b1, w_gate, act, w2=w2, b2=b2)
@@ -383,12 +357,6 @@ def masked_ffn_reference(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.T
     return y
 
 
-def _sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: any small number
-
-
 def _pick_schedule(rows: int, kept: int, out: int, esize: int, block_k: int) -> str:
     """'fused' while its atomic traffic is below the two-pass cost (see the module docstring)."""
     fused = 8 * rows * out * triton.cdiv(kept, block_k)
@@ -396,39 +364,69 @@ def _pick_schedule(rows: int, kept: int, out: int, esize: int, block_k: int) -> 
     return "fused" if fused <= two_pass else "two_pass"
 
 
-def _configs(rows: int, kept: int, out: int, dtype: torch.dtype, device: torch.device, interpreted: bool) -> dict:
-    """Tile sizes for the fused kernel and the two two-pass kernels. Not autotuned yet (no GPU here)."""
-    if interpreted:
+#: the largest BLOCK_M x BLOCK_K intermediate tile one program holds in registers, by (fp32 inputs, gated): the
+#: second product reads it as an operand beside the W2 tile and the fp32 partial output; larger tiles spill on
+#: sm_80 (measured by the compile gate, benchmarks/results/kernel_resources.csv). fp32 runs its products on the
+#: FMA units (no TF32), whose operand layouts cost more registers than tensor-core fragments.
+_TILE_BUDGET = {(False, False): 2048, (False, True): 1024, (True, False): 512, (True, True): 512}
+
+
+def _configs(rows: int, kept: int, out: int, dtype: torch.dtype, gated: bool, target: dispatch.LaunchTarget) -> dict:
+    """Tile sizes for the fused kernel and the two two-pass kernels, chosen so that no configuration spills
+    registers on sm_80 or sm_90 (the compile gate checks every one). Not autotuned yet (no GPU timing here).
+
+    * ``BLOCK_M`` (rows): 16 / 32 / 64 by the row count, 128 for the FLOP-bound two-pass kernels at >= 1024 rows.
+    * ``BLOCK_K`` (kept neurons per program): the largest of 64 / 32 / 16 that fits :data:`_TILE_BUDGET` and
+      still gives two programs per SM (with few rows, parallelism comes from splitting K).
+    * ``BLOCK_H`` (the reduction chunk of the up-projection): 64 for 16-bit inputs (tensor cores), 16 for fp32
+      (FMA products hold whole operand rows per thread).
+    * ``BLOCK_N`` (output columns): 64, or 32 for fp32 and when rows are too few to fill the GPU.
+    """
+    fp32 = dtype == torch.float32
+    if target.interpreted:
         # tl.dot needs every block >= 16; the interpreter runs each program as numpy work, so small tiles and
         # few programs keep the tests fast while still cutting every dimension into ragged chunks.
         bm = 16 if rows <= 16 else 32
         base = dict(BLOCK_M=bm, BLOCK_K=32, BLOCK_H=32, BLOCK_N=32)
         return dict(fused=base, up=dict(base, BLOCK_N=None), down=dict(base, BLOCK_H=None))
-    fp32 = dtype == torch.float32
     bm = 16 if rows <= 16 else 32 if rows <= 32 else 64
     tiles_m = triton.cdiv(rows, bm)
-    # Few rows: the program count is tiles_m * K/BLOCK_K, and the weights stream at full bandwidth only with
-    # a couple of programs per SM, so take the largest BLOCK_K that still gives that many.
-    want = 2 * _sms(device)
-    bk = 16
-    for cand in (64, 32):
-        if tiles_m * triton.cdiv(kept, cand) >= want:
-            bk = cand
-            break
-    fused = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_H=32 if fp32 else 64, BLOCK_N=64, num_warps=4, num_stages=3)
-    if rows >= 1024 and not fp32:  # FLOP-bound: tensor-core sized tiles
-        up = dict(BLOCK_M=128, BLOCK_K=128, BLOCK_H=32, num_warps=8, num_stages=3)
+    want = 2 * target.sms
+    budget = _TILE_BUDGET[(fp32, gated)]
+    fitting = [c for c in (64, 32, 16) if bm * c <= budget] or [16]
+    bk = next((c for c in fitting if tiles_m * triton.cdiv(kept, c) >= want), fitting[-1])
+    bh = 16 if fp32 else 64
+    bn = 32 if fp32 else 64
+    fused = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_H=bh, BLOCK_N=bn, num_warps=4, num_stages=3)
+    if rows >= 1024 and not fp32:  # FLOP-bound: tensor-core sized tiles (two accumulators when gated)
+        up = dict(BLOCK_M=128, BLOCK_K=64 if gated else 128, BLOCK_H=32, num_warps=8, num_stages=3)
         down = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     else:
-        up = dict(BLOCK_M=bm, BLOCK_K=max(bk, 32), BLOCK_H=32 if fp32 else 64, num_warps=4, num_stages=3)
+        up = dict(BLOCK_M=bm, BLOCK_K=max(bk, 32) if bm * 32 <= budget else bk, BLOCK_H=bh, num_warps=4,
+                  num_stages=3)
         # the down kernel's programs are tiles_m * out/BLOCK_N: narrower output tiles when rows are few
-        bn = 64 if tiles_m * triton.cdiv(out, 64) >= want else 32
-        down = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, num_warps=4, num_stages=3)
+        bn_down = 64 if not fp32 and tiles_m * triton.cdiv(out, 64) >= want else 32
+        down = dict(BLOCK_M=bm, BLOCK_N=bn_down, BLOCK_K=32, num_warps=4, num_stages=3)
     return dict(fused=fused, up=up, down=down)
 
 
-def masked_ffn_triton(x, w1, b1, w2, b2, keep, w_gate, row_set, act: str, schedule: str = "auto") -> torch.Tensor:
-    """Launch the Triton kernels (no argument checks; see :func:`masked_ffn`). Returns (rows, out) in x.dtype."""
+def _row_layout(row_set: torch.Tensor, sets: int):
+    """Rows sorted by set and the first sorted position of each set (sets + 1,), on the device, no host sync."""
+    rows_idx = torch.argsort(row_set, stable=True)
+    counts = torch.zeros(sets, dtype=torch.int64, device=row_set.device)
+    counts.index_add_(0, row_set, torch.ones_like(row_set))  # bincount without a data-dependent size
+    set_rows = torch.zeros(sets + 1, dtype=torch.int64, device=row_set.device)
+    torch.cumsum(counts, 0, out=set_rows[1:])
+    return rows_idx, counts, set_rows
+
+
+@dispatch.register("masked_ffn", "triton")
+def masked_ffn_triton(x, w1, b1, w2, b2, keep, *, act: str = "gelu", w_gate=None, row_set=None,
+                      schedule: str = "auto") -> torch.Tensor:
+    """Launch the Triton kernels (no argument checks; see :func:`masked_ffn`). Returns (rows, out) in x.dtype.
+
+    ``x``, ``w1``, ``w_gate``, ``w2`` may have any strides (passed to the kernels); ``b1``, ``b2``, ``keep``,
+    ``row_set`` contiguous (the host boundary, :func:`masked_ffn_host`, does it)."""
     rows, hidden = x.shape
     out = w2.shape[0]
     kept = w1.shape[0] if keep is None else keep.shape[-1]
@@ -436,30 +434,30 @@ def masked_ffn_triton(x, w1, b1, w2, b2, keep, w_gate, row_set, act: str, schedu
     if rows == 0 or out == 0 or kept == 0:
         y = torch.zeros((rows, out), dtype=x.dtype, device=dev)
         return y.add_(b2) if b2 is not None else y
-    interpreted = triton_interpreted()
-    cfg = _configs(rows, kept, out, x.dtype, dev, interpreted)
+    target = dispatch.launch_target(dev)
+    interpreted = target.interpreted
+    cfg = _configs(rows, kept, out, x.dtype, w_gate is not None, target)
     if schedule == "auto":
         schedule = _pick_schedule(rows, kept, out, x.element_size(), cfg["fused"]["BLOCK_K"])
     idx_dummy = torch.empty(1, dtype=torch.int64, device=dev)  # pointers of constexpr-off branches, never read
     if row_set is None:
         sets = 1
-        keep_t = keep.contiguous() if keep is not None else idx_dummy
+        # keep=None keeps every neuron: an explicit 0..D-1 list, so the kernels have one code path
+        keep_t = keep if keep is not None else torch.arange(kept, device=dev)
         rows_idx = set_rows = idx_dummy
         extra_tiles = 0
     else:
         sets = keep.shape[0]
-        keep_t = keep.contiguous()
-        # Sort rows by set on the device (no host sync) and lay each set's rows out in whole row tiles.
-        rows_idx = torch.argsort(row_set, stable=True)
-        counts = torch.bincount(row_set, minlength=sets)
-        set_rows = torch.zeros(sets + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(counts, 0, out=set_rows[1:])
+        keep_t = keep
+        # Sort rows by set on the device and lay each set's rows out in whole row tiles.
+        rows_idx, counts, set_rows = _row_layout(row_set, sets)
         extra_tiles = sets
     block_g = triton.next_power_of_2(sets)
     gate = w_gate if w_gate is not None else w1
-    common = dict(ACT=act_id(act), GATED=w_gate is not None, HAS_B1=b1 is not None, HAS_KEEP=keep is not None,
+    common = dict(ACT=act_id(act), GATED=w_gate is not None, HAS_B1=b1 is not None,
                   HAS_SETS=row_set is not None, UPCAST=interpreted and x.dtype != torch.float32,
-                  IEEE=x.dtype == torch.float32 or interpreted, BLOCK_G=block_g)
+                  IEEE=x.dtype == torch.float32 or interpreted,
+                  RNE_BF16=interpreted and x.dtype == torch.bfloat16, BLOCK_G=block_g)
     bias1 = b1 if b1 is not None else x
     stride_keep = keep_t.stride(0) if (keep is not None and keep.dim() == 2) else 0
     x_strides = (x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), gate.stride(0), gate.stride(1))
@@ -471,14 +469,15 @@ def masked_ffn_triton(x, w1, b1, w2, b2, keep, w_gate, row_set, act: str, schedu
         torch.cumsum((counts + block_m - 1) // block_m, 0, out=tiles[1:])
         return tiles
 
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with dispatch.device_guard(dev):
         if schedule == "fused":
             c = cfg["fused"]
             acc = torch.zeros((rows, out), dtype=torch.float32, device=dev)
             if b2 is not None:
                 acc.add_(b2)
             grid = (triton.cdiv(rows, c["BLOCK_M"]) + extra_tiles, triton.cdiv(kept, c["BLOCK_K"]))
-            _masked_ffn_kernel[grid](
+            dispatch.launch(
+                _masked_ffn_kernel, grid,
                 x, w1, bias1, gate, w2, keep_t, rows_idx, set_rows, set_tiles(c["BLOCK_M"]), acc,
                 rows, hidden, out, kept, sets, *x_strides, w2.stride(0), w2.stride(1), stride_keep,
                 **common, **c)
@@ -487,26 +486,37 @@ def masked_ffn_triton(x, w1, b1, w2, b2, keep, w_gate, row_set, act: str, schedu
         # Rows padded to 64 elements: the row stride is then divisible by 16, which lets Triton vectorise.
         hid = torch.empty((rows, triton.cdiv(kept, 64) * 64), dtype=x.dtype, device=dev)
         grid = (triton.cdiv(rows, cu["BLOCK_M"]) + extra_tiles, triton.cdiv(kept, cu["BLOCK_K"]))
-        _masked_up_kernel[grid](
+        dispatch.launch(
+            _masked_up_kernel, grid,
             x, w1, bias1, gate, keep_t, rows_idx, set_rows, set_tiles(cu["BLOCK_M"]), hid,
             rows, hidden, kept, sets, *x_strides, stride_keep, hid.stride(0), **common, **cu)
         y = torch.empty((rows, out), dtype=x.dtype, device=dev)
         grid = (triton.cdiv(rows, cd["BLOCK_M"]) + extra_tiles, triton.cdiv(out, cd["BLOCK_N"]))
-        _masked_down_kernel[grid](
+        dispatch.launch(
+            _masked_down_kernel, grid,
             hid, w2, b2 if b2 is not None else x, keep_t, rows_idx, set_rows, set_tiles(cd["BLOCK_M"]), y,
             rows, out, kept, sets, w2.stride(0), w2.stride(1), stride_keep, hid.stride(0),
-            HAS_B2=b2 is not None, HAS_KEEP=keep is not None, HAS_SETS=row_set is not None,
-            UPCAST=common["UPCAST"], IEEE=common["IEEE"], BLOCK_G=block_g, **cd)
+            HAS_B2=b2 is not None, HAS_SETS=row_set is not None,
+            UPCAST=common["UPCAST"], IEEE=common["IEEE"], RNE_BF16=common["RNE_BF16"], BLOCK_G=block_g, **cd)
         return y
+
+
+@dispatch.register("masked_ffn", "torch")
+def _masked_ffn_torch(x, w1, b1, w2, b2, keep, *, act: str = "gelu", w_gate=None, row_set=None,
+                      schedule: str = "auto") -> torch.Tensor:
+    return masked_ffn_reference(x, w1, b1, w2, b2, keep, act=act, w_gate=w_gate, row_set=row_set)
 
 
 def masked_ffn_host(x, w1, b1, w2, b2, keep, w_gate, row_set, act: str, backend: str, schedule: str,
                     check: bool) -> torch.Tensor:
-    """Check the inputs, choose the backend, run. The body of the registered op ``skillkern::masked_ffn``."""
+    """Check the inputs, choose the backend, run. The body of the registered op ``skillkern::masked_ffn``.
+
+    The host boundary: ``x`` and the weights keep their strides; biases and index tables are made
+    contiguous (the kernels read them as dense vectors)."""
     check_masked_ffn_args(x, w1, b1, w2, b2, keep, w_gate, row_set, act, backend, schedule, values=check)
-    if resolve_backend(backend, x.device) == "triton":
-        return masked_ffn_triton(x, w1, b1, w2, b2, keep, w_gate, row_set, act, schedule)
-    return masked_ffn_reference(x, w1, b1, w2, b2, keep, act=act, w_gate=w_gate, row_set=row_set)
+    impl = dispatch.implementation("masked_ffn", backend, x.device)
+    b1, b2, keep, row_set = (t.contiguous() if t is not None else None for t in (b1, b2, keep, row_set))
+    return impl.fn(x, w1, b1, w2, b2, keep, act=act, w_gate=w_gate, row_set=row_set, schedule=schedule)
 
 
 @torch.library.custom_op("skillkern::masked_ffn", mutates_args=())
@@ -544,8 +554,8 @@ def masked_ffn(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2
         act: ``gelu``, ``gelu_tanh``, ``relu``, ``silu`` or a transformers alias (``gelu_new``, ``swish``...).
         w_gate: (neurons, hidden) gate projection of a gated MLP, or None.
         row_set: x.shape[:-1] int64: the index set (row of ``keep``) each row uses, or None.
-        backend: ``"auto"`` (Triton on CUDA when triton imports, else PyTorch), ``"torch"`` (index_select +
-            F.linear) or ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+        backend: ``"auto"``, ``"torch"`` (index_select + F.linear) or ``"triton"``: see
+            :mod:`skillkern.ops.dispatch` (there is no compiled ``ext`` implementation of this op).
         schedule: Triton only: ``"fused"`` (intermediate on chip, split-K), ``"two_pass"`` or ``"auto"``
             (chosen from the traffic model in the module docstring).
         check: check index ranges and duplicates (one host sync); shapes, dtypes and devices are always checked.

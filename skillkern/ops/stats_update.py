@@ -24,19 +24,15 @@ FFN kernel (``ops/ffn_stats.py``), which runs it on a GEMM tile still in registe
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from typing import Optional
 
 import torch
 
-from .. import _ext
+from . import dispatch
 from .activations import HAVE_TRITON, tl, triton
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "torch", "triton", "ext")
 
 #: ``mode`` constexpr of :func:`_stats_epilogue`
 MODE_NONE, MODE_SUMS, MODE_COUNTS = 0, 1, 2
@@ -73,7 +69,8 @@ if HAVE_TRITON:
                     # only the elements above threshold need an atomic (+1)
                     tl.atomic_add(dst, tl.full(h.shape, 1, tl.int64), mask=above, sem="relaxed")
 
-    @triton.jit
+    # Row and class counts change from call to call: not specialised, so one compiled variant serves them all.
+    @triton.jit(do_not_specialize=["rows", "classes"])
     def _stats_update_kernel(h_ptr, slot_ptr, label_ptr, out_ptr, thr_ptr, rows, width, classes,
                              stride_hr, stride_hd,
                              MODE: tl.constexpr, H_F64: tl.constexpr,
@@ -113,26 +110,6 @@ def thresholds_for_float32(threshold: torch.Tensor) -> torch.Tensor:
     return torch.where(t32.to(torch.float64) > threshold, down, t32).contiguous()
 
 
-def triton_interpreted() -> bool:
-    """True when the Triton kernels were built for the interpreter (``TRITON_INTERPRET=1`` at import)."""
-    if not HAVE_TRITON:
-        return False
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - layout of other triton versions
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return isinstance(_stats_update_kernel, InterpretedFunction)
-
-
-def check_triton_device(device: torch.device, op: str) -> None:
-    """Raise RuntimeError when the Triton backend cannot run on ``device``."""
-    if not HAVE_TRITON:
-        raise RuntimeError(f"{op}: backend='triton' asked for, but triton is not importable")
-    if torch.device(device).type != "cuda" and not triton_interpreted():
-        raise RuntimeError(f"{op}: backend='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 "
-                           "before importing skillkern to run the kernel on CPU in the (slow) interpreter")
-
-
 def check_stats_args(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
                      threshold: Optional[torch.Tensor]) -> None:
     """Raise a ValueError naming the problem when the arguments of :func:`stats_update` do not fit."""
@@ -162,8 +139,6 @@ def check_stats_state(rows: int, width: int, slot: torch.Tensor, label: torch.Te
             raise ValueError(f"{op}: {name} must be int64, got {t.dtype}")
     if out.dim() != 3 or out.shape[2] != width:
         raise ValueError(f"{op}: out must have shape (slots, classes, {width}), got {tuple(out.shape)}")
-    if not out.is_contiguous():
-        raise ValueError(f"{op}: out must be contiguous")
     slots, classes, _ = out.shape
     if threshold is None:
         if out.dtype != torch.float64:
@@ -193,9 +168,10 @@ def check_stats_state(rows: int, width: int, slot: torch.Tensor, label: torch.Te
             raise ValueError(f"{op}: label {bad} out of range [0, {classes})")
 
 
+@dispatch.register("stats_update", "torch")
 def stats_update_reference(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
                            threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """PyTorch reference of :func:`stats_update` (the specification; no argument checks)."""
+    """PyTorch reference of :func:`stats_update` (the specification; no argument checks; ``out`` contiguous)."""
     classes, width = out.shape[1], out.shape[2]
     keep = slot >= 0
     if not bool(keep.all()):
@@ -209,56 +185,53 @@ def stats_update_reference(h: torch.Tensor, slot: torch.Tensor, label: torch.Ten
     return out
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``auto`` to a concrete backend for tensors on ``device``; validate explicit choices.
-
-    ``auto``: the compiled op when it has a kernel for the device (on CPU, and on CUDA where one is built:
-    it adds rows in row order, so its float64 sums are deterministic, which atomics are not), else Triton
-    on CUDA tensors when triton imports, else the PyTorch reference. Never the interpreter.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    device = torch.device(device)
-    if backend == "auto":
-        if _ext.has_op("stats_update", device):
-            return "ext"
-        if device.type == "cuda" and HAVE_TRITON:
-            return "triton"
-        return "torch"
-    if backend == "ext" and not _ext.has_op("stats_update", device):
-        raise RuntimeError(f"backend='ext' asked for, but the compiled op is not available on {device}: "
-                           f"{_ext.unavailable_reason()}")
-    if backend == "triton":
-        check_triton_device(device, "stats_update")
-    return backend
+@dispatch.register("stats_update", "ext", ext_op="stats_update")
+def stats_update_ext(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
+                     threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The compiled op of csrc/ (C++/OpenMP on CPU, CUDA where built): rows added in row order."""
+    torch.ops.skillkern.stats_update(h, slot, label, out, threshold)
+    return out
 
 
 def _launch_config(interpreted: bool) -> dict:
     # Under the interpreter every program is a numpy call: small tiles keep tests quick. On a GPU one warp
-    # group covers 32 rows x 128 neurons; rows are what atomics contend on, neurons are contiguous.
+    # group covers 32 rows x 128 neurons; rows are what atomics contend on, neurons are contiguous. No matrix
+    # product here, so registers stay low (the compile gate's table: benchmarks/results/kernel_resources.csv).
     if interpreted:
         return dict(BLOCK_M=16, BLOCK_N=32)
     return dict(BLOCK_M=32, BLOCK_N=128, num_warps=4)
 
 
+@dispatch.register("stats_update", "triton")
 def stats_update_triton(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
                         threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Launch :func:`_stats_update_kernel` (no argument checks; see :func:`stats_update`)."""
+    """Launch :func:`_stats_update_kernel` (no argument checks; see :func:`stats_update`). ``h`` may have any
+    strides; ``slot``, ``label``, ``threshold`` contiguous and ``out`` contiguous (the host boundary does it)."""
     rows, width = h.shape
     if rows == 0 or width == 0:
         return out
-    check_triton_device(h.device, "stats_update")
-    cfg = _launch_config(triton_interpreted())
+    cfg = _launch_config(dispatch.launch_target(h.device).interpreted)
     mode = MODE_SUMS if threshold is None else MODE_COUNTS
     if threshold is None:
         thr = out  # dummy pointer, never read in MODE_SUMS
     else:
-        thr = threshold.contiguous() if h.dtype == torch.float64 else thresholds_for_float32(threshold)
+        thr = threshold if h.dtype == torch.float64 else thresholds_for_float32(threshold)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_N"]))
-    with torch.cuda.device(h.device) if h.device.type == "cuda" else contextlib.nullcontext():
-        _stats_update_kernel[grid](h, slot.contiguous(), label.contiguous(), out, thr, rows, width, out.shape[1],
-                                   h.stride(0), h.stride(1), MODE=mode, H_F64=h.dtype == torch.float64, **cfg)
+    with dispatch.device_guard(h.device):
+        dispatch.launch(_stats_update_kernel, grid, h, slot, label, out, thr, rows, width, out.shape[1],
+                        h.stride(0), h.stride(1), MODE=mode, H_F64=h.dtype == torch.float64, **cfg)
     return out
+
+
+def run_into(out: torch.Tensor, fn):
+    """``fn(out)``, through a contiguous copy copied back when ``out`` is a non-contiguous view: the kernels
+    accumulate into contiguous memory, callers may pass any view. Returns what ``fn`` returns."""
+    if out.is_contiguous():
+        return fn(out)
+    tmp = out.contiguous()
+    result = fn(tmp)
+    out.copy_(tmp)
+    return out if result is tmp else result
 
 
 def stats_update(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: torch.Tensor,
@@ -271,9 +244,10 @@ def stats_update(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: 
         label: (rows,) int64 class of each row, in ``[0, classes)``.
         out: (slots, classes, neurons) accumulator: float64 sums when ``threshold`` is None, else int64 counts.
         threshold: (slots, neurons) float64 thresholds, or None for the sums pass.
-        backend: ``"auto"`` (compiled op when built for the device, else Triton on CUDA, else PyTorch),
-            ``"torch"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``"ext"``.
+        backend: ``"auto"``, ``"torch"``, ``"ext"`` or ``"triton"``: see :mod:`skillkern.ops.dispatch`.
         check: validate shapes, dtypes and index ranges first (one host sync for the range checks).
+
+    Every tensor may be a non-contiguous view (``out`` too: the update is copied back into it).
 
     Returns:
         ``out``.
@@ -282,10 +256,8 @@ def stats_update(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, out: 
         check_stats_args(h, slot, label, out, threshold)
     if h.shape[0] == 0:
         return out
-    chosen = resolve_backend(backend, out.device)
-    if chosen == "ext":
-        torch.ops.skillkern.stats_update(h.contiguous(), slot.contiguous(), label.contiguous(), out, threshold)
-        return out
-    if chosen == "triton":
-        return stats_update_triton(h, slot, label, out, threshold)
-    return stats_update_reference(h, slot, label, out, threshold)
+    impl = dispatch.implementation("stats_update", backend, out.device)
+    # The host boundary: small index/threshold tensors are made contiguous here; h keeps its strides (the
+    # kernels take them; the compiled op copies what it must).
+    threshold = threshold.contiguous() if threshold is not None else None
+    return run_into(out, lambda o: impl.fn(h, slot.contiguous(), label.contiguous(), o, threshold))
