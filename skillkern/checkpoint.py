@@ -18,8 +18,6 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .files import FileFormatError, is_leftover, load_safetensors, safetensors_header, save_safetensors
 from .stats import NeuronStats, ShardedNeuronStats, StatsFileError
 

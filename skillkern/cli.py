@@ -133,13 +133,20 @@ def _data_inputs(args) -> list:
             ("task folder", _existing(getattr(args, "task", None)))]
 
 
-def _check_positions(model: str, need: int, what: str, fix: str) -> None:
-    """Refuse, from the model's configuration alone, an input longer than the model's positions."""
+def _check_positions(model: str, prompt_len: int, max_length: int) -> None:
+    """Refuse, from the model's configuration alone, a prompt + ``--max-length`` beyond the model's positions."""
     from .models import model_positions
 
     model_type, limit = model_positions(model)
-    if limit is not None and need > limit:
-        raise UsageError(f"{what} = {need} positions, but the {model_type} model {model} has {limit}; {fix}")
+    need = prompt_len + max_length
+    if limit is None or need <= limit:
+        return
+    if prompt_len:
+        raise UsageError(f"a prompt of {prompt_len} slots + --max-length {max_length} = {need} positions, but the "
+                         f"{model_type} model {model} has {limit}; lower --max-length to at most "
+                         f"{limit - prompt_len}, or use a shorter --prompt-len")
+    raise UsageError(f"--max-length {max_length} is more than the {limit} positions of the {model_type} model "
+                     f"{model}; lower --max-length to at most {limit}")
 
 
 def _add_score_parser(sub) -> None:
@@ -221,8 +228,7 @@ def cmd_score(args) -> int:
     from .models import check_model_source
 
     check_model_source(args.model)
-    _check_positions(args.model, args.max_length, f"--max-length {args.max_length}",
-                     "lower --max-length to at most that")
+    _check_positions(args.model, 0, args.max_length)
 
     from . import __version__
     from .checkpoint import Checkpoint
@@ -239,11 +245,10 @@ def cmd_score(args) -> int:
         task = binary_subtask(task, args.subtask, seed=args.seed)
     baseline = _first(task.split(args.baseline_split), args.max_baseline)
     evaluation = _first(task.split(args.eval_split), args.max_eval)
-    check_split_classes(evaluation, task.label_names, f"the evaluation split {args.eval_split!r} of {task.name} "
-                        f"({len(evaluation)} rows)", require_two=True,
+    check_split_classes(evaluation, task.label_names, f"the evaluation split {args.eval_split!r} of {task.name}",
+                        require_two=True, why="predictivity (how well a neuron separates classes) is undefined",
                         hint="use more rows (--max-eval) or another split (--eval-split)")
-    check_split_classes(baseline, task.label_names, f"the baseline split {args.baseline_split!r} of {task.name} "
-                        f"({len(baseline)} rows)")
+    check_split_classes(baseline, task.label_names, f"the baseline split {args.baseline_split!r} of {task.name}")
     settings = ScoreSettings(pool=args.pool, max_length=args.max_length, batch_size=args.batch_size,
                              pad_multiple=args.pad_multiple, backend=args.backend, which=args.which)
     fingerprint = {"model": resolved_model_id(args.model), "task": task.name, "task_source": task.source,
@@ -405,10 +410,7 @@ def cmd_tune(args) -> int:
             if is_within(path, args.out):
                 raise UsageError(f"--out {args.out} contains the {name} {path}; choose another folder")
     check_model_source(args.model)
-    prompt_len = args.prompt_len if args.method == "prompt" else 0
-    _check_positions(args.model, prompt_len + args.max_length,
-                     f"a prompt of {prompt_len} slots + --max-length {args.max_length}",
-                     f"lower --max-length to at most the positions less {prompt_len}, or use a shorter --prompt-len")
+    _check_positions(args.model, args.prompt_len if args.method == "prompt" else 0, args.max_length)
 
     from .data import binary_subtask, load_task
 
@@ -609,11 +611,29 @@ def describe_error(err: BaseException) -> str:
     return msg if len(msg) <= 1200 else msg[:1200] + " ..."
 
 
+def _hide_library_progress() -> None:
+    """--no-progress hides the progress bars of transformers and the Hugging Face Hub too ("Loading weights")."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or a one-line argparse error (2): a status, not an exception
+        return done.code if isinstance(done.code, int) else 2
     debug = getattr(args, "verbose", False) or os.environ.get("SKILLKERN_DEBUG", "").strip() not in ("", "0")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "no_progress", False):
+        _hide_library_progress()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -359,9 +359,9 @@ def check_out_file(out: str | Path, *, flag: str = "--out", suffix: str = ".json
         ``"new"`` or ``"replace"`` (an existing result of this kind, ``overwrite`` given).
     """
     out = Path(out)
-    _check_inputs(out, flag, inputs)
     if out.is_dir():
         raise OutputError(f"{flag} {out} is a folder; give a file path ending in {suffix}")
+    _check_inputs(out, flag, inputs)
     if out.suffix != suffix:
         raise OutputError(f"{flag} {out} must end in {suffix}")
     _check_parent(out, flag)

@@ -85,11 +85,10 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
     max_eval = s.max_dev if max_eval is None else max_eval
     baseline = task.split(baseline_split)[:max_baseline] if max_baseline else task.split(baseline_split)
     evaluation = task.split(eval_split)[:max_eval] if max_eval else task.split(eval_split)
-    check_split_classes(evaluation, task.label_names, f"the evaluation split {eval_split!r} of {run} "
-                        f"({len(evaluation)} rows)", require_two=True,
+    check_split_classes(evaluation, task.label_names, f"the evaluation split {eval_split!r} of {run}",
+                        require_two=True, why="predictivity (how well a neuron separates classes) is undefined",
                         hint="use more rows (--max-eval) or a run tuned with more dev rows")
-    check_split_classes(baseline, task.label_names, f"the baseline split {baseline_split!r} of {run} "
-                        f"({len(baseline)} rows)")
+    check_split_classes(baseline, task.label_names, f"the baseline split {baseline_split!r} of {run}")
     pm, _, info = load_run(run, device=device, data=data, task=run_task)  # the run's head: the run's classes
     check_rows_differ(pm.tokenizer, evaluation, s.max_length, f"the evaluation split {eval_split!r} of {run}",
                       required=True, hint="the run's --max-length is too short for this data")
@@ -264,7 +263,7 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
     task = load_run_task(info, data)
     max_test = s.max_test if max_test is None else max_test
     test = task.split(split)[:max_test] if max_test else task.split(split)
-    check_split_classes(test, task.label_names, f"the {split!r} split of {run} ({len(test)} rows)")
+    check_split_classes(test, task.label_names, f"the {split!r} split of {run}")
     pm, task, info = load_run(run, device=device, data=data, task=task)
     widths = [layer.width for layer in ffn_layers(pm.backbone)]
     shape = tuple(next(iter(preds.values())).shape)

@@ -540,7 +540,7 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
     s = TuneSettings(**info["settings"])
     task = load_run_task(info, data)
     train, _dev, test = run_splits(task, s)
-    check_split_classes(test, task.label_names, f"the test split of {run} ({len(test)} rows)")
+    check_split_classes(test, task.label_names, f"the test split of {run}")
     pm, task, info = load_run(run, device=device, data=data, task=task)
     widths = [layer.width for layer in ffn_layers(pm.backbone)]
     if widths != [width] * num_layers:

@@ -360,11 +360,11 @@ def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, 
     check_tune_out(out, model_name=model_name, task=task, overwrite=overwrite, resume=resume)
     train, dev, test = run_splits(task, settings)
     names = task.label_names
-    check_split_classes(train, names, f"the training split of {task.name} ({len(train)} rows)", require_two=True,
-                        hint="use more rows (--max-train) or another task")
-    check_split_classes(dev, names, f"the dev split of {task.name} ({len(dev)} rows)")
+    check_split_classes(train, names, f"the training split of {task.name}", require_two=True,
+                        why="there is nothing to learn", hint="use more rows (--max-train) or another task")
+    check_split_classes(dev, names, f"the dev split of {task.name}")
     if test:
-        check_split_classes(test, names, f"the test split of {task.name} ({len(test)} rows)")
+        check_split_classes(test, names, f"the test split of {task.name}")
     ckpt = out / TUNE_CHECKPOINT
     if resume and ckpt.exists():
         _read_checkpoint(ckpt, settings, [len(train), len(dev)], tensors=False)  # refuse before loading the model
