@@ -402,13 +402,8 @@ def cmd_tune(args) -> int:
     from .models import check_model_source
     from .tune import TuneSettings, check_tune_out, tune_run
 
-    check_tune_out(args.out, model_name=args.model, overwrite=args.overwrite, resume=args.resume)
-    for name, path in _data_inputs(args):  # the run folder is replaced as a whole: it must not hold the data
-        if path is not None and Path(path).is_dir() and Path(args.out).exists():
-            from .files import is_within
-
-            if is_within(path, args.out):
-                raise UsageError(f"--out {args.out} contains the {name} {path}; choose another folder")
+    check_tune_out(args.out, model_name=args.model, overwrite=args.overwrite, resume=args.resume,
+                   inputs=_data_inputs(args))
     check_model_source(args.model)
     _check_positions(args.model, args.prompt_len if args.method == "prompt" else 0, args.max_length)
 

@@ -311,12 +311,13 @@ def run_splits(task, settings: TuneSettings) -> tuple[list, list, list]:
 
 
 def check_tune_out(out: str | Path, *, model_name: Optional[str] = None, task=None, overwrite: bool = False,
-                   resume: bool = False, flag: str = "--out") -> str:
+                   resume: bool = False, flag: str = "--out", inputs: Sequence = ()) -> str:
     """Check, before any work, that the run folder ``out`` may be written (see
     :func:`skillkern.files.check_out_dir`): a new or empty folder, an unfinished run of this kind (its tuning
     checkpoint only), or with ``overwrite`` a finished run, whose whole folder (scores and perturbation results
-    included) the new run replaces. Returns ``"new"``, ``"partial"`` or ``"replace"``."""
-    inputs = []
+    included) the new run replaces. ``inputs``: further ``(name, path)`` the folder must not be or contain.
+    Returns ``"new"``, ``"partial"`` or ``"replace"``."""
+    inputs = list(inputs)
     if model_name is not None and Path(model_name).expanduser().exists():
         inputs.append(("model folder", Path(model_name).expanduser()))
     if task is not None and task.source and not task.source.startswith("hub:"):
@@ -368,6 +369,9 @@ def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, 
     ckpt = out / TUNE_CHECKPOINT
     if resume and ckpt.exists():
         _read_checkpoint(ckpt, settings, [len(train), len(dev)], tensors=False)  # refuse before loading the model
+    elif ckpt.exists():
+        logger.warning("%s holds the checkpoint of an unfinished run; starting afresh (pass --resume to continue "
+                       "it)", out)
     backbone, tokenizer = load_model(model_name, masked_lm=settings.head != "linear", device=device)
     pm = PromptModel(backbone, tokenizer, task.num_classes, settings.prompt_len, head=settings.head,
                      seed=settings.seed, prompt_init=prompt_init)

@@ -282,6 +282,7 @@ CASES = [
     ("tune-out-pruned", T + " --out {W}/pruned --overwrite", ["holds a pruned model"], None, None, False),
     ("tune-out-file", T + " --out {C}/file.txt", ["is an existing file"], "file", None, False),
     ("tune-out-model", T + " --out {W}/model --overwrite", ["is the model folder"], None, None, False),
+    ("tune-out-data", T + " --out {W}/data --overwrite", ["is the data folder"], None, None, False),
     ("tune-prompt-len", TO.replace("--prompt-len 4", "--prompt-len 1"), ["--prompt-len must be >= 2"], None, None,
      False),
     ("tune-lr-zero", TO + " --lr 0", ["--lr must be > 0"], None, None, False),
@@ -542,6 +543,37 @@ def test_interrupted_perturb_leaves_nothing_and_can_be_rerun(ws, tmp_path, monke
     assert json.loads(out.read_text())["kind"] == "skillkern-perturbation" and out.with_suffix(".png").is_file()
     assert main(argv) == 2  # an existing result needs --overwrite
     assert main(argv + ["--overwrite", "--seed", "3"]) == 0 and json.loads(out.read_text())["seed"] == 3
+
+
+def test_tune_interrupted_through_the_cli_resumes_bit_identical(ws, tmp_path, monkeypatch):
+    """Ctrl-C between two dev evaluations, then --resume: the same prompt, head and curve as one uninterrupted run
+    (the checkpoint is safetensors + JSON: optimizer, scheduler and RNG state included)."""
+    import skillkern.tune as tune_mod
+    from safetensors.torch import load_file
+
+    def argv(out):
+        return [a.format(W=ws, C=tmp_path) for a in shlex.split(T + f" --eval-every 1 --lr 0.05 --out {out}")]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    real, calls = tune_mod.evaluate, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tune_mod, "evaluate", dying)
+    assert main(argv(tmp_path / "cut")) == 130
+    assert [p.name for p in (tmp_path / "cut").iterdir()] == ["tune_checkpoint.safetensors"]
+    monkeypatch.setattr(tune_mod, "evaluate", real)
+    assert main(argv(tmp_path / "cut") + ["--resume"]) == 0
+    a, b = load_file(str(tmp_path / "whole" / "prompt.safetensors")), load_file(str(tmp_path / "cut" /
+                                                                                    "prompt.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("whole", "cut"))
+    assert ra["curve"] == rb["curve"] and ra["test_accuracy"] == rb["test_accuracy"]
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["curve.png", "prompt.safetensors", "run.json"]
 
 
 def test_failed_score_publishes_nothing_and_keeps_the_checkpoint(ws, tmp_path, monkeypatch):
