@@ -23,6 +23,7 @@ import fnmatch
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,10 +70,13 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+_LEFTOVER = re.compile(r"^\..+\.([a-z0-9_]{8}\.tmp(\.[^.]*)?|(tmp|old)-[a-z0-9_]{8})$")
+
+
 def is_leftover(name: str) -> bool:
     """True for the name of a temporary file or folder this module creates (``.<name>.<random>.tmp<suffix>``,
     ``.<name>.tmp-<random>``, ``.<name>.old-<random>``): left behind only by a killed process, never a result."""
-    return name.startswith(".") and (".tmp" in name or ".old-" in name)
+    return bool(_LEFTOVER.match(name))
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
