@@ -59,7 +59,7 @@ def part_prune(tasks, work: Path, out: Path, args) -> dict:
             r = _json(work / name / f"pruned_{baseline}" / "prune_summary.json",
                       lambda: prune_run(run, work / name / f"pruned_{baseline}", keep=args.keep, layers=args.layers,
                                         baseline=baseline, retune=retune, retune_epochs=args.retune_epochs,
-                                        progress=False),
+                                        progress=False, overwrite=True),
                       needs="test_accuracy_pruned_retuned" if retune else "")
             entry[baseline] = r
         results[name] = entry
@@ -214,7 +214,8 @@ def transfer_seed(chosen: list, work: Path, out: Path, args, seed: int) -> tuple
                 zero = evaluate(pm, run_splits(task, s)[2], 32, s.max_length)
             t0 = time.perf_counter()
             r = tune_run(info_b["model"], task, s, folders / f"{a}__{b}", progress=False, init_state=init,
-                         label=f"initialised from {a}" + ("" if with_head else " (prompt only, fresh head)"))
+                         label=f"initialised from {a}" + ("" if with_head else " (prompt only, fresh head)"),
+                         overwrite=True)  # a folder left by a run killed before its pair was recorded
             pairs[f"{a}->{b}"] = {"zero_shot": zero, "after_steps": r["test_accuracy"], "steps": r["steps"],
                                   "head_carried": with_head, "own_accuracy": info_b["test_accuracy"],
                                   "overlap_indicator": inter(activated[a], activated[b]),
@@ -231,7 +232,7 @@ def transfer_seed(chosen: list, work: Path, out: Path, args, seed: int) -> tuple
         info_b = read_run(work / b / run)
         s = _transfer_settings(info_b, args)
         scratch[b] = tune_run(info_b["model"], task_data(b), s, folders / f"scratch__{b}", progress=False,
-                              label="from scratch (transfer baseline)")["test_accuracy"]
+                              label="from scratch (transfer baseline)", overwrite=True)["test_accuracy"]
         scratch_file.write_text(json.dumps(scratch, indent=2) + "\n")
         log.info("transfer baseline seed %d on %s: %d steps from scratch %.3f", seed, b, args.transfer_steps,
                  scratch[b])

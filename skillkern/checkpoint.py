@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
-import torch
-
+from .files import FileFormatError, is_leftover, load_safetensors, safetensors_header, save_safetensors
 from .stats import NeuronStats, ShardedNeuronStats, StatsFileError
 
 logger = logging.getLogger(__name__)
@@ -50,21 +48,44 @@ class Checkpoint:
         """Load the checkpoint into ``stats``; returns ``(phase, position)`` or None when starting afresh."""
         if not self.resume or not self.path.exists():
             return None
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:
-            raise StatsFileError(f"checkpoint {self.path} is unreadable ({err}); delete it to start afresh") from err
+            tensors, meta = load_safetensors(self.path, what="checkpoint",
+                                             hint="delete it to start afresh, or run without --resume")
+        except FileFormatError as err:
+            raise StatsFileError(str(err)) from err.__cause__
+        phase, position, skipped = self._check_meta(meta)
+        self._restore_tensors(stats, tensors)
+        self.skipped = skipped
+        return phase, position
+
+    def check(self) -> None:
+        """With ``resume``: check, before any model is loaded, that an existing checkpoint is a whole skillkern
+        checkpoint of this very job (reads its header only). Raises :class:`StatsFileError` naming the file."""
+        if not self.resume or not self.path.exists():
+            return
+        try:
+            meta, _ = safetensors_header(self.path, what="checkpoint",
+                                         hint="delete it to start afresh, or run without --resume")
+        except FileFormatError as err:
+            raise StatsFileError(str(err)) from err.__cause__
+        self._check_meta(meta)
+
+    def _check_meta(self, meta: dict) -> tuple[str, int, dict]:
         if meta.get("format") != "skillkern-checkpoint":
-            raise StatsFileError(f"{self.path} is not a skillkern checkpoint")
-        theirs = json.loads(meta.get("fingerprint", "{}"))
+            raise StatsFileError(f"{self.path} is not a skillkern checkpoint; delete it or run without --resume")
+        try:
+            theirs = json.loads(meta.get("fingerprint", "{}"))
+            skipped = json.loads(meta.get("skipped", "{}"))
+            phase, position = meta["phase"], int(meta["position"])
+        except (ValueError, KeyError):
+            raise StatsFileError(f"checkpoint {self.path} has a corrupt header; delete it to start afresh") from None
         if theirs != self.fingerprint:
             diff = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
             raise StatsFileError(f"checkpoint {self.path} belongs to another job (differs in: {', '.join(diff)}); "
                                  "delete it or run without --resume")
+        return phase, position, skipped
+
+    def _restore_tensors(self, stats, tensors: dict) -> None:
         L, S, D, C = stats.shape
         expected = {"sums": (L, S, C, D), "above": (L, S, C, D), "baseline_class_count": (C,),
                     "eval_class_count": (C,)}
@@ -75,8 +96,6 @@ class Checkpoint:
                 got = tuple(tensors[key].shape) if key in tensors else "nothing"
                 raise StatsFileError(f"checkpoint {self.path}: {key} has shape {got}, expected {shape}")
         stats.load_state(tensors)  # a ShardedNeuronStats sends each layer to its device
-        self.skipped = json.loads(meta.get("skipped", "{}"))
-        return meta["phase"], int(meta["position"])
 
     def maybe_save(self, stats: NeuronStats, phase: str, position: int, skipped: Optional[dict] = None) -> None:
         """Called after every chunk; saves every ``every`` chunks."""
@@ -85,21 +104,17 @@ class Checkpoint:
             self.save(stats, phase, position, skipped)
 
     def save(self, stats: NeuronStats, phase: str, position: int, skipped: Optional[dict] = None) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().cpu().contiguous() for k, v in stats.state_tensors().items()}
+        """Write the checkpoint atomically (:func:`skillkern.files.atomic_write`: temporary file, fsync, rename)."""
+        tensors = stats.state_tensors()
         meta = {"format": "skillkern-checkpoint", "phase": phase, "position": str(position),
                 "fingerprint": json.dumps(self.fingerprint, sort_keys=True), "skipped": json.dumps(skipped or {})}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        save_safetensors(self.path, tensors, meta)
         logger.debug("checkpoint: %s pass at example %d -> %s", phase, position, self.path)
 
     def remove(self) -> None:
-        """Delete the checkpoint (after the final result is safely written)."""
-        for p in (self.path, self.path.with_name(self.path.name + ".tmp")):
-            if p.exists():
-                p.unlink()
+        """Delete the checkpoint (after the final result is safely written), and any temporary file of it."""
+        self.path.unlink(missing_ok=True)
+        if self.path.parent.is_dir():
+            for p in self.path.parent.glob(f".{self.path.name}.*"):
+                if is_leftover(p.name):
+                    p.unlink(missing_ok=True)

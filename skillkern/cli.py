@@ -1,10 +1,17 @@
-"""The ``skillkern`` command (also ``python -m skillkern``)."""
+"""The ``skillkern`` command (also ``python -m skillkern``).
+
+Every command validates, then works, then publishes: all options and inputs are checked before a model is
+loaded (where the check needs the data, before the model at least), the work runs, and the result is written to
+a temporary place and moved into place at the end (README "Errors and safety"). Every error ends in one line on
+stderr, ``skillkern <command>: error: <what> [<what to do>]``, exit status 2; ``--verbose`` or
+``SKILLKERN_DEBUG=1`` raises it with its traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import os
 import sys
 import time
@@ -12,6 +19,128 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 logger = logging.getLogger("skillkern")
+
+#: what an unfinished ``score`` job leaves in its output folder (not a result: ``--resume`` continues it)
+SCORE_PARTIAL = ("checkpoint.safetensors", "checkpoint.rank*.safetensors")
+
+
+class UsageError(ValueError):
+    """A bad option value or combination, named by its flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse prints the usage first) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _add_common(p) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging; errors raise with their traceback (also SKILLKERN_DEBUG=1)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier result of this command at the output (never results of another kind)")
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _at_least(flag: str, value, low) -> None:
+    if value is not None and value < low:
+        raise UsageError(f"{flag} must be >= {low}, got {value}")
+
+
+def _number(flag: str, value: Optional[float], low: Optional[float] = None, high: Optional[float] = None,
+            low_open: bool = False) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise UsageError(f"{flag} must be a finite number, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise UsageError(f"{flag} must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None and value > high:
+        raise UsageError(f"{flag} must be <= {high:g}, got {value:g}")
+
+
+def _check_device(spec: Optional[str], flag: str = "--device"):
+    """The torch device ``spec`` names, checked to exist and be usable in this build of torch."""
+    import torch
+
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{flag} {spec!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise UsageError(f"{flag} {spec}: this build of torch ({torch.__version__}) has no CUDA support; use "
+                             f"{flag} cpu, or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {spec}: no CUDA GPU is visible to torch; use {flag} cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {spec}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        return device
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    backend = getattr(torch, device.type, None)
+    if device.type != "mps" and backend is not None and getattr(backend, "is_available", lambda: False)():
+        return device
+    raise UsageError(f"{flag} {spec}: {device.type} devices are not available in this build of torch; use "
+                     f"{flag} cpu or cuda")
+
+
+def _check_backend(backend: str, device) -> None:
+    """``--backend`` must be able to run on ``device`` (ops/dispatch.py says where each backend runs)."""
+    from .ops import dispatch
+
+    try:
+        dispatch.resolve("stats_update", backend, device)
+    except dispatch.BackendUnavailable:
+        reason = dispatch.unavailable("stats_update", backend, device)
+        if backend == "ext":
+            raise UsageError(f"--backend ext: the compiled extension cannot run on {device} ({reason}); use "
+                             "--backend auto or torch") from None
+        raise UsageError(f"--backend {backend} cannot run on {device}: {reason}; use --backend auto") from None
+
+
+def _check_data(data: Optional[str]) -> None:
+    if data is not None and not Path(data).expanduser().is_dir():
+        raise UsageError(f"--data {data}: no such folder; give the data folder (one sub-folder per task, each with "
+                         "task.json, train.jsonl, test.jsonl) with --data DIR or the SKILLKERN_DATA environment "
+                         "variable")
+
+
+def _existing(path: Optional[str]) -> Optional[Path]:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return p if p.exists() else None
+
+
+def _data_inputs(args) -> list:
+    """The command's data inputs that an output must not be or contain."""
+    from .data import DATA_ENV
+
+    return [("data folder", _existing(args.data) or _existing(os.environ.get(DATA_ENV))),
+            ("task folder", _existing(getattr(args, "task", None)))]
+
+
+def _check_positions(model: str, prompt_len: int, max_length: int) -> None:
+    """Refuse, from the model's configuration alone, a prompt + ``--max-length`` beyond the model's positions."""
+    from .models import model_positions
+
+    model_type, limit = model_positions(model)
+    need = prompt_len + max_length
+    if limit is None or need <= limit:
+        return
+    if prompt_len:
+        raise UsageError(f"a prompt of {prompt_len} slots + --max-length {max_length} = {need} positions, but the "
+                         f"{model_type} model {model} has {limit}; lower --max-length to at most "
+                         f"{limit - prompt_len}, or use a shorter --prompt-len")
+    raise UsageError(f"--max-length {max_length} is more than the {limit} positions of the {model_type} model "
+                     f"{model}; lower --max-length to at most {limit}")
 
 
 def _add_score_parser(sub) -> None:
@@ -42,10 +171,11 @@ def _add_score_parser(sub) -> None:
                         "cls/last")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--device-map", default=None, metavar="MAP",
-                   help="split a large model over the GPUs: 'auto', 'balanced', 'sequential' (transformers' "
-                        "device_map, needs accelerate); each layer's statistics stay on its GPU. Not with --device")
+                   help="split a large model over the GPUs: 'auto', 'balanced', 'balanced_low_0', 'sequential' "
+                        "(transformers' device_map, needs accelerate); each layer's statistics stay on its GPU. "
+                        "Not with --device")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/dev split when a task has no dev file")
-    p.add_argument("--top", type=int, default=10, help="print this many top neurons")
+    p.add_argument("--top", type=int, default=10, help="print (and list in summary.json) this many top neurons")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint*.safetensors if present (same job only)")
@@ -54,65 +184,95 @@ def _add_score_parser(sub) -> None:
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="drop samples with NaN/Inf activations (counted in summary.json) instead of stopping")
     p.add_argument("--out", default=None, help="output folder (default with --run: RUN/scores/<subtask or task>)")
-    p.set_defaults(func=cmd_score)
+    _add_common(p)
+    p.set_defaults(func=cmd_score, parser=p)
+
+
+#: options of `score` that a run fixes (refused with --run unless left at their default)
+_FIXED_BY_RUN = ("task", "model", "pool", "max_length", "pad_multiple", "which", "seed", "device_map", "resume",
+                 "checkpoint_every", "skip_nonfinite")
 
 
 def _first(rows: Sequence, n: Optional[int]) -> Sequence:
-    if n is None:
-        return rows
-    if n < 1:
-        raise SystemExit(f"error: --max-baseline/--max-eval must be >= 1, got {n}")
-    return rows[:n]
+    return rows if n is None else rows[:n]
 
 
 def cmd_score(args) -> int:
     if args.run is not None:
         return _score_run(args)
+    from .files import check_out_dir
+
     if args.task is None or args.out is None:
-        raise SystemExit("error: skillkern score needs --task and --out (or --run RUN)")
-    import torch
+        raise UsageError("needs --task and --out (or --run RUN)")
+    for flag, low in (("--max-baseline", 1), ("--max-eval", 1), ("--max-length", 1), ("--batch-size", 1),
+                      ("--pad-multiple", 0), ("--seed", 0), ("--top", 0), ("--checkpoint-every", 1)):
+        _at_least(flag, getattr(args, flag[2:].replace("-", "_")), low)
+    if args.device_map is not None:
+        if args.device is not None:
+            raise UsageError("give --device or --device-map, not both")
+        if args.device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise UsageError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got "
+                             f"{args.device_map!r}")
+    device = _check_device(args.device)
+    _check_backend(args.backend, device)
+    _check_data(args.data)
+    out = Path(args.out)
+    check_out_dir(out, kind="scores", overwrite=args.overwrite, partial=SCORE_PARTIAL,
+                  inputs=_data_inputs(args) + [("model folder", _existing(args.model))])
+    from .models import check_model_source
+
+    check_model_source(args.model)
+    _check_positions(args.model, 0, args.max_length)
 
     from . import __version__
-    from .data import binary_subtask, load_task
-    from .models import load_model, model_id
-    from .plotting import plot_predictivity
-    from .scoring import ScoreSettings, Scorer
-    from .stats import top_neurons
-
     from .checkpoint import Checkpoint
+    from .data import binary_subtask, check_split_classes, load_task
+    from .files import staged_dir
+    from .models import load_model, model_id, resolved_model_id
+    from .scoring import ScoreSettings, Scorer, check_rows_differ
+    from .stats import write_score_files
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rank, world = _init_distributed(args.device)
     task = load_task(args.task, args.data, seed=args.seed)
     if args.subtask:
         task = binary_subtask(task, args.subtask, seed=args.seed)
     baseline = _first(task.split(args.baseline_split), args.max_baseline)
     evaluation = _first(task.split(args.eval_split), args.max_eval)
-
-    if args.device_map is not None:
-        if args.device is not None:
-            raise SystemExit("error: give --device or --device-map, not both")
-        model, tokenizer = load_model(args.model, device_map=args.device_map)
-        device = next(model.parameters()).device  # where the batches go; the layers may be elsewhere
-    else:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and world > 1 and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        model, tokenizer = load_model(args.model, device=device)
+    check_split_classes(evaluation, task.label_names, f"the evaluation split {args.eval_split!r} of {task.name}",
+                        require_two=True, why="predictivity (how well a neuron separates classes) is undefined",
+                        hint="use more rows (--max-eval) or another split (--eval-split)")
+    check_split_classes(baseline, task.label_names, f"the baseline split {args.baseline_split!r} of {task.name}")
     settings = ScoreSettings(pool=args.pool, max_length=args.max_length, batch_size=args.batch_size,
                              pad_multiple=args.pad_multiple, backend=args.backend, which=args.which)
-    scorer = Scorer(model, tokenizer, task.num_classes, settings, progress=not args.no_progress and rank == 0,
-                    nonfinite="skip" if args.skip_nonfinite else "raise")
-    logger.info("scoring %s on %s: %d layers x %d neurons, baseline %s (%d rows), eval %s (%d rows)",
-                model_id(model), task.name, len(scorer.layers), scorer.width,
-                args.baseline_split, len(baseline), args.eval_split, len(evaluation))
-    fingerprint = {"model": model_id(model), "task": task.name, "task_source": task.source,
+    fingerprint = {"model": resolved_model_id(args.model), "task": task.name, "task_source": task.source,
                    "subtask": args.subtask, "baseline_split": args.baseline_split, "eval_split": args.eval_split,
                    "baseline_rows": len(baseline), "eval_rows": len(evaluation), "seed": args.seed,
                    "settings": settings.to_dict(), "world_size": world, "rank": rank}
     ckpt_name = "checkpoint.safetensors" if world == 1 else f"checkpoint.rank{rank}.safetensors"
     checkpoint = Checkpoint(out / ckpt_name, fingerprint, every=args.checkpoint_every, resume=args.resume)
+    checkpoint.check()  # a truncated checkpoint or one of another job is refused before the model loads
+    if not args.resume and (out / ckpt_name).exists():
+        logger.warning("%s holds the checkpoint of an unfinished job; starting afresh (pass --resume to continue "
+                       "it)", out)
+
+    if args.device_map is not None:
+        model, tokenizer = load_model(args.model, device_map=args.device_map)
+        device = next(model.parameters()).device  # where the batches go; the layers may be elsewhere
+    else:
+        if device.type == "cuda" and world > 1 and device.index is None:
+            import torch
+
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        model, tokenizer = load_model(args.model, device=device)
+    check_rows_differ(tokenizer, evaluation, args.max_length, f"the evaluation split {args.eval_split!r}",
+                      required=True, hint="raise --max-length")
+    check_rows_differ(tokenizer, baseline, args.max_length, f"the baseline split {args.baseline_split!r}",
+                      required=False)
+    scorer = Scorer(model, tokenizer, task.num_classes, settings, progress=not args.no_progress and rank == 0,
+                    nonfinite="skip" if args.skip_nonfinite else "raise")
+    logger.info("scoring %s on %s: %d layers x %d neurons, baseline %s (%d rows), eval %s (%d rows)",
+                model_id(model), task.name, len(scorer.layers), scorer.width,
+                args.baseline_split, len(baseline), args.eval_split, len(evaluation))
     started = time.perf_counter()
     stats = scorer.score(baseline, evaluation, checkpoint=checkpoint)
     elapsed = time.perf_counter() - started
@@ -121,8 +281,6 @@ def cmd_score(args) -> int:
         checkpoint.remove()
         return 0
 
-    pred = stats.predictivity()
-    sign = stats.sign()
     meta = {
         "skillkern_version": __version__,
         "model": model_id(model),
@@ -145,54 +303,44 @@ def cmd_score(args) -> int:
         "world_size": world,
         "skipped_nonfinite": scorer.skipped,
     }
-    stats.save(out / "stats.safetensors", meta)
-    top = top_neurons(pred, args.top, sign)
-    summary = dict(meta)
-    summary.update({
-        "baseline_class_count": stats.baseline_class_count.tolist(),
-        "eval_class_count": stats.eval_class_count.tolist(),
-        "per_layer_best_predictivity": pred.max(dim=1).values.tolist(),
-        "per_layer_mean_predictivity": pred.mean(dim=1).tolist(),
-        "top_neurons": top,
-        "seconds": round(elapsed, 3),
-        "device": str(device),
-        "layer_devices": sorted({str(d) for d in scorer.layer_devices}),
-    })
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_predictivity(pred, out / "predictivity.png", title=f"{task.name}: {meta['model']} ({args.pool})")
+    with staged_dir(out) as tmp:  # the result folder replaces OUT (and the checkpoint in it) as a whole
+        summary = write_score_files(tmp, stats, meta, top=args.top,
+                                    title=f"{task.name}: {meta['model']} ({args.pool})",
+                                    extra={"seconds": round(elapsed, 3), "device": str(device),
+                                           "layer_devices": sorted({str(d) for d in scorer.layer_devices})})
+        _finish_distributed(world)  # every rank is done before the folder moves
+    checkpoint.remove()
 
     print(f"scored {len(scorer.layers)} x {scorer.width} neurons of {meta['model']} on {task.name} "
           f"({len(baseline)} baseline rows, {len(evaluation)} eval rows) in {elapsed:.1f}s")
-    _print_top(top)
+    _print_top(summary["top_neurons"])
     print(f"wrote {out / 'stats.safetensors'}, {out / 'summary.json'}, {out / 'predictivity.png'}")
-    _finish_distributed(world)
-    checkpoint.remove()  # the result file now holds everything the checkpoint had
     return 0
 
 
 def _score_run(args) -> int:
-    from .perturb import score_run, scores_path
-    from .plotting import plot_predictivity
+    from .perturb import score_run, scores_dir
     from .stats import top_neurons
+    from .tune import read_run
 
-    out = Path(args.out) / "stats.safetensors" if args.out else scores_path(args.run, args.subtask)
-    started = time.perf_counter()
+    for dest in _FIXED_BY_RUN:
+        if getattr(args, dest) != args.parser.get_default(dest):
+            raise UsageError(f"--{dest.replace('_', '-')} does not apply with --run (the run fixes it); drop it")
+    for flag, low in (("--max-baseline", 1), ("--max-eval", 1), ("--batch-size", 1), ("--top", 0)):
+        _at_least(flag, getattr(args, flag[2:].replace("-", "_")), low)
+    device = _check_device(args.device)
+    _check_backend(args.backend, device)
+    _check_data(args.data)
+    read_run(args.run)
+    out = Path(args.out) if args.out else scores_dir(args.run, args.subtask)
     stats, meta = score_run(args.run, subtask=args.subtask, max_baseline=args.max_baseline, max_eval=args.max_eval,
                             batch_size=args.batch_size, backend=args.backend, device=args.device, data=args.data,
-                            progress=not args.no_progress, out=out)
-    pred, sign = stats.predictivity(), stats.sign()
-    top = top_neurons(pred, args.top, sign)
-    summary = dict(meta, top_neurons=top, seconds=round(time.perf_counter() - started, 3),
-                   per_layer_best_predictivity=pred.max(dim=1).values.tolist(),
-                   per_layer_mean_predictivity=pred.mean(dim=1).tolist(),
-                   baseline_class_count=stats.baseline_class_count.tolist(),
-                   eval_class_count=stats.eval_class_count.tolist())
-    (out.parent / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot_predictivity(pred, out.parent / "predictivity.png", title=f"{meta['task']}: prompt slots of {args.run}")
+                            progress=not args.no_progress, out=args.out, baseline_split=args.baseline_split,
+                            eval_split=args.eval_split, overwrite=args.overwrite, top=args.top)
     print(f"scored the {stats.num_slots} prompt slots of {args.run} on {meta['task']} "
           f"({meta['baseline_rows']} baseline rows, {meta['eval_rows']} eval rows)")
-    _print_top(top)
-    print(f"wrote {out}")
+    _print_top(top_neurons(stats.predictivity(), args.top, stats.sign()))
+    print(f"wrote {out / 'stats.safetensors'}, {out / 'summary.json'}, {out / 'predictivity.png'}")
     return 0
 
 
@@ -211,12 +359,12 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--data", default=None)
     p.add_argument("--subtask", default=None, help="binary sub-task: pn, neu, ovr:<c>, pair:<a>,<b>")
     p.add_argument("--method", default="prompt", choices=["prompt", "bitfit"])
-    p.add_argument("--prompt-len", type=int, default=16, help="P prompt slots, slot 0 included")
+    p.add_argument("--prompt-len", type=int, default=16, help="P prompt slots, slot 0 included (>= 2)")
     p.add_argument("--head", default="auto", choices=["auto", "mlm", "linear"],
                    help="auto: masked-LM verbalizer when the model has an MLM head, else a linear head on slot 0")
     p.add_argument("--epochs", type=float, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=float, default=0.006)
+    p.add_argument("--warmup", type=float, default=0.006, help="fraction of the steps that warm up, in [0, 1]")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-train", type=int, default=None, help="first N training rows")
@@ -226,15 +374,33 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 80/20 train/dev split")
     p.add_argument("--device", default=None)
-    p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/tune_checkpoint.safetensors")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="run folder")
-    p.set_defaults(func=cmd_tune)
+    _add_common(p)
+    p.set_defaults(func=cmd_tune, parser=p)
 
 
 def cmd_tune(args) -> int:
+    for flag, low in (("--batch-size", 1), ("--max-length", 1), ("--max-train", 1), ("--max-dev", 1),
+                      ("--max-test", 1), ("--eval-every", 0), ("--seed", 0), ("--split-seed", 0)):
+        _at_least(flag, getattr(args, flag[2:].replace("-", "_")), low)
+    if args.method == "prompt":
+        _at_least("--prompt-len", args.prompt_len, 2)
+    _number("--epochs", args.epochs, 0)
+    _number("--lr", args.lr, 0, low_open=True)
+    _number("--warmup", args.warmup, 0, 1)
+    _check_device(args.device)
+    _check_data(args.data)
+    from .models import check_model_source
+    from .tune import TuneSettings, check_tune_out, tune_run
+
+    check_tune_out(args.out, model_name=args.model, overwrite=args.overwrite, resume=args.resume,
+                   inputs=_data_inputs(args))
+    check_model_source(args.model)
+    _check_positions(args.model, args.prompt_len if args.method == "prompt" else 0, args.max_length)
+
     from .data import binary_subtask, load_task
-    from .tune import TuneSettings, tune_run
 
     settings = TuneSettings(method=args.method, prompt_len=args.prompt_len, head=args.head, epochs=args.epochs,
                             lr=args.lr, warmup=args.warmup, batch_size=args.batch_size, max_length=args.max_length,
@@ -244,7 +410,7 @@ def cmd_tune(args) -> int:
     if args.subtask:
         task = binary_subtask(task, args.subtask, seed=args.split_seed)
     info = tune_run(args.model, task, settings, args.out, device=args.device, resume=args.resume,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, overwrite=args.overwrite)
     test = info["test_accuracy"]
     print(f"{info['task']}{'/' + info['subtask'] if info['subtask'] else ''}: best dev accuracy "
           f"{info['dev_accuracy']:.4f} (step {info['best_step']}), test accuracy "
@@ -257,9 +423,9 @@ def _fractions(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--fractions must be comma-separated numbers, got {text!r}") from None
-    if not values or any(not 0 <= v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"--fractions must be in [0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0 <= v <= 1 for v in values):  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"every fraction must be in [0, 1], got {text!r}")
     return values
 
 
@@ -281,25 +447,37 @@ def _add_perturb_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default=None, help="output JSON (default RUN/perturb_<mode>[_from_<run>].json)")
-    p.set_defaults(func=cmd_perturb)
+    _add_common(p)
+    p.set_defaults(func=cmd_perturb, parser=p)
 
 
 def cmd_perturb(args) -> int:
-    from .perturb import perturb_run
-    from .plotting import plot_perturbation
+    for flag, low in (("--seed", 0), ("--max-test", 1), ("--batch-size", 1)):
+        _at_least(flag, getattr(args, flag[2:].replace("-", "_")), low)
+    _number("--sigma", args.sigma, 0)
+    _check_device(args.device)
+    _check_data(args.data)
+    from .files import check_out_file
+    from .perturb import (default_perturb_out, is_perturbation_file, perturb_run, save_perturbation,
+                          scores_dir)
+    from .tune import RUN_FILE, STATE_FILE, read_run
 
+    read_run(args.run)
+    if args.neurons_from is not None:
+        read_run(args.neurons_from, "--neurons-from")
+    out = Path(args.out) if args.out else default_perturb_out(args.run, args.mode, args.neurons_from)
+    inputs = [("run description", Path(args.run) / RUN_FILE), ("prompt file", Path(args.run) / STATE_FILE),
+              ("scores folder", scores_dir(args.run).parent)]
+    check_out_file(out, flag="--out" if args.out else "the default output", overwrite=args.overwrite,
+                   ours=is_perturbation_file, what="perturbation result", inputs=inputs)
+    if out.with_suffix(".png").is_dir():
+        raise UsageError(f"--out {out}: its picture {out.with_suffix('.png')} would replace a folder; choose "
+                         "another path")
     result = perturb_run(args.run, mode=args.mode, fractions=args.fractions, neurons_from=args.neurons_from,
                          sigma=args.sigma, seed=args.seed, max_test=args.max_test, split=args.split,
                          batch_size=args.batch_size, device=args.device, data=args.data,
                          progress=not args.no_progress)
-    if args.out:
-        out = Path(args.out)
-    else:
-        suffix = f"_from_{Path(args.neurons_from).name}" if args.neurons_from else ""
-        out = Path(args.run) / f"perturb_{args.mode}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot_perturbation(result, out.with_suffix(".png"))
+    save_perturbation(result, out)
     print(f"{result['task']}: {args.mode} perturbation of the skill neurons of {result['neurons_task']} "
           f"({result['test_rows']} {args.split} rows, clean accuracy {result['clean_accuracy']:.4f})")
     print(f"{'q':>6} {'neurons':>8} {'skill':>7} {'random':>7}")
@@ -315,7 +493,8 @@ def _add_prune_parser(sub) -> None:
                                    "their baseline and folds them into the down-projection bias, slices W1/b1/W2. "
                                    "OUT/model reloads with skillkern.load_model(OUT/model).")
     p.add_argument("--run", required=True, help="a scored run folder")
-    p.add_argument("--keep", type=float, default=0.02, help="per-layer fraction of neurons kept (default 0.02)")
+    p.add_argument("--keep", type=float, default=0.02, help="per-layer fraction of neurons kept, in (0, 1] "
+                                                            "(default 0.02)")
     p.add_argument("--layers", default="top:0.75", help="top:F (top F of layers), all, or indices (default top:0.75)")
     p.add_argument("--baseline", default="prompt", choices=["prompt", "tokens"],
                    help="value of pruned neurons: prompt-slot mean (paper) or mean over all tokens")
@@ -325,15 +504,24 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_prune)
+    _add_common(p)
+    p.set_defaults(func=cmd_prune, parser=p)
 
 
 def cmd_prune(args) -> int:
-    from .prune import prune_run
+    from .prune import parse_layers, prune_run
 
+    _number("--keep", args.keep, 0, 1, low_open=True)
+    parse_layers(args.layers, None)
+    if args.retune_epochs is not None:
+        if not args.retune:
+            raise UsageError("--retune-epochs needs --retune")
+        _number("--retune-epochs", args.retune_epochs, 0, low_open=True)
+    _check_device(args.device)
+    _check_data(args.data)
     r = prune_run(args.run, args.out, keep=args.keep, layers=args.layers, baseline=args.baseline,
                   retune=args.retune, retune_epochs=args.retune_epochs, device=args.device, data=args.data,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, overwrite=args.overwrite)
     print(f"pruned layers {r['pruned_layers']} of {args.run} to widths {r['widths']} "
           f"({r['params_after'] / r['params_before']:.1%} of the parameters)")
     line = f"test accuracy: original {r['test_accuracy_original']:.4f}, pruned {r['test_accuracy_pruned']:.4f}"
@@ -367,8 +555,9 @@ def _finish_distributed(world: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="skillkern", description="Find the skill neurons of transformers.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = _Parser(prog="skillkern", description="Find the skill neurons of transformers.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging; errors raise with their traceback (also SKILLKERN_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_score_parser(sub)
     _add_tune_parser(sub)
@@ -377,19 +566,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------------------------------- errors
+#: the error families bad input produces (ours, the data readers', transformers', torch's, safetensors'): one
+#: line and exit status 2. Anything else is a bug and keeps its traceback, which a bug report needs.
+_INPUT_ERRORS: tuple = (ValueError, KeyError, OSError, RuntimeError, ImportError, ArithmeticError, MemoryError)
+
+
+def _input_error(err: BaseException) -> bool:
+    if isinstance(err, _INPUT_ERRORS):
+        return True
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - older safetensors
+        return False
+    return isinstance(err, SafetensorError)
+
+
+def describe_error(err: BaseException) -> str:
+    """One line saying what went wrong, for ``skillkern <command>: error: ...``."""
+    msg = ""
+    if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str):
+        msg = err.args[0]
+    elif type(err).__name__ == "SafetensorError":
+        msg = f"a safetensors file is truncated or corrupt ({err}); rerun with --verbose to see which"
+    elif isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        msg = f"out of memory ({str(err).splitlines()[0] if str(err) else 'MemoryError'}); lower --batch-size"
+    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
+        msg = f"{err.filename}: {err.strerror}" + (f" (and {err.filename2})" if err.filename2 else "")
+    if not msg:
+        msg = str(err) or type(err).__name__
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= 1200 else msg[:1200] + " ..."
+
+
+def _hide_library_progress() -> None:
+    """--no-progress hides the progress bars of transformers and the Hugging Face Hub too ("Loading weights")."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or a one-line argparse error (2): a status, not an exception
+        return done.code if isinstance(done.code, int) else 2
+    debug = getattr(args, "verbose", False) or os.environ.get("SKILLKERN_DEBUG", "").strip() not in ("", "0")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "no_progress", False):
+        _hide_library_progress()
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        # Bad input: one clear line, not a traceback (use -v for the traceback).
-        if args.verbose:
+    except KeyboardInterrupt:
+        if debug:
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"skillkern {args.command}: error: {msg}", file=sys.stderr)
+        print(f"skillkern {args.command}: interrupted; results are published only when complete, so nothing "
+              "half-written is left" + ("; rerun with --resume to continue" if hasattr(args, "resume") else ""),
+              file=sys.stderr)
+        return 130
+    except Exception as err:
+        # Bad input: one clear line, not a traceback (--verbose / SKILLKERN_DEBUG=1 for the traceback).
+        if debug or not _input_error(err):
+            raise
+        print(f"skillkern {args.command}: error: {describe_error(err)}", file=sys.stderr)
         return 2
 
 

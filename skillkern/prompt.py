@@ -39,8 +39,10 @@ def _is_causal(model: nn.Module) -> bool:
     return bool(getattr(config, "is_decoder", False)) or config.model_type in _CAUSAL_TYPES
 
 
-def _max_positions(model: nn.Module) -> Optional[int]:
-    config = model.config
+def max_positions(model_or_config) -> Optional[int]:
+    """Positions a model (or its config) can take: ``max_position_embeddings`` (or ``n_positions``,
+    ``max_seq_len``) less RoBERTa's two reserved ones; None when the config sets no limit."""
+    config = getattr(model_or_config, "config", model_or_config)
     for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -52,7 +54,7 @@ def _max_positions(model: nn.Module) -> Optional[int]:
 
 def check_prompt_fits(model: nn.Module, prompt_len: int, max_length: int) -> None:
     """Raise :class:`PromptTooLongError` if ``prompt_len + max_length`` exceeds the model's positions."""
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and prompt_len + max_length > limit:
         raise PromptTooLongError(
             f"prompt of {prompt_len} slots + max_length {max_length} tokens = {prompt_len + max_length} positions, "

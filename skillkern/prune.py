@@ -30,26 +30,38 @@ logger = logging.getLogger(__name__)
 CONFIG_KEY = "skillkern_pruning"
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
+def parse_layers(spec: str, num_layers: Optional[int]) -> list[int]:
     """``top:0.75`` (the top 75% of layers, closest to the output, ``int(0.75 * L)`` of them), ``all``, or a
-    comma-separated list of layer indices."""
+    comma-separated list of layer indices. ``num_layers=None`` checks the syntax only (returns [])."""
     spec = spec.strip()
+    usage = f"--layers must be 'all', 'top:F' (F in (0, 1]) or a list of layer indices, got {spec!r}"
     if spec == "all":
-        return list(range(num_layers))
+        return list(range(num_layers or 0))
     if spec.startswith("top:"):
-        frac = float(spec[4:])
+        try:
+            frac = float(spec[4:])
+        except ValueError:
+            raise ValueError(usage) from None
         if not 0 < frac <= 1:
             raise ValueError(f"--layers top:F needs F in (0, 1], got {spec!r}")
+        if num_layers is None:
+            return []
         n = int(frac * num_layers + 1e-9)
+        if n == 0:
+            raise ValueError(f"--layers {spec} selects none of the {num_layers} layers; raise F to at least "
+                             f"{1 / num_layers:.3g}")
         return list(range(num_layers - n, num_layers))
     try:
         layers = sorted({int(x) for x in spec.split(",") if x.strip()})
     except ValueError:
-        raise ValueError(f"--layers must be 'all', 'top:F' or a list of layer indices, got {spec!r}") from None
-    bad = [i for i in layers if not 0 <= i < num_layers]
+        raise ValueError(usage) from None
+    if not layers:
+        raise ValueError(usage)
+    bad = [i for i in layers if i < 0 or (num_layers is not None and i >= num_layers)]
     if bad:
-        raise ValueError(f"layer indices {bad} out of range for {num_layers} layers")
-    return layers
+        raise ValueError(f"--layers: layer indices {bad} out of range"
+                         + (f" for {num_layers} layers (0..{num_layers - 1})" if num_layers is not None else ""))
+    return layers if num_layers is not None else []
 
 
 def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -396,8 +408,9 @@ def load_pruned(path: str | Path, *, dtype=None, device=None) -> nn.Module:
 
     Prefer ``skillkern.load_model(path)``, which calls this for pruned folders and also returns the tokenizer.
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+    from .files import load_safetensors
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
@@ -421,7 +434,7 @@ def load_pruned(path: str | Path, *, dtype=None, device=None) -> nn.Module:
         raise FileNotFoundError(f"{path}: no *.safetensors weights")
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(load_safetensors(f, what="pruned model weights", hint="prune again (with --overwrite)")[0])
     missing, unexpected = model.load_state_dict(state, strict=False)
     # heads' tied / non-persistent buffers may legitimately be absent; weights of the FFNs may not
     bad = [k for k in missing if "mlp" in k or "intermediate" in k or "output.dense" in k or "ffn" in k]
@@ -469,45 +482,72 @@ def token_mean_baseline(model, examples: Sequence, *, batch_size: int = 32, max_
 
 def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: str = "top:0.75",
               baseline: str = "prompt", retune: bool = False, retune_epochs: Optional[float] = None,
-              device=None, data: Optional[str] = None, progress: bool = True) -> dict:
+              device=None, data: Optional[str] = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Prune a tuned run's model to its skill neurons and evaluate it (``skillkern prune``).
+
+    Validate, then work, then publish: the arguments, the run, its scores and the output folder are checked
+    before the model is loaded; the output is written to a temporary sibling folder and moved into place at the
+    end, so an interrupted prune leaves the previous output or none, and can simply be run again.
 
     Args:
         run: a scored run folder (``skillkern tune`` then ``skillkern score --run``).
         out: output folder: ``out/model`` (the pruned model + tokenizer, loadable with
             ``skillkern.load_model(out/model)``), ``out/run.json`` + ``out/prompt.safetensors`` (a run on the
             pruned model, usable by score/perturb), ``out/prune.json`` (accuracies, widths, parameter counts).
-        keep: per-layer fraction q of skill neurons kept (multi-class runs keep 2q by the union rule).
+        keep: per-layer fraction q of skill neurons kept, in (0, 1] (multi-class runs keep 2q by the union rule).
         layers: which layers are pruned (see :func:`parse_layers`).
         baseline: value the pruned neurons are frozen at: ``prompt`` (the paper's: the run's thresholds averaged
             over the prompt slots) or ``tokens`` (mean over all real positions of the training rows).
         retune: re-tune the prompt (starting from the run's) on the pruned model; written to ``out/retuned``.
+        overwrite: replace an earlier prune output in ``out`` (otherwise refused).
     """
+    import math
     import shutil
     import time
 
-    from safetensors.torch import load_file
-
+    from .data import check_split_classes
+    from .files import atomic_write_json, check_out_dir, load_safetensors, staged_dir
     from .perturb import run_predictivity, scores_path, skill_selection
     from .stats import NeuronStats
-    from .tune import STATE_FILE, TuneSettings, evaluate, load_run, run_splits, tune_run
+    from .tune import (STATE_FILE, TuneSettings, check_run, evaluate, load_run, load_run_task, run_splits,
+                       tune_run)
 
+    if baseline not in ("prompt", "tokens"):
+        raise ValueError(f"--baseline must be 'prompt' or 'tokens', got {baseline!r}")
+    if not (0 < keep <= 1):
+        raise ValueError(f"--keep must be a fraction in (0, 1], got {keep}")
+    if retune_epochs is not None and not (retune_epochs > 0 and math.isfinite(retune_epochs)):
+        raise ValueError(f"--retune-epochs must be a positive number, got {retune_epochs}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    pm, task, info = load_run(run, device=device, data=data)
-    s = TuneSettings(**info["settings"])
-    train, _dev, test = run_splits(task, s)
-    chosen = parse_layers(layers, len(ffn_layers(pm.backbone)))
-    selection = skill_selection(run_predictivity(run), keep)
+    info = check_run(run)
+    inputs = [("run folder", run), ("data folder", data), ("task folder", info.get("task_source") or None)]
+    if Path(info["model"]).expanduser().exists():
+        inputs.append(("model folder of the run", Path(info["model"]).expanduser()))
+    check_out_dir(out, kind="pruned", overwrite=overwrite, inputs=inputs)
+    preds = run_predictivity(run)
+    num_layers, width = next(iter(preds.values())).shape
+    chosen = parse_layers(layers, num_layers)
+    selection = skill_selection(preds, keep)
+    empty = [i for i in chosen if selection[i].numel() == 0]
+    if empty:
+        raise ValueError(f"--keep {keep} keeps no neuron of the {width} in each layer; use --keep >= "
+                         f"{math.ceil(1e4 / width) / 1e4:g} (one neuron per layer)")
     if baseline == "prompt":
         stats_file = next((p for p in (scores_path(run), scores_path(run, "pn")) if p.is_file()), None)
         if stats_file is None:
             raise FileNotFoundError(f"run {run} has no scores: run `skillkern score --run {run}` first")
         base = NeuronStats.load(stats_file)[0].threshold.mean(dim=1).cpu()      # (L, D): mean over prompt slots
-    elif baseline == "tokens":
+    s = TuneSettings(**info["settings"])
+    task = load_run_task(info, data)
+    train, _dev, test = run_splits(task, s)
+    check_split_classes(test, task.label_names, f"the test split of {run}")
+    pm, task, info = load_run(run, device=device, data=data, task=task)
+    widths = [layer.width for layer in ffn_layers(pm.backbone)]
+    if widths != [width] * num_layers:
+        raise ValueError(f"--run {run}: its scores cover {num_layers} layers x {width} neurons, but its model has "
+                         f"FFN widths {widths}; score the run again")
+    if baseline == "tokens":
         base = token_mean_baseline(pm, train, batch_size=32, max_length=s.max_length)
-    else:
-        raise ValueError(f"baseline must be 'prompt' or 'tokens', got {baseline!r}")
     params_before = sum(p.numel() for p in pm.backbone.parameters())
     ffn_before = sum(layer.width for layer in ffn_layers(pm.backbone))
     acc_before = evaluate(pm, test, 32, s.max_length)
@@ -516,11 +556,7 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
                 info={"source_run": str(run), "keep": keep, "layers": layers, "baseline": baseline,
                       "task": info["task"], "subtask": info.get("subtask")})
     acc_after = evaluate(pm, test, 32, s.max_length)
-    save_pruned(pm.backbone, pm.tokenizer, out / "model")
-    new_info = dict(info, model=str((out / "model").resolve()), test_accuracy=acc_after, pruned_from=str(run),
-                    prompt=info.get("prompt", "tuned") + " (unchanged, on the pruned model)")
-    (out / "run.json").write_text(json.dumps(new_info, indent=2) + "\n")
-    shutil.copy(Path(run) / STATE_FILE, out / STATE_FILE)
+    final_model = str((out / "model").resolve())
     result = {
         "run": str(run), "task": info["task"], "subtask": info.get("subtask"), "keep": keep, "layers": layers,
         "pruned_layers": chosen, "baseline": baseline, "test_rows": len(test),
@@ -530,12 +566,18 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
         "params_before": params_before, "params_after": sum(p.numel() for p in pm.backbone.parameters()),
         "head": info["head_description"], "seconds": round(time.perf_counter() - started, 2),
     }
-    if retune:
-        settings = TuneSettings(**{**s.to_dict(), **({"epochs": retune_epochs} if retune_epochs else {})})
-        state = load_file(str(Path(run) / STATE_FILE))
-        rinfo = tune_run(str(out / "model"), task, settings, out / "retuned", device=device, progress=progress,
-                         init_state=state, label="re-tuned on the pruned model")
-        result["test_accuracy_pruned_retuned"] = rinfo["test_accuracy"]
-        result["retune_epochs"] = settings.epochs
-    (out / "prune.json").write_text(json.dumps(result, indent=2) + "\n")
+    with staged_dir(out) as tmp:
+        save_pruned(pm.backbone, pm.tokenizer, tmp / "model")
+        new_info = dict(info, model=final_model, test_accuracy=acc_after, pruned_from=str(run),
+                        prompt=info.get("prompt", "tuned") + " (unchanged, on the pruned model)")
+        atomic_write_json(tmp / "run.json", new_info)
+        shutil.copyfile(Path(run) / STATE_FILE, tmp / STATE_FILE)
+        if retune:
+            settings = TuneSettings(**{**s.to_dict(), **({"epochs": retune_epochs} if retune_epochs else {})})
+            state, _ = load_safetensors(Path(run) / STATE_FILE, what="prompt file")
+            rinfo = tune_run(str(tmp / "model"), task, settings, tmp / "retuned", device=device, progress=progress,
+                             init_state=state, label="re-tuned on the pruned model", record_model=final_model)
+            result["test_accuracy_pruned_retuned"] = rinfo["test_accuracy"]
+            result["retune_epochs"] = settings.epochs
+        atomic_write_json(tmp / "prune.json", result)
     return result

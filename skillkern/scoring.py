@@ -140,6 +140,39 @@ def iter_batches(tokenizer, examples: Iterable, batch_size: int, max_length: int
         yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device)
 
 
+def rows_differ(tokenizer, examples: Sequence, max_length: int, chunk: int = 256) -> bool:
+    """True when at least two of ``examples`` differ after tokenization and truncation to ``max_length`` tokens
+    (stops at the first pair that differs, usually within the first chunk)."""
+    first = None
+    for start in range(0, len(examples), chunk):
+        fields = [_example_fields(ex) for ex in examples[start: start + chunk]]
+        pairs = [f[1] for f in fields]
+        enc = tokenizer([f[0] for f in fields], pairs if all(p is not None for p in pairs) else None,
+                        truncation=True, max_length=max_length)
+        for ids in enc["input_ids"]:
+            if first is None:
+                first = list(ids)
+            elif list(ids) != first:
+                return True
+    return False
+
+
+def check_rows_differ(tokenizer, examples: Sequence, max_length: int, what: str, *, required: bool,
+                      hint: str = "") -> None:
+    """README "Errors and safety": rows that are all identical after truncation give every neuron one value, so
+    no neuron can tell the classes apart. An error (:class:`~skillkern.data.DegenerateDataError`) when
+    ``required`` (the evaluation split), else a logged warning."""
+    from .data import DegenerateDataError
+
+    if len(examples) < 2 or rows_differ(tokenizer, examples, max_length):
+        return
+    msg = (f"all {len(examples)} rows of {what} are the same tokens after truncation to --max-length {max_length}, "
+           "so no neuron can tell them apart")
+    if required:
+        raise DegenerateDataError(msg + f" (predictivity is undefined){'; ' + hint if hint else ''}")
+    logger.warning("%s", msg)
+
+
 def _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device) -> Iterator[Batch]:
     texts = [c[0] for c in chunk]
     pairs = [c[1] for c in chunk]

@@ -23,6 +23,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from .files import FileFormatError, load_safetensors, safetensors_header, save_safetensors
 from .ops.stats_update import stats_update
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,9 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
 
-class StatsFileError(ValueError):
-    """A stats file is missing keys, has inconsistent shapes, or belongs to another model or task."""
+class StatsFileError(FileFormatError):
+    """A stats file is unreadable (truncated, corrupt), is missing keys, has inconsistent shapes, or belongs to
+    another model or task."""
 
 
 class NeuronStats:
@@ -226,15 +228,11 @@ class NeuronStats:
         return out
 
     def save(self, path: str | Path, metadata: Optional[dict] = None) -> None:
-        """Write ``path`` (safetensors) atomically; ``metadata`` (JSON-serialisable) goes into its header."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
+        """Write ``path`` (safetensors) atomically (temporary file, fsync, rename: a reader sees the old file or the
+        new one, never half of one); ``metadata`` (JSON-serialisable) goes into its header."""
         meta = {"format": "skillkern-stats", "format_version": str(FORMAT_VERSION),
                 "settings": json.dumps(metadata or {}, sort_keys=True)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(self.to_file_tensors(), str(tmp), metadata=meta)
-        tmp.replace(path)  # atomic on POSIX: a reader sees the old file or the new one, never half of one
+        save_safetensors(path, self.to_file_tensors(), meta)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu",
@@ -242,24 +240,25 @@ class NeuronStats:
         """Read a stats file written by :meth:`save`. Returns ``(stats, settings)``.
 
         ``expect``: settings the file must have (e.g. ``{"model": ..., "task": ...}``); a file that belongs to
-        another model or task raises :class:`StatsFileError` naming the difference.
+        another model or task raises :class:`StatsFileError` naming the difference. A missing file raises
+        FileNotFoundError, a truncated or corrupt one :class:`StatsFileError`, both naming the file.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"stats file not found: {path}")
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for truncated/corrupt headers
-            raise StatsFileError(f"{path} is not a readable safetensors stats file: {err}") from err
+            tensors, meta = load_safetensors(path, what="stats file",
+                                             hint="score again to rewrite it (with --overwrite)")
+        except FileFormatError as err:
+            raise StatsFileError(str(err).replace("is not a readable safetensors file",
+                                                  "is not a readable safetensors stats file")) from err.__cause__
         if meta.get("format") != "skillkern-stats":
             raise StatsFileError(f"{path} is not a skillkern stats file (metadata format={meta.get('format')!r})")
         for key in ("sums", "baseline_class_count", "eval_class_count"):
             if key not in tensors:
                 raise StatsFileError(f"{path} lacks the tensor {key!r}")
+        if tensors["sums"].dim() != 4:
+            raise StatsFileError(f"{path}: 'sums' has shape {tuple(tensors['sums'].shape)}, expected 4 dimensions")
         L, S, D, C = tensors["sums"].shape
         stats = cls(L, S, D, C, device=device)
         stats.sums.copy_(tensors["sums"].permute(0, 1, 3, 2))
@@ -270,11 +269,39 @@ class NeuronStats:
                 raise StatsFileError(f"{path}: 'above' missing or not of shape {(L, S, D, C)}")
             stats.threshold = tensors["baseline"].to(device=device, dtype=torch.float64)
             stats.above.copy_(tensors["above"].permute(0, 1, 3, 2))
-        settings = json.loads(meta.get("settings", "{}"))
+        settings = _header_settings(path, meta)
         for key, want in (expect or {}).items():
             if settings.get(key) != want:
                 raise StatsFileError(f"{path} belongs to {key}={settings.get(key)!r}, not {want!r}")
         return stats, settings
+
+
+def _header_settings(path: Path, meta: dict) -> dict:
+    try:
+        settings = json.loads(meta.get("settings", "{}"))
+    except json.JSONDecodeError:
+        raise StatsFileError(f"{path}: the settings in its header are not valid JSON (corrupt file); score again "
+                             "to rewrite it") from None
+    if not isinstance(settings, dict):
+        raise StatsFileError(f"{path}: the settings in its header are not a JSON object (corrupt file)")
+    return settings
+
+
+def read_stats_header(path: str | Path) -> tuple[tuple[int, int, int, int], dict]:
+    """``((L, S, D, C), settings)`` of a stats file without reading its tensors: a cheap check that the file is
+    a whole, readable skillkern stats file (raises FileNotFoundError or :class:`StatsFileError` naming it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"stats file not found: {path}")
+    try:
+        meta, shapes = safetensors_header(path, what="stats file", hint="score again to rewrite it (with --overwrite)")
+    except FileFormatError as err:
+        raise StatsFileError(str(err)) from err.__cause__
+    if meta.get("format") != "skillkern-stats":
+        raise StatsFileError(f"{path} is not a skillkern stats file (metadata format={meta.get('format')!r})")
+    if len(shapes.get("sums", ())) != 4:
+        raise StatsFileError(f"{path} lacks a 4-D tensor 'sums'")
+    return shapes["sums"], _header_settings(path, meta)
 
 
 class ShardedNeuronStats:
@@ -403,6 +430,32 @@ class ShardedNeuronStats:
         out = NeuronStats(self.num_layers, self.num_slots, self.width, self.num_classes, device)
         out.load_state({k: v.to(device) for k, v in self.state_tensors().items()})
         return out
+
+
+def write_score_files(folder: str | Path, stats: NeuronStats, meta: dict, *, top: int = 10, title: str = "",
+                      extra: Optional[dict] = None) -> dict:
+    """Write a score result into ``folder``: ``stats.safetensors`` (``meta`` in its header), ``summary.json``
+    (``meta``, class counts, per-layer best and mean predictivity, the ``top`` neurons, ``extra``) and
+    ``predictivity.png``. Callers write into a :func:`skillkern.files.staged_dir`, so the three appear together.
+    Returns the summary."""
+    from .files import atomic_write_json
+    from .plotting import plot_predictivity
+
+    folder = Path(folder)
+    pred, sign = stats.predictivity(), stats.sign()
+    stats.save(folder / "stats.safetensors", meta)
+    summary = dict(meta)
+    summary.update({
+        "baseline_class_count": stats.baseline_class_count.tolist(),
+        "eval_class_count": stats.eval_class_count.tolist(),
+        "per_layer_best_predictivity": pred.max(dim=1).values.tolist(),
+        "per_layer_mean_predictivity": pred.mean(dim=1).tolist(),
+        "top_neurons": top_neurons(pred, top, sign),
+    })
+    summary.update(extra or {})
+    atomic_write_json(folder / "summary.json", summary)
+    plot_predictivity(pred, folder / "predictivity.png", title=title)
+    return summary
 
 
 # ------------------------------------------------------------------------------------------- selection

@@ -5,7 +5,8 @@ A run folder holds everything later steps need:
 - ``run.json``: model, task, sub-task, data source, settings, which head was used, dev/test accuracy, curve;
 - ``prompt.safetensors``: the best-dev trained tensors (prompt, slot 0, linear head, BitFit biases);
 - ``curve.png``: training loss and dev accuracy against steps;
-- ``checkpoint.pt`` while training (removed at the end): ``--resume`` continues from it.
+- ``tune_checkpoint.safetensors`` while training (safetensors + JSON, never pickle; gone once the run is
+  published): ``--resume`` continues from it.
 
 Reproducibility: the prompt/head init, the per-epoch shuffles and the train/dev split are drawn from generators
 seeded by ``seed`` (and ``split_seed``), never from global or hash-randomised state. The frozen backbone runs in
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +26,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .files import (FileFormatError, atomic_write_json, check_out_dir, load_safetensors, read_json,
+                    safetensors_header, save_safetensors, staged_dir)
 from .prompt import PromptModel, check_prompt_fits, describe_head
 from .scoring import iter_batches
 
@@ -33,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 STATE_FILE = "prompt.safetensors"
+TUNE_CHECKPOINT = "tune_checkpoint.safetensors"
+#: the pickle checkpoint that skillkern 0.1.0 and earlier wrote: refused on --resume, never read
+LEGACY_CHECKPOINT = "checkpoint.pt"
+#: what an unfinished tuning job leaves in its run folder (not a result: the folder can be resumed or reused)
+TUNE_PARTIAL = (TUNE_CHECKPOINT, LEGACY_CHECKPOINT)
 
 
 @dataclass
@@ -132,12 +139,71 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch))
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+CHECKPOINT_FORMAT = "skillkern-tune-checkpoint"
+
+
+def _save_checkpoint(path: Path, settings: "TuneSettings", rows: list[int], model: PromptModel, opt, sched,
+                     state: dict) -> None:
+    """The tuning state as safetensors + JSON (no pickle), written atomically: every tensor (trained state, best
+    state, optimizer moments and steps, torch's CPU RNG state) in the file, everything else as JSON in its header."""
+    tensors = {f"current.{k}": v for k, v in model.trained_state().items()}
+    tensors.update({f"best.{k}": v for k, v in state["best_state"].items()})
+    optim = opt.state_dict()
+    scalars: dict = {}
+    for index, entry in optim["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    loop = {k: v for k, v in state.items() if k != "best_state"}
+    meta = {"format": CHECKPOINT_FORMAT, "format_version": "1", "settings": json.dumps(settings.to_dict()),
+            "rows": json.dumps(rows), "loop": json.dumps(loop),
+            "optimizer": json.dumps({"param_groups": optim["param_groups"], "scalars": scalars}),
+            "scheduler": json.dumps(sched.state_dict())}
+    save_safetensors(path, tensors, meta)
+
+
+def _read_checkpoint(path: Path, settings: "TuneSettings", rows: list[int], tensors: bool = True) -> dict:
+    """Read and check a tuning checkpoint: a whole safetensors file of this very job. ``tensors=False`` reads the
+    header only (the check made before a model is loaded). Never unpickles anything."""
+    hint = "delete it to start afresh, or run without --resume"
+    if tensors:
+        data, meta = load_safetensors(path, what="tuning checkpoint", hint=hint)
+    else:
+        data, (meta, _) = {}, safetensors_header(path, what="tuning checkpoint", hint=hint)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise FileFormatError(f"{path} is not a skillkern tuning checkpoint; {hint}")
+    try:
+        saved = {k: json.loads(meta[k]) for k in ("settings", "rows", "loop", "optimizer", "scheduler")}
+    except (KeyError, ValueError):
+        raise FileFormatError(f"tuning checkpoint {path} has a corrupt header; {hint}") from None
+    if saved["settings"] != json.loads(json.dumps(settings.to_dict())) or saved["rows"] != list(rows):
+        raise ValueError(f"{path} belongs to another tuning job (settings or data differ); delete it or "
+                         "run without --resume")
+    saved["tensors"] = data
+    return saved
+
+
+def _restore_checkpoint(saved: dict, model: PromptModel, opt, sched) -> dict:
+    t = saved["tensors"]
+    model.load_trained_state({k[len("current."):]: v for k, v in t.items() if k.startswith("current.")})
+    optim = saved["optimizer"]
+    state: dict = {}
+    for key, value in t.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, entry in optim["scalars"].items():
+        state.setdefault(int(index), {}).update(entry)
+    opt.load_state_dict({"state": state, "param_groups": optim["param_groups"]})
+    sched.load_state_dict(saved["scheduler"])
+    if "rng.cpu" in t:
+        torch.set_rng_state(t["rng.cpu"])
+    loop = dict(saved["loop"])
+    loop["best_state"] = {k[len("best."):]: v for k, v in t.items() if k.startswith("best.")}
+    return loop
 
 
 def tune(model: PromptModel, train: Sequence, dev: Sequence, settings: TuneSettings, *,
@@ -171,14 +237,7 @@ def tune(model: PromptModel, train: Sequence, dev: Sequence, settings: TuneSetti
              "loss_sum": 0.0, "loss_n": 0}
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
-        if saved.get("settings") != s.to_dict() or saved.get("rows") != [len(train), len(dev)]:
-            raise ValueError(f"{ckpt} belongs to another tuning job (settings or data differ); delete it or "
-                             "run without --resume")
-        model.load_trained_state(saved["current_state"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        state = saved["loop"]
+        state = _restore_checkpoint(_read_checkpoint(ckpt, s, [len(train), len(dev)]), model, opt, sched)
         logger.info("resuming tuning at step %d of %d", state["step"], total)
 
     if total == 0:  # an untrained prompt (e.g. the random-prompt control): evaluate it as it is
@@ -216,9 +275,7 @@ def tune(model: PromptModel, train: Sequence, dev: Sequence, settings: TuneSetti
             logger.info("step %d/%d: train loss %.4f, dev accuracy %.4f", state["step"], total,
                         point["train_loss"], dev_acc)
             if ckpt is not None:
-                _atomic_save({"settings": s.to_dict(), "rows": [len(train), len(dev)],
-                              "current_state": model.trained_state(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "loop": state}, ckpt)
+                _save_checkpoint(ckpt, s, [len(train), len(dev)], model, opt, sched, state)
     bar.close()
     model.load_trained_state(state["best_state"])
     return {"best_dev_accuracy": state["best_dev"], "best_step": state["best_step"], "steps": total,
@@ -253,26 +310,68 @@ def run_splits(task, settings: TuneSettings) -> tuple[list, list, list]:
             _first(task.split("test"), settings.max_test))
 
 
+def check_tune_out(out: str | Path, *, model_name: Optional[str] = None, task=None, overwrite: bool = False,
+                   resume: bool = False, flag: str = "--out", inputs: Sequence = ()) -> str:
+    """Check, before any work, that the run folder ``out`` may be written (see
+    :func:`skillkern.files.check_out_dir`): a new or empty folder, an unfinished run of this kind (its tuning
+    checkpoint only), or with ``overwrite`` a finished run, whose whole folder (scores and perturbation results
+    included) the new run replaces. ``inputs``: further ``(name, path)`` the folder must not be or contain.
+    Returns ``"new"``, ``"partial"`` or ``"replace"``."""
+    inputs = list(inputs)
+    if model_name is not None and Path(model_name).expanduser().exists():
+        inputs.append(("model folder", Path(model_name).expanduser()))
+    if task is not None and task.source and not task.source.startswith("hub:"):
+        inputs.append(("task folder", Path(task.source)))
+    state = check_out_dir(out, kind="run", flag=flag, overwrite=overwrite, partial=TUNE_PARTIAL, inputs=inputs)
+    legacy = Path(out) / LEGACY_CHECKPOINT
+    if resume and legacy.exists():
+        raise FileFormatError(f"{legacy} is a checkpoint of an older skillkern, written with pickle, which is no "
+                              "longer read (unpickling a file can run code); delete it and tune afresh")
+    return state
+
+
 def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, device=None, resume: bool = False,
              progress: bool = True, prompt_init: Optional[torch.Tensor] = None, label: str = "tuned",
-             init_state: Optional[dict] = None) -> dict:
+             init_state: Optional[dict] = None, overwrite: bool = False, record_model: Optional[str] = None) -> dict:
     """Tune a prompt (or BitFit) for ``task`` and write the run folder ``out``. Returns run.json's content.
+
+    Validate, then work, then publish: the output folder, the classes of the splits (README "Errors and
+    safety") and, with ``resume``, the checkpoint are checked before the model is loaded; the checkpoint
+    (``out/tune_checkpoint.safetensors``) is written atomically at every dev evaluation; the finished run is
+    written to a temporary sibling folder and moved into place (the checkpoint goes with the old folder).
 
     Args:
         model_name: ``minilm``, a hub id or a path (see :func:`skillkern.load_model`).
         task: a :class:`~skillkern.data.TaskData` (already a binary sub-task where wanted).
+        resume: continue from ``out``'s checkpoint if there is one.
         prompt_init: start from this (P-1, H) prompt (e.g. a hand-written prompt's embeddings).
         label: what kind of prompt this is (``tuned``, ``random``, ``handwritten``), recorded in run.json.
         init_state: start from these trained tensors (e.g. another run's prompt and head, to re-tune it).
+        overwrite: replace a finished run in ``out`` (otherwise refused).
+        record_model: the model name run.json records (default: the name the model was loaded by), e.g. where a
+            model is loaded from a staging folder that is about to move.
     """
-    from safetensors.torch import save_file
-
     from . import __version__
+    from .data import check_split_classes
     from .models import load_model, model_id
     from .plotting import plot_curve
+    from .scoring import check_rows_differ
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_tune_out(out, model_name=model_name, task=task, overwrite=overwrite, resume=resume)
+    train, dev, test = run_splits(task, settings)
+    names = task.label_names
+    check_split_classes(train, names, f"the training split of {task.name}", require_two=True,
+                        why="there is nothing to learn", hint="use more rows (--max-train) or another task")
+    check_split_classes(dev, names, f"the dev split of {task.name}")
+    if test:
+        check_split_classes(test, names, f"the test split of {task.name}")
+    ckpt = out / TUNE_CHECKPOINT
+    if resume and ckpt.exists():
+        _read_checkpoint(ckpt, settings, [len(train), len(dev)], tensors=False)  # refuse before loading the model
+    elif ckpt.exists():
+        logger.warning("%s holds the checkpoint of an unfinished run; starting afresh (pass --resume to continue "
+                       "it)", out)
     backbone, tokenizer = load_model(model_name, masked_lm=settings.head != "linear", device=device)
     pm = PromptModel(backbone, tokenizer, task.num_classes, settings.prompt_len, head=settings.head,
                      seed=settings.seed, prompt_init=prompt_init)
@@ -280,15 +379,15 @@ def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, 
         pm.use_bitfit()
     if init_state is not None:
         pm.load_trained_state(init_state)
-    train, dev, test = run_splits(task, settings)
+    check_rows_differ(tokenizer, train, settings.max_length, f"the training split of {task.name}", required=False)
     started = time.perf_counter()
-    result = tune(pm, train, dev, settings, checkpoint=out / "checkpoint.pt", resume=resume, progress=progress)
+    result = tune(pm, train, dev, settings, checkpoint=ckpt, resume=resume, progress=progress)
     test_acc = evaluate(pm, test, settings.batch_size, settings.max_length) if test else None
     parent = task.info.get("parent", {})
     info = {
         "kind": "skillkern-run",
         "skillkern_version": __version__,
-        "model": model_id(backbone),
+        "model": record_model or model_id(backbone),
         "model_type": backbone.config.model_type,
         "task": parent.get("name", task.name),
         "subtask": task.info.get("subtask", {}).get("kind"),
@@ -308,52 +407,75 @@ def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, 
         "device": str(_device(pm)),
         "threads": torch.get_num_threads(),
     }
-    state = {k: v.detach().cpu().contiguous() for k, v in pm.trained_state().items()}
-    save_file(state, str(out / STATE_FILE), metadata={"run": json.dumps({k: info[k] for k in (
-        "model", "task", "subtask", "head", "prompt")})})
-    (out / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    if result["curve"]:
-        plot_curve(result["curve"], out / "curve.png",
-                   title=f"{info['task']}{'/' + info['subtask'] if info['subtask'] else ''} "
-                         f"({settings.method}, seed {settings.seed}): test acc "
-                         f"{test_acc if test_acc is None else round(test_acc, 4)}")
-    ckpt = out / "checkpoint.pt"
-    if ckpt.exists():
-        ckpt.unlink()
+    with staged_dir(out) as tmp:
+        save_safetensors(tmp / STATE_FILE, pm.trained_state(), metadata={"run": json.dumps({k: info[k] for k in (
+            "model", "task", "subtask", "head", "prompt")})})
+        atomic_write_json(tmp / RUN_FILE, info)
+        if result["curve"]:
+            plot_curve(result["curve"], tmp / "curve.png",
+                       title=f"{info['task']}{'/' + info['subtask'] if info['subtask'] else ''} "
+                             f"({settings.method}, seed {settings.seed}): test acc "
+                             f"{test_acc if test_acc is None else round(test_acc, 4)}")
     return info
 
 
-def read_run(run: str | Path) -> dict:
-    """run.json of a run folder, with a clear error if it is not one."""
+def read_run(run: str | Path, flag: str = "--run") -> dict:
+    """run.json of a run folder, with a clear error naming ``flag`` and the file if it is not one."""
     path = Path(run) / RUN_FILE
+    if not Path(run).is_dir():
+        raise FileNotFoundError(f"{flag} {run} is not a run folder (no such folder); create one with `skillkern "
+                                "tune`")
     if not path.is_file():
-        raise FileNotFoundError(f"{run} is not a run folder (no {RUN_FILE}); create one with `skillkern tune`")
+        raise FileNotFoundError(f"{flag} {run} is not a run folder (no {RUN_FILE}); create one with `skillkern tune`")
+    info = read_json(path, what="run description", hint="tune the run again (with --overwrite)")
+    if not isinstance(info, dict) or info.get("kind") != "skillkern-run":
+        raise FileFormatError(f"{path} is not a skillkern run description")
+    for key in ("model", "task", "settings", "head"):
+        if key not in info:
+            raise FileFormatError(f"{path} lacks {key!r}; tune the run again (with --overwrite)")
     try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from None
-    if info.get("kind") != "skillkern-run":
-        raise ValueError(f"{path} is not a skillkern run description")
+        TuneSettings(**info["settings"])
+    except (TypeError, ValueError) as err:
+        raise FileFormatError(f"{path}: its settings are invalid ({err}); tune the run again") from None
     return info
 
 
-def load_run(run: str | Path, *, device=None, data: Optional[str] = None):
+def check_run(run: str | Path, flag: str = "--run") -> dict:
+    """Check a run folder before anything is loaded: run.json readable, prompt.safetensors whole (header read),
+    the run's model loadable (:func:`skillkern.models.check_model_source`). Returns run.json's content."""
+    from .models import check_model_source
+
+    info = read_run(run, flag)
+    safetensors_header(Path(run) / STATE_FILE, what=f"prompt file of {flag} {run}:",
+                       hint="tune the run again (with --overwrite)")
+    check_model_source(info["model"], flag=f"{flag} {run}: model")
+    return info
+
+
+def load_run(run: str | Path, *, device=None, data: Optional[str] = None, flag: str = "--run", task=None):
     """Rebuild a run's :class:`PromptModel` with its trained tensors, and its task.
+
+    The run folder (run.json, prompt file, model source) and the task data are checked and read before the
+    model is loaded, so a broken run fails fast with one clear error.
+
+    Args:
+        task: the run's task when the caller has loaded it already (:func:`load_run_task`).
 
     Returns:
         ``(prompt_model, task, info)``.
     """
-    from safetensors.torch import load_file
-
     from .models import load_model
 
-    info = read_run(run)
+    info = check_run(run, flag)
     s = TuneSettings(**info["settings"])
+    if task is None:
+        task = load_run_task(info, data)
+    state, _ = load_safetensors(Path(run) / STATE_FILE, what=f"prompt file of {flag} {run}:",
+                                hint="tune the run again (with --overwrite)")
     backbone, tokenizer = load_model(info["model"], masked_lm=info["head"] == "mlm", device=device)
-    task = load_run_task(info, data)
     pm = PromptModel(backbone, tokenizer, task.num_classes, s.prompt_len, head=info["head"], seed=s.seed)
     if s.method == "bitfit":
         pm.use_bitfit()
-    pm.load_trained_state(load_file(str(Path(run) / STATE_FILE)))
+    pm.load_trained_state(state)
     pm.eval()
     return pm, task, info

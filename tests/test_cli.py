@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 from safetensors import safe_open
 
@@ -67,7 +66,7 @@ def test_entry_point_help():
 
 
 @requires_data
-def test_score_device_map_is_passed_to_load_model(tmp_path, monkeypatch):
+def test_score_device_map_is_passed_to_load_model(tmp_path, monkeypatch, capsys):
     import skillkern.models as models
 
     real_load, seen = models.load_model, {}
@@ -84,5 +83,5 @@ def test_score_device_map_is_passed_to_load_model(tmp_path, monkeypatch):
     assert seen == {"device_map": "auto"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["layer_devices"] == ["cpu"] and summary["neuron_path"] == "hooks"
-    with pytest.raises(SystemExit, match="--device or --device-map"):
-        main(common + ["--device-map", "auto", "--device", "cpu"])
+    assert main(common + ["--device-map", "auto", "--device", "cpu", "--overwrite"]) == 2
+    assert "give --device or --device-map, not both" in capsys.readouterr().err

@@ -177,13 +177,19 @@ def test_tuning_resume_after_interrupt_is_identical(tokenizer, tmp_path, monkeyp
             raise KeyboardInterrupt  # killed between two checkpoints
         return real_eval(*a, **k)
 
-    ckpt = tmp_path / "checkpoint.pt"
+    ckpt = tmp_path / tune_mod.TUNE_CHECKPOINT
     monkeypatch.setattr(tune_mod, "evaluate", dying_eval)
     with pytest.raises(KeyboardInterrupt):
         tune(PromptModel(tiny_bert(), tokenizer, 2, prompt_len=4, seed=1), train, dev, s, checkpoint=ckpt,
              progress=False)
     monkeypatch.setattr(tune_mod, "evaluate", real_eval)
-    assert ckpt.exists()
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), framework="pt") as f:  # safetensors + JSON header: nothing to unpickle
+        assert f.metadata()["format"] == "skillkern-tune-checkpoint"
+        assert {"current.prompt", "best.prompt", "rng.cpu"} <= set(f.keys())
+        assert any(k.startswith("optim.") and k.endswith(".exp_avg") for k in f.keys())
+    assert not [p for p in tmp_path.iterdir() if p.name != ckpt.name], "no temporary file is left"
     pm2 = PromptModel(tiny_bert(), tokenizer, 2, prompt_len=4, seed=1)
     got = tune(pm2, train, dev, s, checkpoint=ckpt, resume=True, progress=False)
     assert got == want
@@ -252,7 +258,7 @@ def test_run_folder_scoring_equals_brute_force(tokenizer, tiny_dir, tmp_path):
     info = tune_run(str(tiny_dir), task, s, run, progress=False)
     assert info["head"] == "linear" and "no masked-LM head" in info["head_description"]
     assert (run / "curve.png").is_file() and (run / "prompt.safetensors").is_file()
-    assert not (run / "checkpoint.pt").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["curve.png", "prompt.safetensors", "run.json"]  # no checkpoint
     stats, meta = score_run(run, progress=False, batch_size=5)
     assert meta["pool"] == "prompt" and meta["baseline_rows"] == 24 and meta["eval_rows"] == 20
 

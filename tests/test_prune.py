@@ -125,7 +125,7 @@ torch.set_num_threads(1)  # the parent runs one thread: same GEMM blocking, same
 from transformers import AutoModel
 model = AutoModel.from_pretrained({str(tmp_path / "m")!r}, trust_remote_code=True).eval()
 assert "skillkern" not in sys.modules
-io = torch.load({str(tmp_path / "io.pt")!r})
+io = torch.load({str(tmp_path / "io.pt")!r}, weights_only=True)
 with torch.no_grad():
     got = model(**io["x"]).last_hidden_state
 assert torch.equal(got, io["want"]), (got - io["want"]).abs().max()
