@@ -16,6 +16,12 @@ import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
+# The oldest versions the kernels support, and what is tested with them: CI runs the compile gate (every Triton
+# launch configuration compiled for sm_80 and sm_90) against Triton 3.6 as well as the newest, and the CUDA
+# image the device suite runs on carries torch 2.11 + Triton 3.6 (benchmarks/gpu_suite.sh).
+OLDEST_TORCH = "2.11"
+OLDEST_TRITON = "3.6.0"
+
 NO_EXT = os.environ.get("SKILLKERN_NO_EXT") == "1"
 REQUIRE_EXT = os.environ.get("SKILLKERN_REQUIRE_EXT") == "1"
 
@@ -84,9 +90,10 @@ setup(
     description="Find, score and use the skill neurons of pre-trained transformers",
     packages=find_packages(include=["skillkern", "skillkern.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.3", "transformers>=4.40", "numpy", "safetensors", "tqdm", "matplotlib", "ninja"],
-    extras_require={"test": ["pytest", "triton"], "hub": ["datasets"], "triton": ["triton"],
-                    "multigpu": ["accelerate"]},
+    install_requires=[f"torch>={OLDEST_TORCH}", "transformers>=4.40", "numpy", "safetensors", "tqdm", "matplotlib",
+                      "ninja"],
+    extras_require={"test": ["pytest", f"triton>={OLDEST_TRITON}"], "hub": ["datasets"],
+                    "triton": [f"triton>={OLDEST_TRITON}"], "multigpu": ["accelerate"]},
     entry_points={"console_scripts": ["skillkern=skillkern.cli:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": OptionalBuildExtension},

@@ -184,16 +184,18 @@ def _launch_config(dtype: torch.dtype, gated: bool, interpreted: bool) -> dict:
     # programs keep the tests fast, while the test shapes (37 x 45 -> 123) stay ragged in every tile
     # dimension, and 3 row tiles make a short last group of GROUP_M = 2.
     # On a GPU (every configuration compiled for sm_80 and sm_90 by the compile gate, skillkern/ops/aot.py;
-    # registers and spills in benchmarks/results/kernel_resources.csv; not yet timed on a GPU): 16-bit inputs
-    # run on tensor cores in 128x64 tiles, 8 warps, that hold the statistics epilogue without register spills
-    # (128x128 tiles spill: the epilogue's [BLOCK_M, BLOCK_N] pointer tiles are 64-bit); 24 KiB of shared
-    # memory per stage when gated, 3 stages. fp32: exact fp32 products (no TF32) on the FMA units, 64x64 tiles
-    # and 8 warps, also without spills.
+    # registers and spills in benchmarks/results/kernel_resources.csv; not yet timed on a GPU): 64x64 tiles.
+    # The statistics epilogue holds per element a float64 value (sums) or threshold and a 64-bit address, so it
+    # needs about twice the registers of the GEMM alone: 128x64 tiles spill with Triton 3.6's ptxas (CUDA 12.8,
+    # which holds 8-warp kernels near 128 registers a thread), and 64x64 with 4 warps spills a few bytes there (it
+    # trades registers for the occupancy its shared memory allows); 64x64 with 8 warps spills with neither 3.6 nor
+    # 3.9. fp32: exact fp32 products (no TF32) on the FMA units, whose operand layouts cost more registers: a
+    # 16-wide reduction chunk.
     if interpreted:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 @dispatch.register("ffn_stats", "triton")

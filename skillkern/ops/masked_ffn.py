@@ -381,6 +381,9 @@ def _configs(rows: int, kept: int, out: int, dtype: torch.dtype, gated: bool, ta
     * ``BLOCK_H`` (the reduction chunk of the up-projection): 64 for 16-bit inputs (tensor cores), 16 for fp32
       (FMA products hold whole operand rows per thread).
     * ``BLOCK_N`` (output columns): 64, or 32 for fp32 and when rows are too few to fill the GPU.
+    * ``num_warps`` / ``num_stages``: 4 / 3, and 8 / 2 for the fused kernel's fp32 tiles of 64 rows: with 4 warps
+      (Triton 3.6's ptxas) or 3 stages (3.9's) ptxas trades a few spilled bytes for the occupancy the shared
+      memory allows; 8 warps and 2 stages spill with neither.
     """
     fp32 = dtype == torch.float32
     if target.interpreted:
@@ -397,7 +400,8 @@ def _configs(rows: int, kept: int, out: int, dtype: torch.dtype, gated: bool, ta
     bk = next((c for c in fitting if tiles_m * triton.cdiv(kept, c) >= want), fitting[-1])
     bh = 16 if fp32 else 64
     bn = 32 if fp32 else 64
-    fused = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_H=bh, BLOCK_N=bn, num_warps=4, num_stages=3)
+    warps, stages = (8, 2) if fp32 and bm == 64 else (4, 3)
+    fused = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_H=bh, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     if rows >= 1024 and not fp32:  # FLOP-bound: tensor-core sized tiles (two accumulators when gated)
         up = dict(BLOCK_M=128, BLOCK_K=64 if gated else 128, BLOCK_H=32, num_warps=8, num_stages=3)
         down = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
