@@ -167,9 +167,9 @@ SETUPS = {
 
 
 def _no_triton_interpreter(monkeypatch):
-    import skillkern.ops.stats_update as su
+    import skillkern.ops.dispatch as dispatch
 
-    monkeypatch.setattr(su, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(dispatch, "_INTERPRETED", False)
 
 
 def _no_extension(monkeypatch):
