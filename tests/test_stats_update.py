@@ -161,8 +161,6 @@ BAD_INPUTS = {
     "slot too short": (lambda a: a.update(slot=a["slot"][:-1]), r"slot must have shape \(6,\)"),
     "label int32": (lambda a: a.update(label=a["label"].to(torch.int32)), r"label must be int64"),
     "out width": (lambda a: a.update(out=torch.zeros(2, 3, 4, dtype=torch.int64)), r"out must have shape"),
-    "out non-contiguous": (lambda a: a.update(out=torch.zeros(2, 5, 3, dtype=torch.int64).transpose(1, 2)),
-                           r"out must be contiguous"),
     "counts in float64": (lambda a: a.update(out=a["out"].double()), r"counts are accumulated in int64"),
     "sums in float32": (lambda a: a.update(threshold=None, out=a["out"].float()), r"sums are accumulated in float64"),
     "threshold shape": (lambda a: a.update(threshold=a["threshold"][:1]), r"threshold must have shape \(2, 5\)"),
