@@ -161,12 +161,18 @@ BAD_INPUTS = {
     "slot too short": (lambda a: a.update(slot=a["slot"][:-1]), r"slot must have shape \(6,\)"),
     "label int32": (lambda a: a.update(label=a["label"].to(torch.int32)), r"label must be int64"),
     "out width": (lambda a: a.update(out=torch.zeros(2, 3, 4, dtype=torch.int64)), r"out must have shape"),
-    "out non-contiguous": (lambda a: a.update(out=torch.zeros(2, 5, 3, dtype=torch.int64).transpose(1, 2)),
-                           r"out must be contiguous"),
     "counts in float64": (lambda a: a.update(out=a["out"].double()), r"counts are accumulated in int64"),
     "sums in float32": (lambda a: a.update(threshold=None, out=a["out"].float()), r"sums are accumulated in float64"),
     "threshold shape": (lambda a: a.update(threshold=a["threshold"][:1]), r"threshold must have shape \(2, 5\)"),
     "threshold float32": (lambda a: a.update(threshold=a["threshold"].float()), r"threshold must be float64"),
+}
+
+
+# The compiled op also refuses what the public function accepts: a non-contiguous out (the public function
+# accumulates through a contiguous copy and writes it back, see test_public_function_takes_a_strided_out).
+OP_ONLY_BAD_INPUTS = {
+    "out non-contiguous": (lambda a: a.update(out=torch.zeros(2, 5, 3, dtype=torch.int64).transpose(1, 2)),
+                           r"out must be contiguous"),
 }
 
 
@@ -191,14 +197,30 @@ OP_MESSAGES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS | OP_ONLY_BAD_INPUTS))
 def test_ext_op_checks_its_own_arguments(ext, case):
     # Unchecked calls (check=False) must still never write out of bounds: the op validates on its own.
     args = _valid()
-    mutate, message = BAD_INPUTS[case]
+    mutate, message = (BAD_INPUTS | OP_ONLY_BAD_INPUTS)[case]
     mutate(args)
     with pytest.raises(RuntimeError, match=OP_MESSAGES.get(case, message)):
         torch.ops.skillkern.stats_update(args["h"], args["slot"], args["label"], args["out"], args["threshold"])
+
+
+@pytest.mark.parametrize("backend", ("torch", "ext"))
+def test_public_function_takes_a_strided_out(backend, request):
+    """Every op accepts non-contiguous views (ops/dispatch.py): a transposed out receives the counts a
+    contiguous one does, in place."""
+    if backend == "ext":
+        request.getfixturevalue("ext")
+    args = _valid()
+    want = stats_update(backend=backend, **args)
+    assert int(want.sum()) > 0, "nothing counted: the comparison below would be vacuous"
+    view = torch.zeros(2, 5, 3, dtype=torch.int64).transpose(1, 2)
+    assert not view.is_contiguous()
+    got = stats_update(backend=backend, **dict(args, out=view))
+    assert got.data_ptr() == view.data_ptr() and got.stride() == view.stride(), "the result is not the view passed"
+    assert_same(view, want, f"{backend}: counts in a transposed out")
 
 
 def test_unknown_backend_raises():
