@@ -7,61 +7,29 @@ order in float64, and the conversion of every input dtype to float64 is exact, s
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
-from skillkern import _ext
+from kernel_checks import assert_equal, every_other, ext, random_state, stats_inputs  # noqa: F401 (ext: fixture)
 from skillkern.ops.stats_update import stats_update, stats_update_reference
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-@pytest.fixture
-def ext():
-    """Skip when the extension is not built, with the loader's reason; fail instead under SKILLKERN_REQUIRE_EXT=1."""
-    if not _ext.available():
-        reason = f"compiled extension unavailable: {_ext.unavailable_reason()}"
-        if os.environ.get("SKILLKERN_REQUIRE_EXT") == "1":
-            pytest.fail(f"SKILLKERN_REQUIRE_EXT=1 but {reason}")
-        pytest.skip(reason)
-
-
-def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """torch.equal, with the first mismatching (slot, class, neuron) indices and values in the message."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, \
-        f"{what}: got {actual.dtype} {tuple(actual.shape)}, expected {expected.dtype} {tuple(expected.shape)}"
-    if torch.equal(actual, expected):
-        return
-    bad = (actual != expected).nonzero()
-    first = ", ".join(f"{tuple(i.tolist())}: {actual[tuple(i)].item()!r} != {expected[tuple(i)].item()!r}"
-                      for i in bad[:5])
-    raise AssertionError(f"{what}: {len(bad)} of {actual.numel()} elements differ; first: {first}")
+CELLS = "(slot, class, neuron)"
 
 
 def make_inputs(rows, width, slots, classes, dtype, seed=0):
     """Random rows (about a quarter untracked), with thresholds of which some equal an h value exactly (ties)."""
-    g = torch.Generator().manual_seed(seed)
-    h = (torch.randn(rows, width, generator=g) * 3).to(dtype)
-    slot = torch.randint(0, slots, (rows,), generator=g)
-    slot[torch.rand(rows, generator=g) < 0.25] = -1
-    label = torch.randint(0, classes, (rows,), generator=g)
-    threshold = torch.randn(slots, width, generator=g, dtype=torch.float64)
-    for r in range(0, rows, 3):
-        if slot[r] >= 0:
-            threshold[slot[r], ::2] = h[r, ::2].to(torch.float64)
-    return h, slot, label, threshold
+    return stats_inputs(rows, width, slots, classes, dtype, seed=seed, device="cpu")
+
+
+def assert_same(actual, expected, what):
+    assert_equal(actual, expected, what, CELLS)
 
 
 def run_both(h, slot, label, threshold, slots, classes, seed=1):
     """Accumulate into random starting state with the reference and with the ext op; return both results."""
-    g = torch.Generator().manual_seed(seed)
-    width = h.shape[1]
-    if threshold is None:
-        start = torch.randn(slots, classes, width, generator=g, dtype=torch.float64)
-    else:
-        start = torch.randint(0, 1000, (slots, classes, width), generator=g)
+    start = random_state(slots, classes, h.shape[1], counts=threshold is not None, seed=seed, device="cpu")
     ref = stats_update_reference(h, slot, label, start.clone(), threshold)
     got = stats_update(h, slot, label, start.clone(), threshold, backend="ext")
     return got, ref
@@ -90,9 +58,8 @@ def test_ext_all_rows_untracked(ext):
 
 
 def test_ext_non_contiguous_inputs(ext):
-    h, slot, label, threshold = make_inputs(31, 2 * 123, 3, 2, torch.float32)
-    h, threshold = h[:, ::2], threshold.t().contiguous().t()[:, ::2]
-    assert not h.is_contiguous()
+    h, slot, label, threshold = make_inputs(31, 123, 3, 2, torch.float32)
+    h, threshold = every_other(h), every_other(threshold, column_major=True)
     assert_same(*run_both(h, slot, label, None, 3, 2), "sums of a strided h")
     assert_same(*run_both(h, slot, label, threshold, 3, 2), "counts with strided h and threshold")
 
