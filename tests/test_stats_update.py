@@ -23,9 +23,6 @@ def make_inputs(rows, width, slots, classes, dtype, seed=0):
     return stats_inputs(rows, width, slots, classes, dtype, seed=seed, device="cpu")
 
 
-def assert_same(actual, expected, what):
-    assert_equal(actual, expected, what, CELLS)
-
 
 def run_both(h, slot, label, threshold, slots, classes, seed=1):
     """Accumulate into random starting state with the reference and with the ext op; return both results."""
@@ -42,26 +39,26 @@ def test_ext_matches_reference(ext, dtype, rows, width):
     for slots, classes in itertools.product((1, 3), (2, 5)):
         h, slot, label, threshold = make_inputs(rows, width, slots, classes, dtype, seed=rows * 1000 + width)
         where = f"{dtype} rows={rows} width={width} slots={slots} classes={classes}"
-        assert_same(*run_both(h, slot, label, None, slots, classes), f"sums, {where}")
-        assert_same(*run_both(h, slot, label, threshold, slots, classes), f"counts, {where}")
+        assert_equal(*run_both(h, slot, label, None, slots, classes), f"sums, {where}", CELLS)
+        assert_equal(*run_both(h, slot, label, threshold, slots, classes), f"counts, {where}", CELLS)
 
 
 def test_ext_all_rows_untracked(ext):
     h, slot, label, threshold = make_inputs(9, 40, 2, 3, torch.float32)
     slot[:] = -1
-    assert_same(*run_both(h, slot, label, None, 2, 3), "sums with every slot -1")
-    assert_same(*run_both(h, slot, label, threshold, 2, 3), "counts with every slot -1")
+    assert_equal(*run_both(h, slot, label, None, 2, 3), "sums with every slot -1", CELLS)
+    assert_equal(*run_both(h, slot, label, threshold, 2, 3), "counts with every slot -1", CELLS)
     # The public function returns early on zero rows; the op itself must cope with them too.
     out = torch.ones(2, 3, 40, dtype=torch.float64)
     torch.ops.skillkern.stats_update(h[:0], slot[:0], label[:0], out, None)
-    assert_same(out, torch.ones(2, 3, 40, dtype=torch.float64), "op on zero rows")
+    assert_equal(out, torch.ones(2, 3, 40, dtype=torch.float64), "op on zero rows", CELLS)
 
 
 def test_ext_non_contiguous_inputs(ext):
     h, slot, label, threshold = make_inputs(31, 123, 3, 2, torch.float32)
     h, threshold = every_other(h), every_other(threshold, column_major=True)
-    assert_same(*run_both(h, slot, label, None, 3, 2), "sums of a strided h")
-    assert_same(*run_both(h, slot, label, threshold, 3, 2), "counts with strided h and threshold")
+    assert_equal(*run_both(h, slot, label, None, 3, 2), "sums of a strided h", CELLS)
+    assert_equal(*run_both(h, slot, label, threshold, 3, 2), "counts with strided h and threshold", CELLS)
 
 
 @pytest.mark.parametrize("backend", ("torch", "ext"))
@@ -79,7 +76,7 @@ def test_halves_merge_to_whole(backend, request):
         whole = stats_update(data, slot, label, zeros.clone(), thr, backend=backend)
         first = stats_update(data[:20], slot[:20], label[:20], zeros.clone(), thr, backend=backend)
         second = stats_update(data[20:], slot[20:], label[20:], zeros.clone(), thr, backend=backend)
-        assert_same(first + second, whole, f"{backend}: merged halves ({'sums' if thr is None else 'counts'})")
+        assert_equal(first + second, whole, f"{backend}: merged halves ({'sums' if thr is None else 'counts'})", CELLS)
 
 
 @pytest.mark.parametrize("chunk", (1, 7, 32))
@@ -93,7 +90,7 @@ def test_chunked_feeding_is_identical(ext, chunk):
         out = torch.zeros(slots, classes, width, dtype=dtype)
         for i in range(0, h.shape[0], chunk):
             stats_update(h[i:i + chunk], slot[i:i + chunk], label[i:i + chunk], out, thr, backend="ext")
-        assert_same(out, one_call, f"chunks of {chunk} ({'sums' if thr is None else 'counts'})")
+        assert_equal(out, one_call, f"chunks of {chunk} ({'sums' if thr is None else 'counts'})", CELLS)
 
 
 @pytest.mark.parametrize("backend", ("torch", "ext"))
@@ -187,7 +184,7 @@ def test_public_function_takes_a_strided_out(backend, request):
     assert not view.is_contiguous()
     got = stats_update(backend=backend, **dict(args, out=view))
     assert got.data_ptr() == view.data_ptr() and got.stride() == view.stride(), "the result is not the view passed"
-    assert_same(view, want, f"{backend}: counts in a transposed out")
+    assert_equal(view, want, f"{backend}: counts in a transposed out", CELLS)
 
 
 def test_unknown_backend_raises():

@@ -26,9 +26,6 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CELLS = "(slot, class, neuron)"
 
 
-def assert_same(got, exp, what):
-    assert_equal(got, exp, what, CELLS)
-
 
 def check_both(h, slot, label, threshold, slots, classes, what, seed=1):
     """Sums and counts from random starting state: triton vs the reference."""
@@ -40,7 +37,7 @@ def check_both(h, slot, label, threshold, slots, classes, what, seed=1):
     assert_sums_close(got, exp, abssum, h.shape[0] + 1, f"sums, {what}")
     start = random_state(slots, classes, width, counts=True, seed=seed + 1, device=h.device)
     got = stats_update(h, slot, label, start.clone(), threshold, backend="triton")
-    assert_same(got, stats_update_reference(h, slot, label, start.clone(), threshold), f"counts, {what}")
+    assert_equal(got, stats_update_reference(h, slot, label, start.clone(), threshold), f"counts, {what}", CELLS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -57,17 +54,18 @@ def test_every_row_added_exactly_once():
     h, slot, label, _ = stats_inputs(57, 431, 3, 5, torch.float32, seed=4)
     h = (h * 8).round().clamp(-128, 128) / 8
     start = torch.zeros(3, 5, 431, dtype=torch.float64, device=h.device)
-    assert_same(stats_update(h, slot, label, start.clone(), backend="triton"),
-                stats_update_reference(h, slot, label, start.clone()), "exact sums")
+    assert_equal(stats_update(h, slot, label, start.clone(), backend="triton"),
+                 stats_update_reference(h, slot, label, start.clone()), "exact sums", CELLS)
 
 
 def test_every_slot_untracked():
     h, slot, label, threshold = stats_inputs(40, 123, 2, 3, torch.float32)
     slot[:] = -1
     ones_f, ones_i = (torch.ones(2, 3, 123, dtype=dt, device=h.device) for dt in (torch.float64, torch.int64))
-    assert_same(stats_update(h, slot, label, ones_f.clone(), backend="triton"), ones_f, "sums with every slot -1")
-    assert_same(stats_update(h, slot, label, ones_i.clone(), threshold, backend="triton"), ones_i,
-                "counts with every slot -1")
+    assert_equal(stats_update(h, slot, label, ones_f.clone(), backend="triton"), ones_f, "sums with every slot -1",
+                 CELLS)
+    assert_equal(stats_update(h, slot, label, ones_i.clone(), threshold, backend="triton"), ones_i,
+                 "counts with every slot -1", CELLS)
 
 
 def test_strided_h_and_threshold():
@@ -105,7 +103,7 @@ def test_thresholds_between_float32_values():
         start = torch.zeros(6, 2, 40, dtype=torch.int64)
         got = stats_update(h.to(DEVICE), slot.to(DEVICE), label.to(DEVICE), start.clone().to(DEVICE),
                            thr.to(DEVICE), backend="triton")
-        assert_same(got.cpu(), stats_update_reference(h, slot, label, start.clone(), thr), f"{dtype} rounding")
+        assert_equal(got.cpu(), stats_update_reference(h, slot, label, start.clone(), thr), f"{dtype} rounding", CELLS)
 
 
 def test_neuron_stats_with_triton_backend():
@@ -124,8 +122,8 @@ def test_neuron_stats_with_triton_backend():
         for layer in range(2):
             stats.add_rows(layer, h.flip(0) * (layer + 1), slot, label, backend=backend)
         runs[backend] = stats
-    assert_same(runs["triton"].sums, runs["torch"].sums, "NeuronStats sums")
-    assert_same(runs["triton"].above, runs["torch"].above, "NeuronStats counts")
+    assert_equal(runs["triton"].sums, runs["torch"].sums, "NeuronStats sums", CELLS)
+    assert_equal(runs["triton"].above, runs["torch"].above, "NeuronStats counts", CELLS)
 
 
 def test_auto_never_picks_the_interpreter():
