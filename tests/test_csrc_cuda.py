@@ -30,6 +30,7 @@ import pytest
 import torch
 import torch.utils.cpp_extension as cpp_extension
 
+from kernel_checks import assert_equal, every_other, random_state, stats_inputs
 from skillkern import _ext
 from skillkern.ops.dispatch import resolve
 from skillkern.ops.stats_update import stats_update
@@ -146,41 +147,18 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 
 def _inputs(rows, width, slots, classes, dtype, seed=0, untracked=0.25):
-    g = torch.Generator().manual_seed(seed)
-    h = (torch.randn(rows, width, generator=g) * 3).to(dtype)
-    slot = torch.randint(0, slots, (rows,), generator=g)
-    slot[torch.rand(rows, generator=g) < untracked] = -1
-    label = torch.randint(0, classes, (rows,), generator=g)
-    threshold = torch.randn(slots, width, generator=g, dtype=torch.float64)
-    for r in range(0, rows, 3):  # some ties: h equal to its threshold counts as not above
-        if slot[r] >= 0:
-            threshold[slot[r], ::2] = h[r, ::2].to(torch.float64)
-    return h, slot, label, threshold
+    """(h, slot, label, threshold) on the CPU: the shared maker, with ties (h equal to its threshold counts as
+    not above)."""
+    return stats_inputs(rows, width, slots, classes, dtype, untracked=untracked, seed=seed, device="cpu")
 
 
 def _assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Equal bit for bit (so -0.0 != +0.0); NaNs only need to sit at the same places (payloads may differ)."""
-    actual = actual.cpu()
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    if actual.dtype == torch.float64:
-        nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
-        assert torch.equal(nan_a, nan_e), f"{what}: NaNs at different places"
-        actual = actual.masked_fill(nan_a, 0).view(torch.int64)
-        expected = expected.masked_fill(nan_e, 0).view(torch.int64)
-    if torch.equal(actual, expected):
-        return
-    bad = (actual != expected).nonzero()
-    shown = ", ".join(f"{tuple(i.tolist())}: {actual[tuple(i)].item()} != {expected[tuple(i)].item()}" for i in bad[:5])
-    raise AssertionError(f"{what}: {len(bad)} of {actual.numel()} elements differ (as int64 bits); first: {shown}")
+    assert_equal(actual, expected, what, "(slot, class, neuron)", bitwise=True)
 
 
 def _cuda_vs_cpu(h, slot, label, threshold, slots, classes, what, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    width = h.shape[1]
-    if threshold is None:
-        start = torch.randn(slots, classes, width, generator=g, dtype=torch.float64)
-    else:
-        start = torch.randint(0, 1000, (slots, classes, width), generator=g)
+    start = random_state(slots, classes, h.shape[1], counts=threshold is not None, seed=seed, device="cpu")
     expected = start.clone()
     torch.ops.skillkern.stats_update(h, slot, label, expected, threshold)
     got = start.cuda()
@@ -229,19 +207,19 @@ def test_cuda_edge_cases():
 @needs_gpu
 def test_cuda_strided_inputs_and_side_stream():
     _require_cuda_kernel()
-    h, slot, label, threshold = _inputs(45, 2 * 123, 3, 2, torch.bfloat16)
+    h, slot, label, threshold = _inputs(45, 123, 3, 2, torch.bfloat16)
     expected = torch.zeros(3, 2, 123, dtype=torch.int64)
-    torch.ops.skillkern.stats_update(h[:, ::2], slot, label, expected, threshold[:, ::2])
+    torch.ops.skillkern.stats_update(every_other(h), slot, label, expected, every_other(threshold))
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):  # the op launches on the current stream
         got = torch.zeros(3, 2, 123, dtype=torch.int64, device="cuda")
-        torch.ops.skillkern.stats_update(h.cuda()[:, ::2], slot.cuda(), label.cuda(), got, threshold.cuda()[:, ::2])
+        h_cuda, thr_cuda = every_other(h.cuda()), every_other(threshold.cuda())
+        torch.ops.skillkern.stats_update(h_cuda, slot.cuda(), label.cuda(), got, thr_cuda)
     stream.synchronize()
     _assert_bitwise(got, expected, "strided h and threshold on a side stream")
     # The public function runs the compiled op for CUDA tensors when asked for it.
     assert resolve("stats_update", "ext", torch.device("cuda")) == "ext"
-    got = stats_update(h.cuda()[:, ::2], slot.cuda(), label.cuda(), torch.zeros_like(got), threshold.cuda()[:, ::2],
-                       backend="ext")
+    got = stats_update(h_cuda, slot.cuda(), label.cuda(), torch.zeros_like(got), thr_cuda, backend="ext")
     _assert_bitwise(got, expected, "public stats_update on CUDA tensors")
 
 

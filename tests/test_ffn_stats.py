@@ -1,8 +1,8 @@
 """ffn_stats: the fused Triton kernel against the PyTorch reference; the registered op; argument checks.
 
-Tolerances (flash-attention's rule, STYLE.md): the activations ``h`` may be off a float64 reference by at most
-twice what PyTorch itself is off in the same precision, plus one ulp at the largest magnitude. The statistics
-are checked two ways:
+Tolerances (the shared checks of ``kernel_checks.py``): the activations ``h`` obey the tolerance rule
+(flash-attention's, STYLE.md: off a float64 reference by at most twice what PyTorch itself is off in the same
+precision, plus one ulp at the largest magnitude). The statistics are checked two ways:
 
 * against the reference fed with the SAME h the kernel returned: counts exactly, sums to float64 rounding
   (atomics add rows in no fixed order); this isolates the epilogue from GEMM rounding;
@@ -22,85 +22,36 @@ import sys
 import pytest
 import torch
 
+from kernel_checks import (CUDA, DEVICE, TRITON_OK, as_float64, assert_counts_within_rounding, assert_equal,
+                           assert_sums_close, assert_within_torch_error, column_major, every_other, ffn_weights,
+                           random_state, requires_triton, slots_and_labels, thresholds_with_ties)
 from skillkern import _ext
 from skillkern.ops.activations import ACTIVATIONS, HAVE_TRITON
 from skillkern.ops.ffn_stats import ffn_stats, ffn_stats_reference
 from skillkern.ops.dispatch import triton_interpreted
 from skillkern.ops.stats_update import stats_update_reference
 
-CUDA = torch.cuda.is_available()
-TRITON_OK = HAVE_TRITON and (CUDA or triton_interpreted())
-requires_triton = pytest.mark.skipif(
-    not TRITON_OK, reason="triton not importable" if not HAVE_TRITON else
-    "no CUDA GPU and TRITON_INTERPRET=1 was not set before Python started (the kernels run in the interpreter)")
-DEVICE = "cuda" if CUDA else "cpu"
-
 torch.set_num_threads(1)  # the interpreter's numpy calls are tiny; threads only add overhead
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def make_problem(rows, hidden, width, dtype, *, gated, bias, slots=2, classes=3, seed=0, device=DEVICE):
-    """Random x, weights scaled so pre-activations are ~N(0, 1) (all parts of each activation are used),
-    slots with about a third of the rows untracked, labels."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, hidden, generator=g)
-    w1 = torch.randn(width, hidden, generator=g) / hidden ** 0.5
-    wg = torch.randn(width, hidden, generator=g) / hidden ** 0.5 if gated else None
-    b1 = torch.randn(width, generator=g) * 0.5 if bias else None
-    slot = torch.randint(0, slots, (rows,), generator=g)
-    slot[torch.rand(rows, generator=g) < 0.35] = -1
-    label = torch.randint(0, classes, (rows,), generator=g)
-    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-    return dict(x=cast(x), w1=cast(w1), b1=cast(b1), w_gate=cast(wg)), slot.to(device), label.to(device)
-
-
-def reference64(x, w1, b1, w_gate, act):
-    """h computed in float64 from the (low-precision) inputs: the 'truth' both sides are measured against."""
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    return ffn_stats_reference(d(x), d(w1), d(b1), act=act, w_gate=d(w_gate))
-
-
-def first_mismatches(got, exp, bad, k=5):
-    idx = bad.nonzero()[:k]
-    return "; ".join(f"{tuple(i.tolist())}: {got[tuple(i)].item()!r} vs {exp[tuple(i)].item()!r}" for i in idx)
+    """The shared makers: x and weights with pre-activations ~N(0, 1), slots with about a third of the rows
+    untracked, labels. Returns (dict(x, w1, b1, w_gate), slot, label)."""
+    weights = ffn_weights(rows, hidden, width, dtype=dtype, device=device, gated=gated, bias=bias, seed=seed)
+    slot, label = slots_and_labels(rows, slots, classes, untracked=0.35, seed=seed + 1, device=device)
+    return weights, slot, label
 
 
 def check_h(h, weights, act, what):
-    """Assert the flash-attention bound on h; return (float64 reference, the allowed error)."""
+    """The tolerance rule on h against the float64 reference; returns (reference, PyTorch's h, allowed error)."""
     x = weights["x"]
-    assert h.dtype == x.dtype and h.shape == (x.shape[0], weights["w1"].shape[0]), f"{what}: {h.dtype} {h.shape}"
-    ref = reference64(weights["x"], weights["w1"], weights["b1"], weights["w_gate"], act)
+    assert h.shape == (x.shape[0], weights["w1"].shape[0]), f"{what}: {h.dtype} {h.shape}"
+    ref = ffn_stats_reference(*(as_float64(weights[k]) for k in ("x", "w1", "b1")), act=act,
+                              w_gate=as_float64(weights["w_gate"]))
     h_pt = ffn_stats_reference(weights["x"], weights["w1"], weights["b1"], act=act, w_gate=weights["w_gate"])
-    err = (h.double() - ref).abs()
-    err_pt = (h_pt.double() - ref).abs().max().item() if ref.numel() else 0.0
-    tiny = torch.finfo(x.dtype).eps * (ref.abs().max().item() if ref.numel() else 0.0) + 1e-30
-    allowed = 2 * err_pt + tiny
-    bad = err > allowed
-    assert not bool(bad.any()), (f"{what}: max |h - ref64| = {err.max().item():.3g} > 2 * {err_pt:.3g} (PyTorch's "
-                                 f"error) + {tiny:.3g}; first (row, neuron): {first_mismatches(h, ref, bad)}")
+    allowed = assert_within_torch_error(h, ref, h_pt, what, names="(row, neuron)")
     return ref, h_pt, allowed
-
-
-def sums_close(got, exp, abssum, rows, what):
-    """float64 sums equal up to reordering: |got - exp| <= rows * 2^-52 * sum |h| per cell."""
-    bound = rows * 2.0 ** -52 * abssum + 1e-300
-    bad = (got - exp).abs() > bound
-    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {bad.numel()} sums differ beyond float64 rounding; "
-                                 f"first (slot, class, neuron): {first_mismatches(got, exp, bad)}")
-
-
-def thresholds_with_ties(h_pt, ref, slot, slots, seed):
-    """Per-slot thresholds near the mean activation, and on every third neuron exactly equal to PyTorch's h of
-    one tracked row: such ties are where the kernel and PyTorch may round to different sides."""
-    g = torch.Generator().manual_seed(seed)
-    rows, width = ref.shape
-    mean = ref.mean(0).cpu() if rows else torch.zeros(width, dtype=torch.float64)
-    thr = mean.repeat(slots, 1) + 0.1 * torch.randn(slots, width, generator=g, dtype=torch.float64)
-    h_cpu, slot_cpu = h_pt.double().cpu(), slot.cpu().tolist()
-    for r, s in enumerate(slot_cpu):
-        if s >= 0:
-            thr[s, r % 3::3] = h_cpu[r, r % 3::3]
-    return thr.to(ref.device)
 
 
 def run_case(rows, hidden, width, dtype, act, gated, bias, seed=0, slots=2, classes=3, all_untracked=False,
@@ -111,9 +62,8 @@ def run_case(rows, hidden, width, dtype, act, gated, bias, seed=0, slots=2, clas
     if all_untracked:
         slot[:] = -1
     what = f"{dtype} R={rows} H={hidden} D={width} act={act} gated={gated} bias={bias}"
-    g = torch.Generator().manual_seed(seed + 1)
-    start_sums = torch.randn(slots, classes, width, generator=g, dtype=torch.float64).to(device)
-    start_counts = torch.randint(0, 100, (slots, classes, width), generator=g).to(device)
+    start_sums = random_state(slots, classes, width, counts=False, seed=seed + 2, device=device)
+    start_counts = random_state(slots, classes, width, counts=True, seed=seed + 3, device=device)
 
     # sums
     out = start_sums.clone()
@@ -121,38 +71,27 @@ def run_case(rows, hidden, width, dtype, act, gated, bias, seed=0, slots=2, clas
     ref, h_pt, allowed = check_h(h, weights, act, f"h, {what}")
     same_h = stats_update_reference(h, slot, label, start_sums.clone())
     abssum = stats_update_reference(h.abs(), slot, label, torch.zeros_like(start_sums)) + start_sums.abs()
-    sums_close(out, same_h, abssum, rows + 1, f"sums vs reference on the kernel's h, {what}")
+    assert_sums_close(out, same_h, abssum, rows + 1, f"sums vs reference on the kernel's h, {what}")
     if all_untracked:
-        assert torch.equal(out, start_sums), f"{what}: sums changed although every slot is -1"
+        assert_equal(out, start_sums, f"{what}: sums changed although every slot is -1")
 
     # counts
-    thr = thresholds_with_ties(h_pt, ref, slot, slots, seed)
+    center = ref.mean(0) if rows else None
+    thr = thresholds_with_ties(h_pt, slot, slots, center=center, spread=0.1, row_step=1, neuron_step=3, seed=seed)
     out = start_counts.clone()
     h2 = ffn_stats(**weights, act=act, slot=slot, label=label, out=out, threshold=thr, mode="counts",
                    backend="triton")
-    assert torch.equal(h2, h), f"{what}: h differs between mode='sums' and mode='counts'"
+    assert_equal(h2, h, f"{what}: h differs between mode='sums' and mode='counts'", "(row, neuron)")
     exact = stats_update_reference(h, slot, label, start_counts.clone(), thr)
-    bad = out != exact
-    assert not bool(bad.any()), (f"counts vs reference on the kernel's h, {what}: {int(bad.sum())} cells differ; "
-                                 f"first (slot, class, neuron): {first_mismatches(out, exact, bad)}")
+    assert_equal(out, exact, f"counts vs reference on the kernel's h, {what}", "(slot, class, neuron)")
     expected = start_counts.clone()
     stats_update_reference(h_pt, slot, label, expected, thr)  # = ffn_stats_reference(..., mode="counts")
-    # elements whose float64 activation is within the allowed h error of the threshold, counted per cell
-    if rows:
-        near = ((ref - thr[slot.clamp(min=0)]).abs() <= allowed).double()
-    else:
-        near = ref
-    near_cells = stats_update_reference(near, slot, label, torch.zeros(slots, classes, width, dtype=torch.float64))
-    diff = (out - expected).abs()
-    bad = diff > near_cells
-    assert not bool(bad.any()), (
-        f"counts vs end-to-end reference, {what}: {int((diff > 0).sum())} cells differ, {int(bad.sum())} of them "
-        f"by more than their near-threshold elements (|h64 - thr| <= {allowed:.3g}); first (slot, class, neuron): "
-        f"{first_mismatches(out, expected, bad)}")
+    assert_counts_within_rounding(out, expected, ref, thr, slot, label, allowed,
+                                  f"counts vs end-to-end reference, {what}")
 
     # mode none: the same h, nothing accumulated
     h3 = ffn_stats(**weights, act=act, mode="none", backend="triton")
-    assert torch.equal(h3, h), f"{what}: h differs between mode='none' and mode='sums'"
+    assert_equal(h3, h, f"{what}: h differs between mode='none' and mode='sums'", "(row, neuron)")
     return h
 
 
@@ -189,14 +128,14 @@ def test_every_slot_untracked(gated):
 def test_strided_inputs_and_aliases():
     """Transposed/strided x and weights (the kernel takes strides) and a transformers activation alias."""
     weights, slot, label = make_problem(37, 45, 123, torch.float32, gated=True, bias=True)
-    strided = dict(x=weights["x"].t().contiguous().t(), w1=weights["w1"].t().contiguous().t(),
-                   w_gate=torch.stack([weights["w_gate"], torch.zeros_like(weights["w_gate"])], -1).flatten(1)[:, ::2], b1=weights["b1"])
-    assert not strided["x"].is_contiguous() and not strided["w_gate"].is_contiguous()
+    strided = dict(x=column_major(weights["x"]), w1=column_major(weights["w1"]), w_gate=every_other(weights["w_gate"]),
+                   b1=weights["b1"])
     out = torch.zeros(2, 3, 123, dtype=torch.float64, device=DEVICE)
     h = ffn_stats(**strided, act="swish", slot=slot, label=label, out=out, mode="sums", backend="triton")
     check_h(h, weights, "silu", "strided inputs")
     exp = stats_update_reference(h, slot, label, torch.zeros_like(out))
-    sums_close(out, exp, stats_update_reference(h.abs(), slot, label, torch.zeros_like(out)), 37, "strided inputs")
+    assert_sums_close(out, exp, stats_update_reference(h.abs(), slot, label, torch.zeros_like(out)), 37,
+                      "strided inputs")
 
 
 @requires_triton
@@ -213,7 +152,8 @@ def test_torch_backend_is_the_reference():
         out, exp = torch.zeros(2, 3, 31, dtype=torch.float64), torch.zeros(2, 3, 31, dtype=torch.float64)
         h = ffn_stats(**weights, act="silu", slot=slot, label=label, out=out, mode="sums", backend=backend)
         h_ref = ffn_stats_reference(**weights, act="silu", slot=slot, label=label, out=exp, mode="sums")
-        assert torch.equal(h, h_ref) and torch.equal(out, exp), f"backend={backend} differs from the reference"
+        assert_equal(h, h_ref, f"h of backend={backend} vs the reference", "(row, neuron)")
+        assert_equal(out, exp, f"sums of backend={backend} vs the reference", "(slot, class, neuron)")
 
 
 # ----------------------------------------------------------------------------------------- registered op

@@ -1,13 +1,10 @@
 """masked_ffn: the Triton kernels (fused and two-pass schedules) against the PyTorch reference.
 
-Tolerance (the flash-attention rule): against a float64 reference, the kernel's largest error may be at most
-twice the largest error PyTorch makes on the same inputs in the same precision, plus ``tiny``:
+Tolerance: the tolerance rule of ``kernel_checks.py`` (flash-attention's): against a float64 reference, the
+kernel's error may be at most twice the largest error PyTorch makes on the same inputs in the same precision,
+plus one ulp of the largest output:
 
-    max|y_kernel - ref64| <= 2 * max|y_torch_lowp - ref64| + tiny,   tiny = eps(dtype) * max|ref64|
-
-``tiny`` is one unit in the last place of the largest output in the output dtype: the output is rounded to
-that dtype, so a correctly computed element may be off by up to half an ulp of its magnitude while PyTorch,
-by chance, lands closer (with K = 1, or fp32 where both errors are a few ulps, its error can be near zero).
+    |y_kernel - ref64| <= 2 * max|y_torch_lowp - ref64| + eps(dtype) * max|ref64|
 
 The Triton tests run under ``TRITON_INTERPRET=1`` on CPU (tiny shapes: the interpreter is slow) or on a GPU;
 without either they skip with the reason. GPU-only tests (realistic shapes) are marked ``gpu``.
@@ -21,20 +18,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skillkern.ops.activations import ACTIVATIONS, HAVE_TRITON, apply_act
-from skillkern.ops.dispatch import triton_interpreted
+from kernel_checks import (DEVICE as DEV, as_float64, assert_equal, assert_within_torch_error, column_major,
+                           every_other, ffn_weights, requires_triton)
+from skillkern.ops.activations import ACTIVATIONS, apply_act
 from skillkern.ops.masked_ffn import masked_ffn, masked_ffn_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCHEDULES = ("fused", "two_pass")
-CPU_TRITON = HAVE_TRITON and triton_interpreted()
 
-requires_triton = pytest.mark.skipif(
-    not HAVE_TRITON or not (CPU_TRITON or torch.cuda.is_available()),
-    reason="needs triton with a CUDA GPU, or TRITON_INTERPRET=1 set before the tests import skillkern")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -47,19 +39,9 @@ def _one_thread():
 
 
 def make_ffn(rows, hidden, width, out, dtype, *, gated=False, bias=True, seed=0, device=DEV):
-    """Random FFN weights scaled so outputs are O(1): (x, w1, b1, w2, b2, w_gate)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
-
-    x = rnd(rows, hidden)
-    w1 = rnd(width, hidden, scale=hidden ** -0.5)
-    w2 = rnd(out, width, scale=max(width, 1) ** -0.5)
-    b1 = rnd(width) if bias else None
-    b2 = rnd(out) if bias else None
-    wg = rnd(width, hidden, scale=hidden ** -0.5) if gated else None
-    return x, w1, b1, w2, b2, wg
+    """The shared maker's FFN (outputs O(1)) as a tuple: (x, w1, b1, w2, b2, w_gate)."""
+    w = ffn_weights(rows, hidden, width, out, dtype=dtype, device=device, gated=gated, bias=bias, seed=seed)
+    return w["x"], w["w1"], w["b1"], w["w2"], w["b2"], w["w_gate"]
 
 
 def random_keep(width, kept, seed=0, device=DEV):
@@ -67,28 +49,13 @@ def random_keep(width, kept, seed=0, device=DEV):
     return torch.randperm(width, generator=g)[:kept].to(device)
 
 
-def _f64(t):
-    return None if t is None else t.double()
-
-
-def assert_within_torch_error(y, x, w1, b1, w2, b2, keep, wg, act, row_set=None, what=""):
-    """The tolerance rule of the module docstring; on failure, the worst elements and both error levels."""
-    ref64 = masked_ffn_reference(_f64(x), _f64(w1), _f64(b1), _f64(w2), _f64(b2), keep, act=act,
-                                 w_gate=_f64(wg), row_set=row_set)
+def check_y(y, x, w1, b1, w2, b2, keep, wg, act, row_set=None, what=""):
+    """The tolerance rule on y against masked_ffn_reference in float64, PyTorch's error measured in x's dtype."""
+    f64 = as_float64
+    ref64 = masked_ffn_reference(f64(x), f64(w1), f64(b1), f64(w2), f64(b2), keep, act=act, w_gate=f64(wg),
+                                 row_set=row_set)
     lowp = masked_ffn_reference(x, w1, b1, w2, b2, keep, act=act, w_gate=wg, row_set=row_set)
-    assert y.dtype == x.dtype and y.shape == ref64.shape, \
-        f"{what}: got {y.dtype} {tuple(y.shape)}, expected {x.dtype} {tuple(ref64.shape)}"
-    err = (y.double() - ref64).abs()
-    err_torch = (lowp.double() - ref64).abs().max().item() if ref64.numel() else 0.0
-    tiny = torch.finfo(x.dtype).eps * (ref64.abs().max().item() if ref64.numel() else 0.0)
-    bound = 2 * err_torch + tiny
-    if not ref64.numel() or err.max().item() <= bound:
-        return
-    worst = err.flatten().topk(min(5, err.numel())).indices
-    first = ", ".join(f"{tuple(int(i) for i in torch.unravel_index(j, err.shape))}: {y.flatten()[j].item():.6g} "
-                      f"vs {ref64.flatten()[j].item():.6g}" for j in worst)
-    raise AssertionError(f"{what}: max error {err.max().item():.3g} > bound {bound:.3g} (torch {err_torch:.3g}, "
-                         f"tiny {tiny:.3g}); {(err > bound).sum().item()} elements over; worst: {first}")
+    assert_within_torch_error(y, ref64, lowp, what, names="(row, output)")
 
 
 # ------------------------------------------------------------------------------------------------ kernel vs reference
@@ -115,7 +82,7 @@ def test_matches_reference(case, dtype, schedule):
     x, w1, b1, w2, b2, wg = make_ffn(rows, hidden, width, out, dtype, gated=gated, bias=bias, seed=case)
     keep = None if kept is None else random_keep(width, kept, seed=case)
     y = masked_ffn(x, w1, b1, w2, b2, keep, act=act, w_gate=wg, backend="triton", schedule=schedule)
-    assert_within_torch_error(y, x, w1, b1, w2, b2, keep, wg, act,
+    check_y(y, x, w1, b1, w2, b2, keep, wg, act,
                               what=f"{SHAPES[case]} {dtype} {act} gated={gated} bias={bias} {schedule}")
 
 
@@ -127,21 +94,22 @@ def test_every_activation(act, gated):
     keep = random_keep(70, 33, seed=3)
     for schedule in SCHEDULES:
         y = masked_ffn(x, w1, b1, w2, b2, keep, act=act, w_gate=wg, backend="triton", schedule=schedule)
-        assert_within_torch_error(y, x, w1, b1, w2, b2, keep, wg, act, what=f"{act} gated={gated} {schedule}")
+        check_y(y, x, w1, b1, w2, b2, keep, wg, act, what=f"{act} gated={gated} {schedule}")
 
 
 @requires_triton
 def test_strided_weights_and_leading_dims():
     """W2 stored transposed (the fast layout: pass w2t.t()), x a non-contiguous view with batch dimensions."""
     x, w1, b1, w2, b2, wg = make_ffn(2 * 9, 40, 50, 23, torch.float32, gated=True, seed=4)
-    w2_colmajor = w2.t().contiguous().t()
+    w2_colmajor = column_major(w2)
     assert w2_colmajor.stride() == (1, 23)
-    xb = torch.cat([x, x], dim=1)[:, ::2].reshape(2, 9, 40)  # strided view
+    xb = every_other(x).reshape(2, 9, 40)  # strided view
+    assert xb.stride() == (720, 80, 2)
     keep = random_keep(50, 20, seed=4)
     for schedule in SCHEDULES:
         y = masked_ffn(xb, w1, b1, w2_colmajor, b2, keep, act="silu", w_gate=wg, backend="triton", schedule=schedule)
         assert y.shape == (2, 9, 23)
-        assert_within_torch_error(y.reshape(18, 23), xb.reshape(18, 40), w1, b1, w2, b2, keep, wg, "silu",
+        check_y(y.reshape(18, 23), xb.reshape(18, 40), w1, b1, w2, b2, keep, wg, "silu",
                                   what=f"strided {schedule}")
 
 
@@ -174,11 +142,11 @@ def test_row_sets_equal_per_set_ffn(backend, dtype):
             idx = keep[s][keep[s] >= 0]
             alone = masked_ffn_reference(x[sel], w1, b1, w2, b2, idx, act="gelu_tanh")
             if backend == "torch":
-                torch.testing.assert_close(y[sel], alone, rtol=0, atol=0, msg=f"set {s}")
+                assert_equal(y[sel], alone, f"set {s}", "(row, output)")
             else:
-                assert_within_torch_error(y[sel], x[sel], w1, b1, w2, b2, idx, None, "gelu_tanh",
+                check_y(y[sel], x[sel], w1, b1, w2, b2, idx, None, "gelu_tanh",
                                           what=f"set {s} {schedule}")
-        assert torch.equal(y[row_set == 2], b2.expand(int((row_set == 2).sum()), out)), "empty set != b2"
+        assert_equal(y[row_set == 2], b2.expand(int((row_set == 2).sum()), out), f"empty set != b2 ({schedule})")
 
 
 # ------------------------------------------------------------------------------------------------ special K
@@ -193,13 +161,14 @@ def _dense(x, w1, b1, w2, b2, wg, act):
 def test_all_kept_equals_dense(backend, gated):
     x, w1, b1, w2, b2, wg = make_ffn(19, 24, 40, 13, torch.float32, gated=gated, seed=7)
     dense = _dense(x, w1, b1, w2, b2, wg, "gelu")
+    dense64 = _dense(*(as_float64(t) for t in (x, w1, b1, w2, b2, wg)), "gelu")
     for keep in (None, torch.arange(40, device=DEV), random_keep(40, 40, seed=7)):
         y = masked_ffn(x, w1, b1, w2, b2, keep, w_gate=wg, backend=backend)
         if backend == "torch" and (keep is None or torch.equal(keep, torch.arange(40, device=DEV))):
-            assert torch.equal(y, dense)  # the same weights in the same order: bit for bit
+            assert_equal(y, dense, "all kept, torch")  # the same weights in the same order: bit for bit
         else:
-            assert_within_torch_error(y, x, w1, b1, w2, b2, keep, wg, "gelu", what=f"all kept {backend}")
-            torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-5)
+            check_y(y, x, w1, b1, w2, b2, keep, wg, "gelu", what=f"all kept {backend}")
+            assert_within_torch_error(y, dense64, dense, f"all kept {backend} vs the dense FFN", "(row, output)")
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
@@ -263,7 +232,7 @@ def test_check_false_skips_value_checks_only():
     x, w1, b1, w2, b2, _ = make_ffn(4, 8, 10, 6, torch.float32, device="cpu")
     dup = torch.tensor([4, 2, 4])
     y = masked_ffn(x, w1, b1, w2, b2, dup, backend="torch", check=False)  # duplicates counted twice, as index_select
-    torch.testing.assert_close(y, masked_ffn_reference(x, w1, b1, w2, b2, dup))
+    assert_equal(y, masked_ffn_reference(x, w1, b1, w2, b2, dup), "unchecked torch backend vs the reference")
     with pytest.raises(ValueError, match="w2 must have shape"):
         masked_ffn(x, w1, b1, w2[:, :9], b2, dup, check=False)
 
@@ -303,9 +272,9 @@ def test_torch_compile_over_a_module():
     eager = mod(x.reshape(2, 7, 16))
     compiled = torch.compile(mod, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x.reshape(2, 7, 16)), eager, rtol=0, atol=0)
+        assert_equal(compiled(x.reshape(2, 7, 16)), eager, "compiled vs eager")
         other = torch.randn(3, 5, 16)  # new shapes: no recompilation error, same answer as eager
-        torch.testing.assert_close(compiled(other), mod(other), rtol=0, atol=0)
+        assert_equal(compiled(other), mod(other), "compiled vs eager, new shapes")
 
 
 # ------------------------------------------------------------------------------------------------ GPU compilation
@@ -328,10 +297,7 @@ def test_bf16_rounds_to_nearest_like_a_gpu(schedule):
         keep = torch.tensor([7 * k + 1], device=DEV)
         want = masked_ffn_reference(x, w1, b1, w2, b2, keep, act="relu")
         got = masked_ffn(x, w1, b1, w2, b2, keep, act="relu", backend="triton", schedule=schedule)
-        bad = got != want
-        assert not bool(bad.any()), (f"neuron {int(keep)}: {int(bad.sum())} of {bad.numel()} bf16 outputs differ "
-                                     f"from PyTorch's round-to-nearest; first: {got[bad][:4].tolist()} vs "
-                                     f"{want[bad][:4].tolist()}")
+        assert_equal(got, want, f"neuron {int(keep)}: bf16 outputs vs PyTorch's round-to-nearest", "(row, output)")
 
 
 @pytest.mark.gpu
@@ -343,11 +309,11 @@ def test_gpu_bert_base(rows, frac, dtype):
     hidden, width = 768, 3072
     x, w1, b1, w2, b2, _ = make_ffn(rows, hidden, width, hidden, dtype, seed=11, device="cuda")
     keep = random_keep(width, int(frac * width), seed=11, device="cuda").sort().values
-    w2_fast = w2.t().contiguous().t()
+    w2_fast = column_major(w2)
     for schedule in ("auto", "fused", "two_pass"):
         for w in (w2, w2_fast):
             y = masked_ffn(x, w1, b1, w, b2, keep, backend="triton", schedule=schedule)
-            assert_within_torch_error(y, x, w1, b1, w2, b2, keep, None, "gelu",
+            check_y(y, x, w1, b1, w2, b2, keep, None, "gelu",
                                       what=f"rows={rows} keep={frac} {schedule} stride={w.stride()}")
 
 
@@ -360,6 +326,6 @@ def test_gpu_llama_gated_with_sets(rows):
                                    device="cuda")
     keep = _sets(width, [220, 1100, 5504], kmax=5504, seed=12)
     row_set = torch.randint(0, 3, (rows,), device="cuda")
-    y = masked_ffn(x, w1, None, w2.t().contiguous().t(), None, keep, act="silu", w_gate=wg, row_set=row_set,
+    y = masked_ffn(x, w1, None, column_major(w2), None, keep, act="silu", w_gate=wg, row_set=row_set,
                    backend="triton")
-    assert_within_torch_error(y, x, w1, None, w2, None, keep, wg, "silu", row_set=row_set, what=f"llama rows={rows}")
+    check_y(y, x, w1, None, w2, None, keep, wg, "silu", row_set=row_set, what=f"llama rows={rows}")

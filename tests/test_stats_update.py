@@ -7,61 +7,26 @@ order in float64, and the conversion of every input dtype to float64 is exact, s
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
-from skillkern import _ext
+from kernel_checks import assert_equal, every_other, ext, random_state, stats_inputs  # noqa: F401 (ext: fixture)
 from skillkern.ops.stats_update import stats_update, stats_update_reference
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-@pytest.fixture
-def ext():
-    """Skip when the extension is not built, with the loader's reason; fail instead under SKILLKERN_REQUIRE_EXT=1."""
-    if not _ext.available():
-        reason = f"compiled extension unavailable: {_ext.unavailable_reason()}"
-        if os.environ.get("SKILLKERN_REQUIRE_EXT") == "1":
-            pytest.fail(f"SKILLKERN_REQUIRE_EXT=1 but {reason}")
-        pytest.skip(reason)
-
-
-def assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """torch.equal, with the first mismatching (slot, class, neuron) indices and values in the message."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, \
-        f"{what}: got {actual.dtype} {tuple(actual.shape)}, expected {expected.dtype} {tuple(expected.shape)}"
-    if torch.equal(actual, expected):
-        return
-    bad = (actual != expected).nonzero()
-    first = ", ".join(f"{tuple(i.tolist())}: {actual[tuple(i)].item()!r} != {expected[tuple(i)].item()!r}"
-                      for i in bad[:5])
-    raise AssertionError(f"{what}: {len(bad)} of {actual.numel()} elements differ; first: {first}")
+CELLS = "(slot, class, neuron)"
 
 
 def make_inputs(rows, width, slots, classes, dtype, seed=0):
     """Random rows (about a quarter untracked), with thresholds of which some equal an h value exactly (ties)."""
-    g = torch.Generator().manual_seed(seed)
-    h = (torch.randn(rows, width, generator=g) * 3).to(dtype)
-    slot = torch.randint(0, slots, (rows,), generator=g)
-    slot[torch.rand(rows, generator=g) < 0.25] = -1
-    label = torch.randint(0, classes, (rows,), generator=g)
-    threshold = torch.randn(slots, width, generator=g, dtype=torch.float64)
-    for r in range(0, rows, 3):
-        if slot[r] >= 0:
-            threshold[slot[r], ::2] = h[r, ::2].to(torch.float64)
-    return h, slot, label, threshold
+    return stats_inputs(rows, width, slots, classes, dtype, seed=seed, device="cpu")
+
 
 
 def run_both(h, slot, label, threshold, slots, classes, seed=1):
     """Accumulate into random starting state with the reference and with the ext op; return both results."""
-    g = torch.Generator().manual_seed(seed)
-    width = h.shape[1]
-    if threshold is None:
-        start = torch.randn(slots, classes, width, generator=g, dtype=torch.float64)
-    else:
-        start = torch.randint(0, 1000, (slots, classes, width), generator=g)
+    start = random_state(slots, classes, h.shape[1], counts=threshold is not None, seed=seed, device="cpu")
     ref = stats_update_reference(h, slot, label, start.clone(), threshold)
     got = stats_update(h, slot, label, start.clone(), threshold, backend="ext")
     return got, ref
@@ -74,27 +39,26 @@ def test_ext_matches_reference(ext, dtype, rows, width):
     for slots, classes in itertools.product((1, 3), (2, 5)):
         h, slot, label, threshold = make_inputs(rows, width, slots, classes, dtype, seed=rows * 1000 + width)
         where = f"{dtype} rows={rows} width={width} slots={slots} classes={classes}"
-        assert_same(*run_both(h, slot, label, None, slots, classes), f"sums, {where}")
-        assert_same(*run_both(h, slot, label, threshold, slots, classes), f"counts, {where}")
+        assert_equal(*run_both(h, slot, label, None, slots, classes), f"sums, {where}", CELLS)
+        assert_equal(*run_both(h, slot, label, threshold, slots, classes), f"counts, {where}", CELLS)
 
 
 def test_ext_all_rows_untracked(ext):
     h, slot, label, threshold = make_inputs(9, 40, 2, 3, torch.float32)
     slot[:] = -1
-    assert_same(*run_both(h, slot, label, None, 2, 3), "sums with every slot -1")
-    assert_same(*run_both(h, slot, label, threshold, 2, 3), "counts with every slot -1")
+    assert_equal(*run_both(h, slot, label, None, 2, 3), "sums with every slot -1", CELLS)
+    assert_equal(*run_both(h, slot, label, threshold, 2, 3), "counts with every slot -1", CELLS)
     # The public function returns early on zero rows; the op itself must cope with them too.
     out = torch.ones(2, 3, 40, dtype=torch.float64)
     torch.ops.skillkern.stats_update(h[:0], slot[:0], label[:0], out, None)
-    assert_same(out, torch.ones(2, 3, 40, dtype=torch.float64), "op on zero rows")
+    assert_equal(out, torch.ones(2, 3, 40, dtype=torch.float64), "op on zero rows", CELLS)
 
 
 def test_ext_non_contiguous_inputs(ext):
-    h, slot, label, threshold = make_inputs(31, 2 * 123, 3, 2, torch.float32)
-    h, threshold = h[:, ::2], threshold.t().contiguous().t()[:, ::2]
-    assert not h.is_contiguous()
-    assert_same(*run_both(h, slot, label, None, 3, 2), "sums of a strided h")
-    assert_same(*run_both(h, slot, label, threshold, 3, 2), "counts with strided h and threshold")
+    h, slot, label, threshold = make_inputs(31, 123, 3, 2, torch.float32)
+    h, threshold = every_other(h), every_other(threshold, column_major=True)
+    assert_equal(*run_both(h, slot, label, None, 3, 2), "sums of a strided h", CELLS)
+    assert_equal(*run_both(h, slot, label, threshold, 3, 2), "counts with strided h and threshold", CELLS)
 
 
 @pytest.mark.parametrize("backend", ("torch", "ext"))
@@ -112,7 +76,7 @@ def test_halves_merge_to_whole(backend, request):
         whole = stats_update(data, slot, label, zeros.clone(), thr, backend=backend)
         first = stats_update(data[:20], slot[:20], label[:20], zeros.clone(), thr, backend=backend)
         second = stats_update(data[20:], slot[20:], label[20:], zeros.clone(), thr, backend=backend)
-        assert_same(first + second, whole, f"{backend}: merged halves ({'sums' if thr is None else 'counts'})")
+        assert_equal(first + second, whole, f"{backend}: merged halves ({'sums' if thr is None else 'counts'})", CELLS)
 
 
 @pytest.mark.parametrize("chunk", (1, 7, 32))
@@ -126,7 +90,7 @@ def test_chunked_feeding_is_identical(ext, chunk):
         out = torch.zeros(slots, classes, width, dtype=dtype)
         for i in range(0, h.shape[0], chunk):
             stats_update(h[i:i + chunk], slot[i:i + chunk], label[i:i + chunk], out, thr, backend="ext")
-        assert_same(out, one_call, f"chunks of {chunk} ({'sums' if thr is None else 'counts'})")
+        assert_equal(out, one_call, f"chunks of {chunk} ({'sums' if thr is None else 'counts'})", CELLS)
 
 
 @pytest.mark.parametrize("backend", ("torch", "ext"))
@@ -168,6 +132,14 @@ BAD_INPUTS = {
 }
 
 
+# The compiled op also refuses what the public function accepts: a non-contiguous out (the public function
+# accumulates through a contiguous copy and writes it back, see test_public_function_takes_a_strided_out).
+OP_ONLY_BAD_INPUTS = {
+    "out non-contiguous": (lambda a: a.update(out=torch.zeros(2, 5, 3, dtype=torch.int64).transpose(1, 2)),
+                           r"out must be contiguous"),
+}
+
+
 @pytest.mark.parametrize("backend", ("torch", "ext"))
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_raises_value_error(case, backend):
@@ -189,14 +161,30 @@ OP_MESSAGES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS | OP_ONLY_BAD_INPUTS))
 def test_ext_op_checks_its_own_arguments(ext, case):
     # Unchecked calls (check=False) must still never write out of bounds: the op validates on its own.
     args = _valid()
-    mutate, message = BAD_INPUTS[case]
+    mutate, message = (BAD_INPUTS | OP_ONLY_BAD_INPUTS)[case]
     mutate(args)
     with pytest.raises(RuntimeError, match=OP_MESSAGES.get(case, message)):
         torch.ops.skillkern.stats_update(args["h"], args["slot"], args["label"], args["out"], args["threshold"])
+
+
+@pytest.mark.parametrize("backend", ("torch", "ext"))
+def test_public_function_takes_a_strided_out(backend, request):
+    """Every op accepts non-contiguous views (ops/dispatch.py): a transposed out receives the counts a
+    contiguous one does, in place."""
+    if backend == "ext":
+        request.getfixturevalue("ext")
+    args = _valid()
+    want = stats_update(backend=backend, **args)
+    assert int(want.sum()) > 0, "nothing counted: the comparison below would be vacuous"
+    view = torch.zeros(2, 5, 3, dtype=torch.int64).transpose(1, 2)
+    assert not view.is_contiguous()
+    got = stats_update(backend=backend, **dict(args, out=view))
+    assert got.data_ptr() == view.data_ptr() and got.stride() == view.stride(), "the result is not the view passed"
+    assert_equal(view, want, f"{backend}: counts in a transposed out", CELLS)
 
 
 def test_unknown_backend_raises():

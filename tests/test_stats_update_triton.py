@@ -13,100 +13,64 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skillkern.ops.activations import HAVE_TRITON
-from skillkern.ops.dispatch import resolve, triton_interpreted
+from kernel_checks import (DEVICE, assert_equal, assert_sums_close, every_other, random_state,
+                           requires_triton, stats_inputs)
+from skillkern.ops.dispatch import resolve
 from skillkern.ops.stats_update import stats_update, stats_update_reference
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(
-    not (HAVE_TRITON and (CUDA or triton_interpreted())),
-    reason="triton not importable" if not HAVE_TRITON else
-    "no CUDA GPU and TRITON_INTERPRET=1 was not set before Python started (the kernels run in the interpreter)")
+CUDA = DEVICE == "cuda"
+pytestmark = requires_triton
 
 torch.set_num_threads(1)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+CELLS = "(slot, class, neuron)"
 
-
-def make_inputs(rows, width, slots, classes, dtype, seed=0, device=DEVICE):
-    """Random rows (about a quarter untracked); thresholds that equal an h value exactly on every other neuron
-    of every third row (ties, which must count as not above)."""
-    g = torch.Generator().manual_seed(seed)
-    h = (torch.randn(rows, width, generator=g) * 3).to(dtype)
-    slot = torch.randint(0, slots, (rows,), generator=g)
-    slot[torch.rand(rows, generator=g) < 0.25] = -1
-    label = torch.randint(0, classes, (rows,), generator=g)
-    threshold = torch.randn(slots, width, generator=g, dtype=torch.float64)
-    for r in range(0, rows, 3):
-        if slot[r] >= 0:
-            threshold[slot[r], ::2] = h[r, ::2].to(torch.float64)
-    return h.to(device), slot.to(device), label.to(device), threshold.to(device)
-
-
-def first_mismatches(got, exp, bad, k=5):
-    return "; ".join(f"{tuple(i.tolist())}: {got[tuple(i)].item()!r} vs {exp[tuple(i)].item()!r}"
-                     for i in bad.nonzero()[:k])
-
-
-def assert_same(got, exp, what):
-    assert got.dtype == exp.dtype and got.shape == exp.shape, f"{what}: {got.dtype} {tuple(got.shape)}"
-    bad = got != exp
-    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {bad.numel()} cells differ; first (slot, class, "
-                                 f"neuron): {first_mismatches(got, exp, bad)}")
-
-
-def assert_sums_close(got, exp, abssum, rows, what):
-    bound = rows * 2.0 ** -52 * abssum + 1e-300
-    bad = (got - exp).abs() > bound
-    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} sums differ beyond float64 rounding; first (slot, "
-                                 f"class, neuron): {first_mismatches(got, exp, bad)}")
 
 
 def check_both(h, slot, label, threshold, slots, classes, what, seed=1):
     """Sums and counts from random starting state: triton vs the reference."""
-    g = torch.Generator().manual_seed(seed)
     width = h.shape[1]
-    start = torch.randn(slots, classes, width, generator=g, dtype=torch.float64).to(h.device)
+    start = random_state(slots, classes, width, counts=False, seed=seed, device=h.device)
     got = stats_update(h, slot, label, start.clone(), None, backend="triton")
     exp = stats_update_reference(h, slot, label, start.clone(), None)
     abssum = stats_update_reference(h.abs(), slot, label, start.abs(), None)
     assert_sums_close(got, exp, abssum, h.shape[0] + 1, f"sums, {what}")
-    start = torch.randint(0, 1000, (slots, classes, width), generator=g).to(h.device)
+    start = random_state(slots, classes, width, counts=True, seed=seed + 1, device=h.device)
     got = stats_update(h, slot, label, start.clone(), threshold, backend="triton")
-    assert_same(got, stats_update_reference(h, slot, label, start.clone(), threshold), f"counts, {what}")
+    assert_equal(got, stats_update_reference(h, slot, label, start.clone(), threshold), f"counts, {what}", CELLS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,width", [(0, 123), (1, 1), (1, 123), (57, 1), (57, 431)])
 def test_triton_matches_reference(dtype, rows, width):
     for slots, classes in ((1, 2), (3, 5)):
-        h, slot, label, threshold = make_inputs(rows, width, slots, classes, dtype, seed=rows * 1000 + width)
+        h, slot, label, threshold = stats_inputs(rows, width, slots, classes, dtype, seed=rows * 1000 + width)
         check_both(h, slot, label, threshold, slots, classes,
                    f"{dtype} rows={rows} width={width} slots={slots} classes={classes}")
 
 
 def test_every_row_added_exactly_once():
     # multiples of 1/8 in [-16, 16]: float64 adds them exactly in any order, so atomics must match bit for bit
-    h, slot, label, _ = make_inputs(57, 431, 3, 5, torch.float32, seed=4)
+    h, slot, label, _ = stats_inputs(57, 431, 3, 5, torch.float32, seed=4)
     h = (h * 8).round().clamp(-128, 128) / 8
     start = torch.zeros(3, 5, 431, dtype=torch.float64, device=h.device)
-    assert_same(stats_update(h, slot, label, start.clone(), backend="triton"),
-                stats_update_reference(h, slot, label, start.clone()), "exact sums")
+    assert_equal(stats_update(h, slot, label, start.clone(), backend="triton"),
+                 stats_update_reference(h, slot, label, start.clone()), "exact sums", CELLS)
 
 
 def test_every_slot_untracked():
-    h, slot, label, threshold = make_inputs(40, 123, 2, 3, torch.float32)
+    h, slot, label, threshold = stats_inputs(40, 123, 2, 3, torch.float32)
     slot[:] = -1
     ones_f, ones_i = (torch.ones(2, 3, 123, dtype=dt, device=h.device) for dt in (torch.float64, torch.int64))
-    assert_same(stats_update(h, slot, label, ones_f.clone(), backend="triton"), ones_f, "sums with every slot -1")
-    assert_same(stats_update(h, slot, label, ones_i.clone(), threshold, backend="triton"), ones_i,
-                "counts with every slot -1")
+    assert_equal(stats_update(h, slot, label, ones_f.clone(), backend="triton"), ones_f, "sums with every slot -1",
+                 CELLS)
+    assert_equal(stats_update(h, slot, label, ones_i.clone(), threshold, backend="triton"), ones_i,
+                 "counts with every slot -1", CELLS)
 
 
 def test_strided_h_and_threshold():
-    h, slot, label, threshold = make_inputs(31, 2 * 123, 3, 2, torch.float32)
-    h, threshold = h[:, ::2], threshold.t().contiguous().t()[:, ::2]
-    assert not h.is_contiguous() and not threshold.is_contiguous()
+    h, slot, label, threshold = stats_inputs(31, 123, 3, 2, torch.float32)
+    h, threshold = every_other(h), every_other(threshold, column_major=True)
     check_both(h, slot, label, threshold, 3, 2, "strided h and threshold")
 
 
@@ -139,14 +103,14 @@ def test_thresholds_between_float32_values():
         start = torch.zeros(6, 2, 40, dtype=torch.int64)
         got = stats_update(h.to(DEVICE), slot.to(DEVICE), label.to(DEVICE), start.clone().to(DEVICE),
                            thr.to(DEVICE), backend="triton")
-        assert_same(got.cpu(), stats_update_reference(h, slot, label, start.clone(), thr), f"{dtype} rounding")
+        assert_equal(got.cpu(), stats_update_reference(h, slot, label, start.clone(), thr), f"{dtype} rounding", CELLS)
 
 
 def test_neuron_stats_with_triton_backend():
     """The accumulator class end to end: both passes through the triton backend equal the reference."""
     from skillkern.stats import NeuronStats
 
-    h, slot, label, _ = make_inputs(57, 123, 2, 3, torch.float32, seed=9)
+    h, slot, label, _ = stats_inputs(57, 123, 2, 3, torch.float32, seed=9)
     h = (h * 8).round() / 8  # exact sums, so thresholds (and hence counts) must be identical
     runs = {}
     for backend in ("torch", "triton"):
@@ -158,8 +122,8 @@ def test_neuron_stats_with_triton_backend():
         for layer in range(2):
             stats.add_rows(layer, h.flip(0) * (layer + 1), slot, label, backend=backend)
         runs[backend] = stats
-    assert_same(runs["triton"].sums, runs["torch"].sums, "NeuronStats sums")
-    assert_same(runs["triton"].above, runs["torch"].above, "NeuronStats counts")
+    assert_equal(runs["triton"].sums, runs["torch"].sums, "NeuronStats sums", CELLS)
+    assert_equal(runs["triton"].above, runs["torch"].above, "NeuronStats counts", CELLS)
 
 
 def test_auto_never_picks_the_interpreter():
