@@ -40,9 +40,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ARCHITECTURES",
+    "BASE_MODEL",
+    "CAUSAL_LM",
     "FFNLayer",
     "FFNSpec",
     "FusedFFNWeights",
+    "MASKED_LM",
     "MINILM_NAMES",
     "ModelSourceError",
     "UnsupportedArchitectureError",
@@ -171,8 +174,9 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "stablelm": _LLAMA_LIKE,
 }
 
-_EXAMPLE_REGISTRATION = ('register_architecture("{t}", FFNSpec(layers="encoder.layer", up="intermediate.dense", '
-                         'down="output.dense", act="intermediate.intermediate_act_fn"))')
+_EXAMPLE_REGISTRATION = ('skillkern.register_architecture("{t}", skillkern.FFNSpec(layers="encoder.layer", '
+                         'up="intermediate.dense", down="output.dense", act="intermediate.intermediate_act_fn", '
+                         'heads=("AutoModelForMaskedLM",))) (an FFNSpec also says causal=, position_offset=)')
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -788,12 +792,10 @@ def _check_config_file(config_path: Path, shown: str) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ModelSourceError(f"{shown}: {config_path} has no \"model_type\", so transformers cannot tell the "
                                "architecture; repair or re-download the model folder")
-    model_type = config["model_type"]
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"{shown}: unsupported architecture config.model_type={model_type!r}. Supported model types: "
-            f"{', '.join(sorted(ARCHITECTURES))}. To add one, say where its FFN lives, e.g. "
-            f"{_EXAMPLE_REGISTRATION.format(t=model_type)}")
+    try:
+        architecture(config["model_type"])
+    except UnsupportedArchitectureError as err:
+        raise UnsupportedArchitectureError(f"{shown}: {err}") from None
     return config
 
 
