@@ -20,6 +20,7 @@ _API = {
     "edit_neurons": "models",
     "register_architecture": "models",
     "ARCHITECTURES": "models",
+    "FFNSpec": "models",
     "load_task": "data",
     "binary_subtask": "data",
     "Scorer": "scoring",

@@ -5,9 +5,12 @@ A **neuron** is one element of the vector that enters an FFN's down-projection W
 - plain MLP:  ``h = act(W1 x + b1)``, the layer computes ``W2 h + b2``;
 - gated MLP:  ``h = act(W_gate x) * (W_up x)``, the layer computes ``W_down h``.
 
-Every supported architecture is one row of :data:`ARCHITECTURES`, keyed by ``config.model_type``: dotted paths
-from the base model to its list of blocks, and from a block to its up/gate/down projections and activation.
-No per-model code. A new architecture is one :func:`register_architecture` call.
+Every supported architecture is one row of :data:`ARCHITECTURES` (an :class:`FFNSpec`), keyed by
+``config.model_type``: dotted paths from the base model to its list of blocks, and from a block to its
+up/gate/down projections and activation; whether the model is causal; how many positions its position ids skip;
+the transformers auto classes that give it a language-model head. This table is the only place in the package
+that knows architectures: prompts, pruning, scoring and loading read the row. No per-model code. A new
+architecture is one :func:`register_architecture` call.
 
 Neurons are read and written through forward PRE-hooks on the down-projection: its input *is* the neuron
 vector, so nothing is recomputed and a model observed with :func:`capture_neurons` returns bit-identical outputs.
@@ -21,12 +24,14 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from .pruned_format import is_pruned_folder, load_pruned
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
@@ -35,19 +40,26 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ARCHITECTURES",
+    "BASE_MODEL",
+    "CAUSAL_LM",
     "FFNLayer",
     "FFNSpec",
     "FusedFFNWeights",
+    "MASKED_LM",
     "MINILM_NAMES",
     "ModelSourceError",
     "UnsupportedArchitectureError",
+    "architecture",
+    "auto_class_name",
     "capture_neurons",
     "check_model_source",
     "edit_neurons",
     "ffn_layers",
     "fused_ffn_weights",
+    "is_causal",
     "layer_device",
     "load_model",
+    "max_positions",
     "model_id",
     "model_positions",
     "neuron_widths",
@@ -61,9 +73,15 @@ __all__ = [
 # The table
 # --------------------------------------------------------------------------------------------------------------
 
+#: the auto classes of :attr:`FFNSpec.heads`, by the head they add
+MASKED_LM = "AutoModelForMaskedLM"
+CAUSAL_LM = "AutoModelForCausalLM"
+BASE_MODEL = "AutoModel"  # no head: every row loads with it
+
+
 @dataclass(frozen=True)
 class FFNSpec:
-    """Where one architecture keeps its FFN.
+    """One architecture: where it keeps its FFN, and the few facts about it that skillkern needs.
 
     Attributes:
         layers: dotted path from the *base model* (``model.base_model``) to the ``nn.ModuleList`` of blocks.
@@ -74,6 +92,18 @@ class FFNSpec:
         act_config: name of the config attribute that names the activation (e.g. ``"hidden_act"``).
         conv1d: the projections are GPT-2 style ``Conv1D`` (weight shape ``(in, out)``) instead of
             ``nn.Linear`` (weight shape ``(out, in)``).
+        causal: each position attends only to itself and earlier ones (decoders): a prompt's prediction is read
+            at the last real token, not at slot 0.
+        position_offset: positions of ``max_position_embeddings`` that no token can use (RoBERTa, XLM-R,
+            CamemBERT and MPNet number positions from ``padding_idx + 1``: 2).
+        heads: names of the transformers auto classes that build this architecture with a language-model head
+            skillkern loads, prunes and saves: ``"AutoModelForMaskedLM"`` (encoders) and/or
+            ``"AutoModelForCausalLM"`` (decoders). ``"AutoModel"`` (no head) works for every row.
+
+    Example (a BERT-like encoder)::
+
+        FFNSpec(layers="encoder.layer", up="intermediate.dense", down="output.dense",
+                act="intermediate.intermediate_act_fn", heads=("AutoModelForMaskedLM",))
     """
 
     layers: str
@@ -83,37 +113,53 @@ class FFNSpec:
     gate: str | None = None
     act_config: str = "hidden_act"
     conv1d: bool = False
+    causal: bool = False
+    position_offset: int = 0
+    heads: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.position_offset, int) or self.position_offset < 0:
+            raise ValueError(f"FFNSpec.position_offset must be an int >= 0, got {self.position_offset!r}")
+        if isinstance(self.heads, str) or not all(isinstance(h, str) and h.startswith("AutoModelFor")
+                                                  for h in self.heads):
+            raise ValueError(f"FFNSpec.heads must be a tuple of transformers auto class names such as "
+                             f"({MASKED_LM!r},), got {self.heads!r}")
 
 
 _BERT_LIKE = FFNSpec(layers="encoder.layer", up="intermediate.dense", down="output.dense",
-                     act="intermediate.intermediate_act_fn")
+                     act="intermediate.intermediate_act_fn", heads=(MASKED_LM,))
+# position ids start after the padding index (1): positions 0 and 1 are never used
+_ROBERTA_LIKE = replace(_BERT_LIKE, position_offset=2)
 _LLAMA_LIKE = FFNSpec(layers="layers", up="mlp.up_proj", down="mlp.down_proj", act="mlp.act_fn",
-                      gate="mlp.gate_proj")
-_GEMMA2_LIKE = FFNSpec(layers="layers", up="mlp.up_proj", down="mlp.down_proj", act="mlp.act_fn",
-                       gate="mlp.gate_proj", act_config="hidden_activation")
+                      gate="mlp.gate_proj", causal=True, heads=(CAUSAL_LM,))
+_GEMMA2_LIKE = replace(_LLAMA_LIKE, act_config="hidden_activation")
 
-#: ``config.model_type`` -> FFN layout. Every path was checked against transformers 5.24's module tree, and every
-#: entry is exercised by tests/test_models.py on a tiny random model. Deliberately absent: ALBERT (one block
+#: ``config.model_type`` -> its row. Every path was checked against transformers 5.24's module tree, and every
+#: row is exercised on a tiny random model (tests/tiny_models.py: hooks, fused weights, prompts, pruning and
+#: reloading, with each head the row names). Deliberately absent: ALBERT (one block
 #: shared by all layers, so a hook cannot tell layers apart), Phi-3 (gate and up fused in one ``gate_up_proj``),
 #: and mixture-of-experts models (several down-projections per layer).
 ARCHITECTURES: dict[str, FFNSpec] = {
     # encoders
     "bert": _BERT_LIKE,
-    "roberta": _BERT_LIKE,
-    "xlm-roberta": _BERT_LIKE,
-    "camembert": _BERT_LIKE,
+    "roberta": _ROBERTA_LIKE,
+    "xlm-roberta": _ROBERTA_LIKE,
+    "camembert": _ROBERTA_LIKE,
     "electra": _BERT_LIKE,
-    "mpnet": _BERT_LIKE,
+    "mpnet": _ROBERTA_LIKE,
     "distilbert": FFNSpec(layers="transformer.layer", up="ffn.lin1", down="ffn.lin2", act="ffn.activation",
-                          act_config="activation"),
+                          act_config="activation", heads=(MASKED_LM,)),
     # plain-MLP decoders
     "gpt2": FFNSpec(layers="h", up="mlp.c_fc", down="mlp.c_proj", act="mlp.act",
-                    act_config="activation_function", conv1d=True),
+                    act_config="activation_function", conv1d=True, causal=True, heads=(CAUSAL_LM,)),
     "opt": FFNSpec(layers="decoder.layers", up="fc1", down="fc2", act="activation_fn",
-                   act_config="activation_function"),
-    "gpt_neox": FFNSpec(layers="layers", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", act="mlp.act"),
-    "phi": FFNSpec(layers="layers", up="mlp.fc1", down="mlp.fc2", act="mlp.activation_fn"),
-    "starcoder2": FFNSpec(layers="layers", up="mlp.c_fc", down="mlp.c_proj", act="mlp.act"),
+                   act_config="activation_function", causal=True, heads=(CAUSAL_LM,)),
+    "gpt_neox": FFNSpec(layers="layers", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", act="mlp.act",
+                        causal=True, heads=(CAUSAL_LM,)),
+    "phi": FFNSpec(layers="layers", up="mlp.fc1", down="mlp.fc2", act="mlp.activation_fn", causal=True,
+                   heads=(CAUSAL_LM,)),
+    "starcoder2": FFNSpec(layers="layers", up="mlp.c_fc", down="mlp.c_proj", act="mlp.act", causal=True,
+                          heads=(CAUSAL_LM,)),
     # gated-MLP decoders
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -128,8 +174,9 @@ ARCHITECTURES: dict[str, FFNSpec] = {
     "stablelm": _LLAMA_LIKE,
 }
 
-_EXAMPLE_REGISTRATION = ('register_architecture("{t}", FFNSpec(layers="encoder.layer", up="intermediate.dense", '
-                         'down="output.dense", act="intermediate.intermediate_act_fn"))')
+_EXAMPLE_REGISTRATION = ('skillkern.register_architecture("{t}", skillkern.FFNSpec(layers="encoder.layer", '
+                         'up="intermediate.dense", down="output.dense", act="intermediate.intermediate_act_fn", '
+                         'heads=("AutoModelForMaskedLM",))) (an FFNSpec also says causal=, position_offset=)')
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -152,6 +199,59 @@ def register_architecture(model_type: str, spec: FFNSpec) -> None:
         logger.warning("register_architecture: replacing the FFN layout of %r: %s -> %s",
                        model_type, ARCHITECTURES[model_type], spec)
     ARCHITECTURES[model_type] = spec
+
+
+def architecture(model: nn.Module | Any) -> FFNSpec:
+    """The row of :data:`ARCHITECTURES` for a model, its config, or a ``config.model_type`` string.
+
+    Raises:
+        UnsupportedArchitectureError: the model type has no row.
+    """
+    if isinstance(model, str):
+        model_type: str | None = model
+    else:
+        config = getattr(model, "config", model)
+        model_type = getattr(config, "model_type", None)
+    spec = ARCHITECTURES.get(model_type) if model_type is not None else None
+    if spec is None:
+        raise _unsupported(model, model_type)
+    return spec
+
+
+def is_causal(model: nn.Module | Any) -> bool:
+    """True when each position sees only itself and earlier ones: the row says so (decoders), or the config of
+    an encoder asks for decoder attention (``is_decoder``). ``model``: a model or its config."""
+    config = getattr(model, "config", model)
+    return architecture(config).causal or bool(getattr(config, "is_decoder", False))
+
+
+def max_positions(model: nn.Module | Any) -> int | None:
+    """Positions a model (or its config) can take: ``max_position_embeddings`` (or ``n_positions``,
+    ``max_seq_len``) less the row's :attr:`FFNSpec.position_offset`; None when the config sets no limit."""
+    config = getattr(model, "config", model)
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value - architecture(config).position_offset
+    return None
+
+
+def auto_class_name(model: nn.Module) -> str | None:
+    """The transformers auto class that builds ``type(model)`` from its config: ``"AutoModel"`` for a base
+    model, one of the row's :attr:`FFNSpec.heads` for a model with that head, None for any other class (a
+    classification head, a class outside transformers)."""
+    import transformers
+
+    config = getattr(model, "config", None)
+    for name in (BASE_MODEL, *architecture(model).heads):
+        mapping = getattr(getattr(transformers, name, None), "_model_mapping", None)
+        try:
+            built = mapping[type(config)] if mapping is not None else None
+        except KeyError:
+            continue
+        if built is type(model):
+            return name
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -200,10 +300,11 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(config, "model_type", None) if config is not None else None
 
 
-def _unsupported(model: nn.Module, model_type: str | None) -> UnsupportedArchitectureError:
+def _unsupported(model: Any, model_type: str | None) -> UnsupportedArchitectureError:
     shown = model_type if model_type else "<none>"
+    what = "" if isinstance(model, str) else f" ({type(model).__name__})"
     return UnsupportedArchitectureError(
-        f"unsupported architecture: config.model_type={shown!r} ({type(model).__name__}). "
+        f"unsupported architecture: config.model_type={shown!r}{what}. "
         f"Supported model types: {', '.join(sorted(ARCHITECTURES))}. "
         f"To add one, say where its FFN lives, e.g. {_EXAMPLE_REGISTRATION.format(t=model_type or 'my-type')}"
     )
@@ -254,9 +355,7 @@ def ffn_layers(model: nn.Module) -> list[FFNLayer]:
             module is shared between layers (hooks could not tell the layers apart).
     """
     model_type = _model_type(model)
-    spec = ARCHITECTURES.get(model_type) if model_type is not None else None
-    if spec is None:
-        raise _unsupported(model, model_type)
+    spec = architecture(model)
     blocks, where = _find_layers(model, spec.layers)
     layers: list[FFNLayer] = []
     for index, block in enumerate(blocks):
@@ -693,12 +792,10 @@ def _check_config_file(config_path: Path, shown: str) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ModelSourceError(f"{shown}: {config_path} has no \"model_type\", so transformers cannot tell the "
                                "architecture; repair or re-download the model folder")
-    model_type = config["model_type"]
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"{shown}: unsupported architecture config.model_type={model_type!r}. Supported model types: "
-            f"{', '.join(sorted(ARCHITECTURES))}. To add one, say where its FFN lives, e.g. "
-            f"{_EXAMPLE_REGISTRATION.format(t=model_type)}")
+    try:
+        architecture(config["model_type"])
+    except UnsupportedArchitectureError as err:
+        raise UnsupportedArchitectureError(f"{shown}: {err}") from None
     return config
 
 
@@ -768,8 +865,6 @@ def model_positions(name_or_path: str, flag: str = "--model") -> tuple[str, int 
     positions is None when the configuration sets no limit. Call :func:`check_model_source` first."""
     from transformers import AutoConfig
 
-    from .prompt import max_positions
-
     path, _ = _resolve_name(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -794,9 +889,11 @@ def load_model(name_or_path: str = "minilm", *, masked_lm: bool = False, dtype: 
     Args:
         name_or_path: ``"minilm"`` (also ``"all-MiniLM-L6-v2"``, ``"sentence-transformers/all-MiniLM-L6-v2"``)
             for the embedded checkpoint, else a Hub id or local directory.
-        masked_lm: load with its masked-LM head (``AutoModelForMaskedLM``). If the architecture has no MLM class,
-            or the checkpoint lacks the head weights (all-MiniLM-L6-v2 does), a warning is logged and the plain
-            ``AutoModel`` is returned instead: check ``model.get_output_embeddings() is not None``.
+        masked_lm: load with its masked-LM head (``AutoModelForMaskedLM``). If the architecture's row names no
+            masked-LM head (:attr:`FFNSpec.heads`), or the checkpoint lacks the head weights (all-MiniLM-L6-v2
+            does), a warning is logged and the plain ``AutoModel`` is returned instead: check
+            ``model.get_output_embeddings() is not None``. A pruned folder (:mod:`skillkern.pruned_format`) comes
+            back with the class it was saved with.
         dtype: e.g. ``torch.bfloat16`` or ``"float32"``; ``None`` keeps transformers' default.
         device: where to put the model; ``None`` leaves it on the CPU.
         device_map: passed to ``from_pretrained`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict of module
@@ -807,9 +904,11 @@ def load_model(name_or_path: str = "minilm", *, masked_lm: bool = False, dtype: 
         ``(model, tokenizer)``. The tokenizer always has a pad token (eos, else unk, if it had none).
 
     Raises:
-        UnsupportedArchitectureError: right after loading, if the architecture is not in :data:`ARCHITECTURES`.
+        UnsupportedArchitectureError: if the architecture is not in :data:`ARCHITECTURES` (with ``masked_lm``
+            before the weights are read, else right after loading).
     """
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    import transformers
+    from transformers import AutoModel, AutoTokenizer
 
     if device is not None and device_map is not None:
         raise ValueError("load_model: give device or device_map, not both")
@@ -820,17 +919,17 @@ def load_model(name_or_path: str = "minilm", *, masked_lm: bool = False, dtype: 
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = None
-    from .prune import is_pruned_folder, load_pruned
-
     if is_pruned_folder(path):  # per-layer FFN widths: rebuild the shapes, then load the weights
         model = load_pruned(path, dtype=dtype)
     elif masked_lm:
-        try:
-            mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
-        except ValueError as err:  # no masked-LM class for this config type
-            logger.warning("load_model(%r, masked_lm=True): no masked-LM head for this architecture (%s); "
-                           "falling back to AutoModel", name_or_path, str(err).splitlines()[0])
+        config = transformers.AutoConfig.from_pretrained(path)
+        if MASKED_LM not in architecture(config).heads:
+            logger.warning("load_model(%r, masked_lm=True): no masked-LM head for this architecture (the %r row "
+                           "of the table names %s); falling back to AutoModel", name_or_path, config.model_type,
+                           ", ".join(architecture(config).heads) or "no head")
         else:
+            mlm, info = getattr(transformers, MASKED_LM).from_pretrained(path, config=config,
+                                                                         output_loading_info=True, **kwargs)
             prefix = getattr(mlm, "base_model_prefix", "")
             # base weights are named "<prefix>.*"; anything else missing is the head, initialised at random
             head_missing = sorted(k for k in info.get("missing_keys", ())

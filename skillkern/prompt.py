@@ -20,46 +20,44 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .models import ffn_layers
+from .models import ffn_layers, is_causal, max_positions
 
 logger = logging.getLogger(__name__)
 
 #: verbalizer words by number of classes (code defaults of the released code)
 DEFAULT_VERBALIZERS = {2: ["negative", "positive"], 3: ["negative", "neutral", "positive"]}
-_CAUSAL_TYPES = ("gpt2", "opt", "gpt_neox", "phi", "starcoder2", "llama", "mistral", "qwen2", "qwen3", "gemma",
-                 "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "stablelm")
 
 
 class PromptTooLongError(ValueError):
     """The prompt plus the text would need more positions than the model has."""
 
 
-def _is_causal(model: nn.Module) -> bool:
-    config = model.config
-    return bool(getattr(config, "is_decoder", False)) or config.model_type in _CAUSAL_TYPES
-
-
-def max_positions(model_or_config) -> Optional[int]:
-    """Positions a model (or its config) can take: ``max_position_embeddings`` (or ``n_positions``,
-    ``max_seq_len``) less RoBERTa's two reserved ones; None when the config sets no limit."""
-    config = getattr(model_or_config, "config", model_or_config)
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            # RoBERTa-style position ids start after the padding index: two positions are never usable.
-            offset = 2 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
-            return value - offset
-    return None
-
-
 def check_prompt_fits(model: nn.Module, prompt_len: int, max_length: int) -> None:
-    """Raise :class:`PromptTooLongError` if ``prompt_len + max_length`` exceeds the model's positions."""
+    """Raise :class:`PromptTooLongError` if ``prompt_len + max_length`` exceeds the model's positions
+    (:func:`skillkern.models.max_positions`: the config's limit less the row's position offset)."""
     limit = max_positions(model)
     if limit is not None and prompt_len + max_length > limit:
         raise PromptTooLongError(
             f"prompt of {prompt_len} slots + max_length {max_length} tokens = {prompt_len + max_length} positions, "
             f"but {model.config.model_type} model has {limit}; lower --max-length to at most {limit - prompt_len} "
             f"or use a shorter prompt")
+
+
+def _last_hidden(out) -> torch.Tensor:
+    """(B, T, H) last hidden state of a base model's output, or of a head model's (``output_hidden_states``)."""
+    hidden = getattr(out, "last_hidden_state", None)
+    return hidden if hidden is not None else out.hidden_states[-1]
+
+
+@torch.no_grad()
+def _output_width(backbone: nn.Module, embeddings: torch.Tensor) -> int:
+    """Width of the last hidden state, the linear head's input, measured on one position: it need not be the
+    embedding width (ELECTRA's ``embedding_size``, OPT's ``word_embed_proj_dim``) nor ``config.hidden_size``."""
+    x = embeddings[:1].detach()[None]                                                   # (1, 1, E)
+    mask = torch.ones(1, 1, dtype=torch.long, device=x.device)
+    out = backbone(inputs_embeds=x, attention_mask=mask,
+                   output_hidden_states=backbone.get_output_embeddings() is not None)
+    return int(_last_hidden(out).shape[-1])
 
 
 def verbalizer_ids(tokenizer, words: Sequence[str]) -> list[int]:
@@ -111,7 +109,7 @@ class PromptModel(nn.Module):
         self.tokenizer = tokenizer
         self.num_classes = num_classes
         self.prompt_len = prompt_len
-        self.causal = _is_causal(backbone)
+        self.causal = is_causal(backbone)  # the table row: decoders read the last real token
         emb = backbone.get_input_embeddings()
         hidden = emb.weight.shape[1]
         device, dtype = emb.weight.device, emb.weight.dtype
@@ -131,10 +129,11 @@ class PromptModel(nn.Module):
             self.head = None
         else:
             self.verbalizer = None
-            self.head = nn.Linear(hidden, num_classes, device=device, dtype=dtype)
+            width = _output_width(backbone, emb.weight)
+            self.head = nn.Linear(width, num_classes, device=device, dtype=dtype)
             with torch.no_grad():
-                bound = 1 / math.sqrt(hidden)
-                self.head.weight.copy_((torch.rand(num_classes, hidden, generator=gen) * 2 - 1) * bound)
+                bound = 1 / math.sqrt(width)
+                self.head.weight.copy_((torch.rand(num_classes, width, generator=gen) * 2 - 1) * bound)
                 self.head.bias.zero_()
 
         if prompt_len:
@@ -184,10 +183,12 @@ class PromptModel(nn.Module):
         kwargs = {"inputs_embeds": emb, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        if self.head_kind == "linear" and self.backbone.get_output_embeddings() is not None:
+            kwargs["output_hidden_states"] = True  # a model with an LM head returns logits, not the hidden state
         out = self.backbone(**kwargs)
         if self.head_kind == "mlm":
             return out.logits[:, 0, self.verbalizer_ids]
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+        hidden = _last_hidden(out)
         if self.causal:
             last = attention_mask.long().cumsum(1).argmax(1)  # last real token (right padding)
             return self.head(hidden[torch.arange(B, device=hidden.device), last])

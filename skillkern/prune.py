@@ -6,16 +6,15 @@ folded into the down-projection's bias:
     b2' = b2 + W2[:, P] @ m[P]          (P = pruned neurons only; the released code adds W2 @ m over all: a bug)
 
 then W1, b1 (and W_gate) are sliced to the rows K and W2 to the columns K, so the layer really shrinks. Layers
-may end up with different widths; :func:`save_pruned` records them in ``config.json`` (``skillkern_pruning``) and
-:func:`load_pruned` (also reached through :func:`skillkern.load_model`) rebuilds the shapes before loading the
-weights, so a pruned folder comes back in one call with bit-identical outputs.
+may end up with different widths; :func:`prune_model` records the modules it replaced in the model's config, and
+:mod:`skillkern.pruned_format` saves the folder and rebuilds those shapes before loading the weights
+(``skillkern.load_model(folder)``), so a pruned folder comes back in one call with bit-identical outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -23,11 +22,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .models import FFNLayer, ffn_layers
+from .models import FFNLayer, auto_class_name, ffn_layers
+from .pruned_format import record_pruning, save_pruned
 
 logger = logging.getLogger(__name__)
-
-CONFIG_KEY = "skillkern_pruning"
 
 
 def parse_layers(spec: str, num_layers: Optional[int]) -> list[int]:
@@ -276,7 +274,9 @@ def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch
         info: extra provenance recorded in ``config.skillkern_pruning``.
 
     Returns:
-        the model, with ``config.skillkern_pruning = {"widths": [...], "kept": {...}, ...}``.
+        the model, with its pruning record (:func:`skillkern.pruned_format.record_pruning`: the module paths
+        replaced and their shapes, the auto class of its head, ``widths``, ``kept``) in
+        ``config.skillkern_pruning``; save it with :func:`skillkern.pruned_format.save_pruned`.
     """
     layers = ffn_layers(model)
     if baseline.dim() != 2 or baseline.shape[0] != len(layers):
@@ -286,164 +286,11 @@ def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch
             raise ValueError(f"layer {index} out of range for {len(layers)} layers")
         prune_layer(layers[index], idx, baseline[index])
     layers = ffn_layers(model)
-    record = dict(getattr(model.config, CONFIG_KEY, None) or {})
-    kept = dict(record.get("kept", {}))
-    for index, idx in keep.items():
-        kept[str(index)] = sorted(int(i) for i in torch.as_tensor(idx).unique().tolist())
-    record.update(info or {})
-    record.update({"widths": [layer.width for layer in layers], "kept": kept,
-                   "down_bias": [getattr(layer.down, "bias", None) is not None for layer in layers],
-                   "modules": _module_shapes(model, layers)})
-    setattr(model.config, CONFIG_KEY, record)
-    return model
-
-
-def _module_shapes(model: nn.Module, layers: list[FFNLayer]) -> dict:
-    """Path from the model root -> {kind, shape (out, in), bias} of every FFN projection: what the loader written
-    by :func:`save_pruned` re-creates before loading the weights."""
-    names = {id(m): n for n, m in model.named_modules()}
-    out = {}
-    for layer in layers:
-        for mod in [layer.up, layer.down] + ([layer.gate] if layer.gate is not None else []):
-            w = mod.weight
-            shape = list(w.t().shape) if layer.spec.conv1d else list(w.shape)      # nn.Linear layout (out, in)
-            out[names[id(mod)]] = {"kind": "conv1d" if layer.spec.conv1d else "linear", "shape": shape,
-                                   "bias": getattr(mod, "bias", None) is not None}
-    return out
-
-
-#: written next to a saved pruned model, so ``AutoModel.from_pretrained(path, trust_remote_code=True)`` loads it
-#: with transformers alone (no skillkern import): it subclasses the saved class and re-creates the FFN projections
-#: at the recorded shapes before the weights are loaded.
-_LOADER = '''"""Loader for a model pruned by skillkern (https://github.com/skillkern): per-layer FFN widths.
-
-Written by skillkern.prune.save_pruned. The FFN projections listed in config.skillkern_pruning["modules"] are
-re-created at their pruned shapes after the base class builds the model, so the saved weights load strictly.
-"""
-
-from torch import nn
-from transformers import {base} as _Base
-from transformers.pytorch_utils import Conv1D
-
-
-def _reshape(model, modules):
-    for path, spec in modules.items():
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        old = getattr(parent, name)
-        out_features, in_features = spec["shape"]
-        if spec["kind"] == "conv1d":
-            new = Conv1D(out_features, in_features)
-            if not spec["bias"]:
-                new.bias = None
-        else:
-            new = nn.Linear(in_features, out_features, bias=spec["bias"])
-        setattr(parent, name, new.to(device=old.weight.device, dtype=old.weight.dtype))
-
-
-class {name}(_Base):
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        _reshape(self, config.skillkern_pruning["modules"])
-'''
-
-
-def _auto_class(class_name: str) -> str:
-    """The transformers auto class a user loads ``class_name`` with (BertModel -> AutoModel, BertForMaskedLM ->
-    AutoModelForMaskedLM, GPT2LMHeadModel -> AutoModelForCausalLM)."""
-    import re
-
-    if class_name.endswith("LMHeadModel"):
-        return "AutoModelForCausalLM"
-    m = re.search(r"(For[A-Za-z]+)$", class_name)
-    return "AutoModel" + (m.group(1) if m else "")
-
-
-def save_pruned(model: nn.Module, tokenizer, path: str | Path) -> None:
-    """``save_pretrained`` of a pruned model and its tokenizer (the per-layer widths go into config.json).
-
-    Beside the weights it writes ``skillkern_pruned.py``, a loader for transformers alone, registered in
-    ``config.json``'s ``auto_map``: ``AutoModel.from_pretrained(path, trust_remote_code=True)`` (or the auto class
-    of the saved head) rebuilds the per-layer widths. ``skillkern.load_model(path)`` needs no remote code."""
-    if not getattr(model.config, CONFIG_KEY, None):
-        raise ValueError("this model was not pruned by skillkern (config has no skillkern_pruning)")
-    import transformers
-
-    path = Path(path)
-    base = type(model).__name__
-    record = getattr(model.config, CONFIG_KEY)
-    remote = hasattr(transformers, base) and "modules" in record
-    before = getattr(model.config, "auto_map", None)
-    if remote:  # loadable with plain transformers: AutoModel...from_pretrained(path, trust_remote_code=True)
-        name = f"SkillkernPruned{base}"
-        model.config.auto_map = {_auto_class(base): f"skillkern_pruned.{name}"}
-    else:
-        logger.warning("%s: no transformers loader written (class %s is not in transformers, or the pruning record "
-                       "predates it); load it with skillkern.load_model", path, base)
-    try:
-        model.save_pretrained(path)
-    finally:
-        if remote:
-            model.config.auto_map = before
-            if before is None:
-                del model.config.auto_map
-    if remote:
-        (path / "skillkern_pruned.py").write_text(_LOADER.format(base=base, name=name))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-
-
-def is_pruned_folder(path: str | Path) -> bool:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return bool(json.loads(cfg.read_text()).get(CONFIG_KEY))
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def load_pruned(path: str | Path, *, dtype=None, device=None) -> nn.Module:
-    """Rebuild a pruned model saved by :func:`save_pruned`: per-layer widths first, then the weights (strict).
-
-    Prefer ``skillkern.load_model(path)``, which calls this for pruned folders and also returns the tokenizer.
-    """
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
-
-    from .files import load_safetensors
-
-    path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    record = getattr(config, CONFIG_KEY, None)
-    if not record:
-        raise ValueError(f"{path} is not a pruned skillkern model (config.json has no {CONFIG_KEY})")
-    if getattr(config, "auto_map", None):  # the transformers loader's entry; this path needs no remote code
-        del config.auto_map
-    arch = (getattr(config, "architectures", None) or [""])[0]
-    cls = AutoModelForMaskedLM if "MaskedLM" in arch else AutoModel
-    model = cls.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
-    layers = ffn_layers(model)
-    widths = record["widths"]
-    if len(widths) != len(layers):
-        raise ValueError(f"{path}: config records {len(widths)} layer widths, the model has {len(layers)} layers")
-    for layer, width, has_bias in zip(layers, widths, record.get("down_bias", [True] * len(layers))):
-        if width != layer.width or (has_bias and getattr(layer.down, "bias", None) is None):
-            prune_layer(layer, torch.arange(width), torch.zeros(layer.width))  # shapes only; weights loaded next
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights")
-    state = {}
-    for f in files:
-        state.update(load_safetensors(f, what="pruned model weights", hint="prune again (with --overwrite)")[0])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # heads' tied / non-persistent buffers may legitimately be absent; weights of the FFNs may not
-    bad = [k for k in missing if "mlp" in k or "intermediate" in k or "output.dense" in k or "ffn" in k]
-    if bad or unexpected:
-        raise ValueError(f"{path}: weights do not match the pruned shapes (missing {bad[:4]}, unexpected "
-                         f"{list(unexpected)[:4]})")
-    model.eval()
-    if device is not None:
-        model.to(device)
+    changed = [mod for index in keep for mod in (layers[index].up, layers[index].down, layers[index].gate)
+               if mod is not None]
+    record_pruning(model, changed, widths=[layer.width for layer in layers],
+                   kept={index: torch.as_tensor(idx).unique().tolist() for index, idx in keep.items()},
+                   auto_class=auto_class_name(model), info=info)
     return model
 
 

@@ -1,12 +1,28 @@
-"""Shared test helpers. Tests run on a CPU-only machine; GPU tests skip with a reason."""
+"""Shared test helpers. Tests run on a CPU-only machine; GPU tests skip with a reason.
+
+Without CUDA the session runs the Triton kernels in the interpreter (``TRITON_INTERPRET=1``, set here before
+anything imports skillkern or triton, unless the variable is already set), so ``python -m pytest -q tests`` runs
+the kernel tests as CI does. ``TRITON_INTERPRET=0`` keeps the interpreter off (the kernel tests then skip).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    if "skillkern.ops" in sys.modules:  # its kernels were decorated already: the switch would come too late
+        warnings.warn("skillkern was imported before tests/conftest.py could set TRITON_INTERPRET=1: the Triton "
+                      "kernel tests will skip; set the variable in the environment")
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"
+
+from tiny_models import TYPES  # noqa: E402  (imports skillkern: after the interpreter switch)
 
 # CI sets SKILLKERN_DATA=../shared/data; a developer checkout next to shared/ works without it.
 _DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -29,6 +45,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=TYPES)
+def model_type(request) -> str:
+    """Every row of the architecture table, one test each (build its model with tiny_models.tiny_model)."""
+    return request.param
 
 
 def pytest_configure(config):

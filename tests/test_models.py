@@ -1,12 +1,12 @@
-"""Tests for skillkern.models: the FFN table, neuron capture/edit hooks, and model loading.
+"""Tests for skillkern.models: the architecture table, neuron capture/edit hooks, and model loading.
 
-Every architecture in ARCHITECTURES is built here as a tiny random model (2 layers, hidden 32, an odd FFN width
-of 37) and checked against a hand-written recomputation of its FFN.
+Every row of ARCHITECTURES is built as the shared tiny random model (tests/tiny_models.py: 2 layers, hidden 32,
+an odd FFN width of 37), checked against a hand-written recomputation of its FFN, and its row's facts (causal,
+position offset, head classes) are checked against what the model does.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import subprocess
 import sys
@@ -20,25 +20,28 @@ from skillkern.models import (
     ARCHITECTURES,
     FFNSpec,
     UnsupportedArchitectureError,
+    architecture,
+    auto_class_name,
     capture_neurons,
     edit_neurons,
     ffn_layers,
     fused_ffn_weights,
+    is_causal,
     layer_device,
     load_model,
+    max_positions,
     model_id,
     neuron_widths,
     register_architecture,
     replace_neuron_computation,
 )
+from tiny_models import LAYERS as N_LAYERS
+from tiny_models import (HEAD_CASES, HEADS, TINY_CONFIGS, TYPES, WIDTH, shared_tiny_model, tiny_config, tiny_inputs,
+                         tiny_model)
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModel  # noqa: E402
+from transformers import AutoModel  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
-
-WIDTH = 37  # odd on purpose
-N_LAYERS = 2
-VOCAB = 101
 
 # Written independently of the table: which config attribute names the activation / the FFN width.
 ACT_ATTR = {"distilbert": "activation", "gpt2": "activation_function", "opt": "activation_function",
@@ -48,47 +51,7 @@ GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
          "stablelm"}
 REQUIRED = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "gpt2", "opt", "llama", "mistral", "qwen2"}
 
-TYPES = sorted(ARCHITECTURES)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: intra-op threads only add overhead (10-40x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_config(model_type: str):
-    kwargs = dict(num_hidden_layers=N_LAYERS, hidden_size=32, intermediate_size=WIDTH, num_attention_heads=4,
-                  vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    kwargs.update({
-        "distilbert": dict(hidden_dim=WIDTH),
-        "gpt2": dict(n_inner=WIDTH),
-        "opt": dict(ffn_dim=WIDTH, word_embed_proj_dim=32),
-        "gemma": dict(head_dim=8, num_key_value_heads=2),
-        "gemma2": dict(head_dim=8, num_key_value_heads=2, sliding_window=16),
-        "gemma3_text": dict(head_dim=8, num_key_value_heads=2, sliding_window=16),
-    }.get(model_type, {}))
-    if model_type in GATED and "num_key_value_heads" not in kwargs:
-        kwargs["num_key_value_heads"] = 2  # exercise grouped-query attention where the model has it
-    return AutoConfig.for_model(model_type, **kwargs)
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_model(model_type: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = AutoModel.from_config(tiny_config(model_type))
-    return model.eval()
-
-
-def tiny_inputs() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(3, VOCAB, (2, 7), generator=gen)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, -2:] = 0  # one padded row
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: intra-op threads only add overhead
 
 
 def forward(model: nn.Module) -> torch.Tensor:
@@ -124,11 +87,11 @@ def manual_ffn(model_type: str, config, layer, x: torch.Tensor, dtype=torch.floa
 def test_table_has_required_architectures():
     assert REQUIRED <= set(ARCHITECTURES)
     assert {t for t, spec in ARCHITECTURES.items() if spec.gate} == GATED
+    assert set(TINY_CONFIGS) == set(ARCHITECTURES) == set(TYPES), "one tiny config per row (tests/tiny_models.py)"
 
 
-@pytest.mark.parametrize("model_type", TYPES)
 def test_captured_neurons_match_manual_ffn(model_type):
-    model = tiny_model(model_type)
+    model = shared_tiny_model(model_type)
     config = model.config
     layers = ffn_layers(model)
     assert [layer.index for layer in layers] == list(range(N_LAYERS))
@@ -170,9 +133,8 @@ def test_captured_neurons_match_manual_ffn(model_type):
     assert hooks_left(model) == []
 
 
-@pytest.mark.parametrize("model_type", TYPES)
 def test_hooks_removed_after_exception(model_type):
-    model = tiny_model(model_type)
+    model = shared_tiny_model(model_type)
     assert hooks_left(model) == []
     with pytest.raises(RuntimeError, match="boom"):
         with capture_neurons(model, lambda i, h: None):
@@ -189,9 +151,8 @@ def test_hooks_removed_after_exception(model_type):
     assert hooks_left(model) == []
 
 
-@pytest.mark.parametrize("model_type", TYPES)
 def test_edit_neurons(model_type):
-    model = tiny_model(model_type)
+    model = shared_tiny_model(model_type)
     base = forward(model)
     with edit_neurons(model, lambda i, h: h):
         same = forward(model)
@@ -207,14 +168,13 @@ def patched_left(model: nn.Module) -> list[str]:
     return [name or "<root>" for name, mod in model.named_modules() if "forward" in mod.__dict__]
 
 
-@pytest.mark.parametrize("model_type", TYPES)
 def test_replace_neuron_computation_with_fused_weights(model_type):
     """The fused kernel's view of every table row (weights in nn.Linear layout, the config's activation): its
     PyTorch reference reproduces the captured neurons, and computing h that way inside the model (up-projection
     + activation replaced) gives the same outputs. Every patch is gone afterwards, also after an exception."""
     from skillkern.ops.ffn_stats import ffn_stats_reference
 
-    model = tiny_model(model_type)
+    model = shared_tiny_model(model_type)
     layers = ffn_layers(model)
     weights = [fused_ffn_weights(model, layer) for layer in layers]
     assert all((w.w_gate is not None) == layer.gated for w, layer in zip(weights, layers))
@@ -245,12 +205,12 @@ def test_replace_neuron_computation_with_fused_weights(model_type):
 
 
 def test_fused_weights_refuse_what_the_kernel_cannot_compute():
-    model = tiny_model("llama")
+    model = shared_tiny_model("llama")
     layer = ffn_layers(model)[0]
     gate = fused_ffn_weights(model, layer, which="gate")
     assert gate.w_gate is None and gate.w1 is layer.gate.weight
     with pytest.raises(ValueError, match="which='gate' needs a gated MLP"):
-        fused_ffn_weights(tiny_model("bert"), ffn_layers(tiny_model("bert"))[0], which="gate")
+        fused_ffn_weights(shared_tiny_model("bert"), ffn_layers(shared_tiny_model("bert"))[0], which="gate")
     layer.gate.bias = nn.Parameter(torch.zeros(WIDTH))  # (monkeypatch's undo would delete the None entry)
     try:
         with pytest.raises(ValueError, match="gate projection has a bias"):
@@ -258,10 +218,10 @@ def test_fused_weights_refuse_what_the_kernel_cannot_compute():
     finally:
         layer.gate.bias = None
     assert "bias" in layer.gate._parameters and layer.gate.bias is None
-    gpt2 = ffn_layers(tiny_model("gpt2"))[0]
-    w = fused_ffn_weights(tiny_model("gpt2"), gpt2)
+    gpt2 = ffn_layers(shared_tiny_model("gpt2"))[0]
+    w = fused_ffn_weights(shared_tiny_model("gpt2"), gpt2)
     assert w.w1.shape == (WIDTH, 32) and w.w1.data_ptr() == gpt2.up.weight.data_ptr()  # a view, no copy
-    bert = tiny_model("bert")
+    bert = shared_tiny_model("bert")
     handle = ffn_layers(bert)[1].up.register_forward_hook(lambda *a: None)
     try:
         with pytest.raises(ValueError, match="forward hooks"):
@@ -273,7 +233,7 @@ def test_fused_weights_refuse_what_the_kernel_cannot_compute():
 def test_load_model_passes_device_map(monkeypatch):
     seen = {}
 
-    fresh = AutoModel.from_config(tiny_config("bert"))
+    fresh = tiny_model("bert")
 
     def fake_from_pretrained(path, **kwargs):
         seen.update(kwargs)
@@ -289,7 +249,7 @@ def test_load_model_passes_device_map(monkeypatch):
 
 
 def test_edit_then_capture_sees_edited_neurons_and_layer_selection():
-    model = tiny_model("bert")
+    model = shared_tiny_model("bert")
     seen: dict[int, torch.Tensor] = {}
     with edit_neurons(model, lambda i, h: torch.full_like(h, 3.0), layers=[1]):
         with capture_neurons(model, lambda i, h: seen.__setitem__(i, h.clone()), layers=[1]) as hooked:
@@ -301,7 +261,7 @@ def test_edit_then_capture_sees_edited_neurons_and_layer_selection():
 
 
 def test_bad_arguments():
-    model = tiny_model("bert")
+    model = shared_tiny_model("bert")
     with pytest.raises(ValueError, match=r"out of range.*valid 0\.\.1"):
         with capture_neurons(model, lambda i, h: None, layers=[0, 5]):
             pass
@@ -318,7 +278,7 @@ def test_bad_arguments():
 
 
 def test_gate_capture_on_llama():
-    model = tiny_model("llama")
+    model = shared_tiny_model("llama")
     xs: dict[int, torch.Tensor] = {}
     layers = ffn_layers(model)
     handles = [layer.gate.register_forward_pre_hook(lambda _m, a, i=layer.index: xs.__setitem__(i, a[0]))
@@ -340,17 +300,12 @@ def test_gate_capture_on_llama():
     assert hooks_left(model) == []
 
 
-@pytest.mark.parametrize("model_type, auto_class", [
-    ("bert", "AutoModelForMaskedLM"),
-    ("roberta", "AutoModelForMaskedLM"),
-    ("gpt2", "AutoModelForCausalLM"),
-    ("opt", "AutoModelForCausalLM"),
-    ("llama", "AutoModelForCausalLM"),
-])
-def test_models_with_heads_resolve(model_type, auto_class):
-    torch.manual_seed(0)
-    model = getattr(transformers, auto_class).from_config(tiny_config(model_type)).eval()
+@pytest.mark.parametrize("model_type, head", HEAD_CASES, ids=[f"{t}-{h}" for t, h in HEAD_CASES])
+def test_models_with_heads_resolve(model_type, head):
+    """Every head a row names builds, resolves to the base model's FFNs, and is named by auto_class_name."""
+    model = tiny_model(model_type, head)
     assert model.base_model is not model
+    assert auto_class_name(model) == HEADS[head] and auto_class_name(model.base_model) == "AutoModel"
     layers = ffn_layers(model)
     assert neuron_widths(model) == [WIDTH] * N_LAYERS
     base_downs = {id(mod) for name, mod in model.base_model.named_modules()}
@@ -363,6 +318,47 @@ def test_models_with_heads_resolve(model_type, auto_class):
     assert hooks_left(model) == []
 
 
+def test_auto_class_name_of_a_class_no_row_names():
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(tiny_config("bert"))
+    assert auto_class_name(model) is None
+
+
+def _last_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state
+
+
+def test_row_facts_match_what_the_model_does(model_type):
+    """``causal``: the first position's output ignores a change of the last token exactly when the row says so.
+    ``position_offset``: a sequence of max_positions() tokens runs, and where the row reserves positions, one
+    token more fails (so the offset is neither too small nor too large; rotary models have no limit to hit)."""
+    model = shared_tiny_model(model_type)
+    spec = architecture(model)
+    ids = tiny_inputs(1, 7)["input_ids"]
+    changed = ids.clone()
+    changed[0, -1] = 3 if int(ids[0, -1]) != 3 else 4
+    blind = torch.equal(_last_hidden(model, ids)[:, 0], _last_hidden(model, changed)[:, 0])
+    assert blind == spec.causal == is_causal(model) == is_causal(model.config)
+    limit = max_positions(model)
+    assert limit == max_positions(model.config) and limit is not None
+    _last_hidden(model, torch.full((1, limit), 7))
+    if spec.position_offset:
+        with pytest.raises((IndexError, RuntimeError, ValueError)):
+            _last_hidden(model, torch.full((1, limit + 1), 7))
+
+
+def test_is_causal_follows_is_decoder_and_the_table_is_checked():
+    assert is_causal(tiny_config("bert", is_decoder=True)) and not is_causal(tiny_config("bert"))
+    assert architecture("gpt2") is ARCHITECTURES["gpt2"] and architecture(tiny_config("opt")).causal
+    with pytest.raises(UnsupportedArchitectureError, match="'albert'"):
+        architecture("albert")
+    with pytest.raises(ValueError, match="auto class names"):
+        FFNSpec(layers="h", up="a", down="b", act="c", heads="AutoModelForMaskedLM")
+    with pytest.raises(ValueError, match="position_offset"):
+        FFNSpec(layers="h", up="a", down="b", act="c", position_offset=-1)
+
+
 def test_wrapper_without_base_model_falls_back_to_suffix_search():
     class Wrapper(nn.Module):
         def __init__(self, inner):
@@ -370,13 +366,12 @@ def test_wrapper_without_base_model_falls_back_to_suffix_search():
             self.inner = inner
             self.config = inner.config
 
-    wrapper = Wrapper(tiny_model("bert"))
+    wrapper = Wrapper(shared_tiny_model("bert"))
     assert [layer.down for layer in ffn_layers(wrapper)] == [layer.down for layer in ffn_layers(wrapper.inner)]
 
 
 def test_unsupported_architecture_message():
-    torch.manual_seed(0)
-    model = AutoModel.from_config(tiny_config("bert"))
+    model = tiny_model("bert")
     model.config.model_type = "my-bert"
     with pytest.raises(UnsupportedArchitectureError) as info:
         ffn_layers(model)
@@ -390,8 +385,7 @@ def test_unsupported_architecture_message():
 
 
 def test_register_architecture_makes_custom_type_work():
-    torch.manual_seed(0)
-    model = AutoModel.from_config(tiny_config("bert")).eval()
+    model = tiny_model("bert")
     model.config.model_type = "my-bert"
     try:
         register_architecture("my-bert", ARCHITECTURES["bert"])
@@ -407,8 +401,7 @@ def test_register_architecture_makes_custom_type_work():
 
 
 def test_shared_down_projection_is_rejected():
-    torch.manual_seed(0)
-    model = AutoModel.from_config(tiny_config("bert"))
+    model = tiny_model("bert")
     model.encoder.layer[1].output.dense = model.encoder.layer[0].output.dense
     with pytest.raises(ValueError, match="shared by several layers"):
         ffn_layers(model)
@@ -449,7 +442,7 @@ def test_missing_minilm_package_message(monkeypatch):
 
 
 def test_model_id_falls_back_to_config_and_class():
-    model = tiny_model("bert")
+    model = shared_tiny_model("bert")
     assert model_id(model) == (model.config._name_or_path or "BertModel")
     assert model_id(nn.Linear(2, 2)) == "Linear"
 

@@ -12,17 +12,17 @@ import torch
 
 from conftest import requires_data
 from skillkern.data import Example, load_task, take
-from skillkern.models import capture_neurons, edit_neurons, load_model
+from skillkern.models import ARCHITECTURES, capture_neurons, edit_neurons, load_model, max_positions
 from skillkern.perturb import perturbation, random_selection, run_predictivity, score_run, skill_selection
-from skillkern.prompt import PromptModel, PromptTooLongError, check_prompt_fits
+from skillkern.prompt import PromptModel, PromptTooLongError, check_prompt_fits, describe_head
 from skillkern.stats import select_per_layer
 from skillkern.tune import TuneSettings, evaluate, load_run, tune, tune_run
+from tiny_models import WIDTH, tiny_model
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModel, AutoModelForMaskedLM, BertConfig, GPT2Config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WIDTH = 37
+MINILM_VOCAB = 30522  # the tiny models read the all-MiniLM-L6-v2 tokenizer's ids
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,11 +34,21 @@ def tokenizer():
     return load_model("minilm")[1]
 
 
+def tiny(model_type: str, head: str = "base", max_pos: int = 64):
+    """The shared tiny model of ``model_type`` with the tokenizer's vocabulary."""
+    return tiny_model(model_type, head, vocab=MINILM_VOCAB, positions=max_pos)
+
+
 def tiny_bert(mlm: bool = False, max_pos: int = 64):
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=WIDTH, max_position_embeddings=max_pos)
-    return (AutoModelForMaskedLM if mlm else AutoModel).from_config(cfg).eval()
+    return tiny("bert", "mlm" if mlm else "base", max_pos)
+
+
+def read_position(pm: PromptModel, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) position each row's prediction is read at, written independently of the model: the last real
+    token for a causal row of the table, slot 0 otherwise."""
+    if ARCHITECTURES[pm.backbone.config.model_type].causal:
+        return pm.prompt_len + attention_mask.sum(1) - 1
+    return torch.zeros(attention_mask.shape[0], dtype=torch.long)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +72,10 @@ def rows(n: int, seed: int = 0) -> list[Example]:
     return out
 
 
-def test_prompt_layout_frozen_backbone_and_slot0(tokenizer):
-    pm = PromptModel(tiny_bert(), tokenizer, 2, prompt_len=5, seed=3)
+def test_prompt_layout_frozen_backbone_and_slot0(tokenizer, model_type):
+    pm = PromptModel(tiny(model_type), tokenizer, 2, prompt_len=5, seed=3)
     assert pm.head_kind == "linear" and pm.slots == (0, 1, 2, 3, 4)
+    assert pm.causal == ARCHITECTURES[model_type].causal
     emb = pm.backbone.get_input_embeddings().weight
     assert torch.equal(pm.slot0, emb[tokenizer.mask_token_id])
     assert all(not p.requires_grad for p in pm.backbone.parameters())
@@ -79,28 +90,33 @@ def test_prompt_layout_frozen_backbone_and_slot0(tokenizer):
     assert all(p.grad is None for p in pm.backbone.parameters())  # no weight gradients
     assert pm.prompt.grad is not None and pm.prompt.grad.abs().sum() > 0
     # same seed, same init; another seed, another init (no global RNG involved)
-    again = PromptModel(tiny_bert(), tokenizer, 2, prompt_len=5, seed=3)
-    other = PromptModel(tiny_bert(), tokenizer, 2, prompt_len=5, seed=4)
+    again = PromptModel(tiny(model_type), tokenizer, 2, prompt_len=5, seed=3)
+    other = PromptModel(tiny(model_type), tokenizer, 2, prompt_len=5, seed=4)
     assert torch.equal(again.prompt, pm.prompt) and not torch.equal(other.prompt, pm.prompt)
     assert float(pm.prompt.detach().std()) == pytest.approx(1 / 30, rel=0.3)
 
 
-def test_prompt_equals_manual_embedding_input(tokenizer):
-    """The soft prompt is exactly a sequence of input vectors: compare with a manual inputs_embeds call."""
-    pm = PromptModel(tiny_bert(), tokenizer, 3, prompt_len=4, seed=0)
-    enc = tokenizer(["fine day"], return_tensors="pt")
+def test_prompt_equals_manual_embedding_input(tokenizer, model_type):
+    """The soft prompt is exactly a sequence of input vectors: compare with a manual inputs_embeds call, read
+    at slot 0 (encoders) or at the last real token (causal rows)."""
+    pm = PromptModel(tiny(model_type), tokenizer, 3, prompt_len=4, seed=0)
+    enc = tokenizer(["fine day", "good"], padding=True, return_tensors="pt")
     emb = pm.backbone.get_input_embeddings()(enc["input_ids"])
-    manual = torch.cat([pm.slot0[None, None], pm.prompt[None], emb], dim=1)
-    mask = torch.cat([torch.ones(1, 4, dtype=torch.long), enc["attention_mask"]], dim=1)
-    tt = torch.cat([torch.zeros(1, 4, dtype=torch.long), enc["token_type_ids"]], dim=1)
+    manual = torch.cat([pm.slot0[None, None].expand(2, 1, -1), pm.prompt[None].expand(2, -1, -1), emb], dim=1)
+    mask = torch.cat([torch.ones(2, 4, dtype=torch.long), enc["attention_mask"]], dim=1)
+    tt = torch.cat([torch.zeros(2, 4, dtype=torch.long), enc["token_type_ids"]], dim=1)
+    at = read_position(pm, enc["attention_mask"])
     with torch.no_grad():
-        want = pm.head(pm.backbone(inputs_embeds=manual, attention_mask=mask, token_type_ids=tt).last_hidden_state[:, 0])
+        hidden = pm.backbone(inputs_embeds=manual, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        want = pm.head(hidden[torch.arange(2), at])
         got = pm(**enc)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    where = "the last real token" if ARCHITECTURES[model_type].causal else "slot 0"
+    assert where in describe_head(pm)
 
 
-def test_mlm_head_reads_verbalizer_logits_at_slot0(tokenizer):
-    pm = PromptModel(tiny_bert(mlm=True), tokenizer, 2, prompt_len=4)
+def test_mlm_head_reads_verbalizer_logits_at_slot0(tokenizer, model_type):
+    pm = PromptModel(tiny(model_type, "mlm"), tokenizer, 2, prompt_len=4)  # skips rows without a masked-LM head
     assert pm.head_kind == "mlm" and pm.head is None
     ids = [tokenizer.convert_tokens_to_ids(w) for w in ("negative", "positive")]
     assert pm.verbalizer_ids.tolist() == ids
@@ -113,30 +129,51 @@ def test_mlm_head_reads_verbalizer_logits_at_slot0(tokenizer):
                            token_type_ids=torch.zeros(1, 4 + emb.shape[1], dtype=torch.long)).logits
     torch.testing.assert_close(logits, full[:, 0, ids])
     with pytest.raises(ValueError, match="verbalizer"):
-        PromptModel(tiny_bert(mlm=True), tokenizer, 4, prompt_len=4)  # 4 classes, no default words
+        PromptModel(tiny(model_type, "mlm"), tokenizer, 4, prompt_len=4)  # 4 classes, no default words
 
 
-def test_causal_model_reads_last_real_token(tokenizer):
-    torch.manual_seed(0)
-    gpt = AutoModel.from_config(GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=4, n_inner=WIDTH,
-                                           n_positions=64)).eval()
-    pm = PromptModel(gpt, tokenizer, 2, prompt_len=3)
+def test_causal_lm_head_keeps_the_linear_head(tokenizer, model_type):
+    """A decoder loaded with its causal-LM head cannot read slot 0: ``auto`` picks the linear head there."""
+    pm = PromptModel(tiny(model_type, "lm"), tokenizer, 2, prompt_len=3)  # skips rows without a causal-LM head
     assert pm.causal and pm.head_kind == "linear"
+    enc = tokenizer(["good good", "bad"], padding=True, return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        got = pm(**enc)
+        hidden = pm.backbone(inputs_embeds=torch.cat([
+            torch.cat([pm.slot0[None], pm.prompt]).expand(2, -1, -1),
+            pm.backbone.get_input_embeddings()(enc["input_ids"])], 1),
+            attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), enc["attention_mask"]], 1),
+            output_hidden_states=True).hidden_states[-1]
+    at = read_position(pm, enc["attention_mask"])
+    torch.testing.assert_close(got, pm.head(hidden[torch.arange(2), at]), rtol=0, atol=0)
+
+
+def test_padding_does_not_leak_into_the_prediction(tokenizer, model_type):
+    """A row padded on the right predicts what it predicts alone: slot 0 of an encoder and the last real token
+    of a decoder both ignore the padding."""
+    pm = PromptModel(tiny(model_type), tokenizer, 2, prompt_len=3)
     enc = tokenizer(["good good good", "bad"], padding=True, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         both = pm(**enc)
         alone = pm(**tokenizer(["bad"], return_tensors="pt", return_token_type_ids=False))
-    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)  # padding on the right does not leak in
+    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
 
 
-def test_prompt_longer_than_positions_is_refused(tokenizer):
-    model = tiny_bert(max_pos=40)
+def test_prompt_longer_than_positions_is_refused(tokenizer, model_type):
+    """The limit is the config's positions less the row's offset: a prompt + text of exactly that many
+    positions runs, one more is refused before the model sees it."""
+    model = tiny(model_type, max_pos=40)
+    limit = max_positions(model)
+    assert limit == 40 - ARCHITECTURES[model_type].position_offset
     with pytest.raises(PromptTooLongError, match="positions"):
-        check_prompt_fits(model, 16, 32)
-    check_prompt_fits(model, 8, 32)
+        check_prompt_fits(model, 16, limit - 15)
+    check_prompt_fits(model, 16, limit - 16)
     pm = PromptModel(model, tokenizer, 2, prompt_len=16)
-    with pytest.raises(PromptTooLongError, match="lower --max-length to at most 24"):
-        tune(pm, rows(8), rows(4), TuneSettings(prompt_len=16, max_length=32, epochs=1), progress=False)
+    ids = torch.full((1, limit - 16), tokenizer.convert_tokens_to_ids("good"))
+    with torch.no_grad():
+        pm(input_ids=ids, attention_mask=torch.ones_like(ids))  # all `limit` positions are usable
+    with pytest.raises(PromptTooLongError, match=f"lower --max-length to at most {limit - 16}"):
+        tune(pm, rows(8), rows(4), TuneSettings(prompt_len=16, max_length=limit - 15, epochs=1), progress=False)
 
 
 def test_tuning_learns_reproducibly_and_keeps_best_dev(tokenizer):

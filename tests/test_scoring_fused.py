@@ -1,6 +1,7 @@
 """The scorer's fused path (one ``ffn_stats`` call per layer replaces the up-projection + activation) against the
-hook path, on tiny random models of the three FFN shapes of the adapter table: BERT (nn.Linear, erf GELU), GPT-2
-(Conv1D weights stored (in, out), tanh GELU) and Llama (gated, SiLU, no bias).
+hook path, on the shared tiny random model of every row of the architecture table (pool ``slots``), and with
+every pool on the three FFN shapes: BERT (nn.Linear, erf GELU), GPT-2 (Conv1D weights stored (in, out), tanh GELU)
+and Llama (gated, SiLU, no bias).
 
 What is compared, fused (``backend="triton"``) vs hooks (``backend="torch"``), pools cls / last / slots:
 
@@ -18,7 +19,6 @@ Triton runs on CPU only under ``TRITON_INTERPRET=1`` (set before Python starts, 
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import pytest
@@ -29,9 +29,9 @@ from skillkern.models import ffn_layers
 from skillkern.ops.activations import HAVE_TRITON
 from skillkern.ops.dispatch import triton_interpreted
 from skillkern.scoring import NonFiniteActivationError, ScoreSettings, Scorer
+from tiny_models import VOCAB, WIDTH, shared_tiny_model
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModel  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
@@ -40,21 +40,13 @@ pytestmark = pytest.mark.skipif(
     "no CUDA GPU and TRITON_INTERPRET=1 was not set before Python started (the kernels run in the interpreter)")
 
 DEVICE = "cuda" if CUDA else "cpu"
-WIDTH = 37  # odd: ragged kernel tiles
-VOCAB = 97
 THR_TOL = 1e-5  # see the module docstring
 MAX_LEN = 16
 N_BASE, N_EVAL = 12, 10
-TYPES = ["bert", "gpt2", "llama"]
-POOLS = [("cls", None), ("last", None), ("slots", (0, 3, 1))]
+SHAPES = ["bert", "gpt2", "llama"]  # the three FFN shapes: every pool
+POOLS = [("cls", None), ("last", None)]  # and slots, on every row
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytestmark, pytest.mark.usefixtures("one_thread")]
 
 
 class WordTokenizer:
@@ -78,13 +70,8 @@ def examples(n: int, seed: int) -> list[dict]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
 def tiny_model(model_type: str) -> nn.Module:
-    kwargs = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=WIDTH, num_attention_heads=4,
-                  vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    kwargs.update({"gpt2": dict(n_inner=WIDTH), "llama": dict(num_key_value_heads=2)}.get(model_type, {}))
-    torch.manual_seed(0)
-    return AutoModel.from_config(AutoConfig.for_model(model_type, **kwargs)).eval().to(DEVICE)
+    return shared_tiny_model(model_type, device=DEVICE)
 
 
 def settings(pool, slots, backend, **kw) -> ScoreSettings:
@@ -126,7 +113,11 @@ def _batches(exs, s):
     return list(iter_batches(WordTokenizer(), exs, s.batch_size, s.max_length, s.pad_multiple))
 
 
-@pytest.mark.parametrize("model_type", TYPES)
+def test_fused_scorer_equals_hook_scorer_on_every_row(model_type):
+    compare_paths(model_type, "slots", (0, 3, 1))
+
+
+@pytest.mark.parametrize("model_type", SHAPES)
 @pytest.mark.parametrize("pool,slots", POOLS, ids=[p for p, _ in POOLS])
 def test_fused_scorer_equals_hook_scorer(model_type, pool, slots):
     compare_paths(model_type, pool, slots)
