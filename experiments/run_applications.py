@@ -117,7 +117,7 @@ def activated_neurons(pm, probe) -> torch.Tensor:
 
     Returns (L, D) bool: activated at any prompt slot on a majority of the probe rows."""
     from skillkern.models import capture_neurons
-    from skillkern.scoring import iter_batches
+    from skillkern.batching import iter_batches
 
     acc = {}
     with capture_neurons(pm.backbone, lambda i, h: acc.__setitem__(i, acc.get(i, 0) +

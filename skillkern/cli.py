@@ -127,22 +127,6 @@ def _data_inputs(args) -> list:
             ("task folder", _existing(getattr(args, "task", None)))]
 
 
-def _check_positions(model: str, prompt_len: int, max_length: int) -> None:
-    """Refuse, from the model's configuration alone, a prompt + ``--max-length`` beyond the model's positions."""
-    from .models import model_positions
-
-    model_type, limit = model_positions(model)
-    need = prompt_len + max_length
-    if limit is None or need <= limit:
-        return
-    if prompt_len:
-        raise UsageError(f"a prompt of {prompt_len} slots + --max-length {max_length} = {need} positions, but the "
-                         f"{model_type} model {model} has {limit}; lower --max-length to at most "
-                         f"{limit - prompt_len}, or use a shorter --prompt-len")
-    raise UsageError(f"--max-length {max_length} is more than the {limit} positions of the {model_type} model "
-                     f"{model}; lower --max-length to at most {limit}")
-
-
 def _add_score_parser(sub) -> None:
     p = sub.add_parser("score", help="score every FFN neuron's predictivity for a task",
                        description="Two streaming passes: thresholds on the baseline split, accuracy counts on the "
@@ -193,10 +177,6 @@ _FIXED_BY_RUN = ("task", "model", "pool", "max_length", "pad_multiple", "which",
                  "checkpoint_every", "skip_nonfinite")
 
 
-def _first(rows: Sequence, n: Optional[int]) -> Sequence:
-    return rows if n is None else rows[:n]
-
-
 def cmd_score(args) -> int:
     if args.run is not None:
         return _score_run(args)
@@ -219,25 +199,26 @@ def cmd_score(args) -> int:
     out = Path(args.out)
     check_out_dir(out, kind="scores", overwrite=args.overwrite, partial=SCORE_PARTIAL,
                   inputs=_data_inputs(args) + [("model folder", _existing(args.model))])
+    from .batching import check_positions, check_rows_differ, take
     from .models import check_model_source
 
     check_model_source(args.model)
-    _check_positions(args.model, 0, args.max_length)
+    check_positions(args.model, 0, args.max_length)
 
     from . import __version__
     from .checkpoint import Checkpoint
     from .data import binary_subtask, check_split_classes, load_task
     from .files import staged_dir
     from .models import load_model, model_id, resolved_model_id
-    from .scoring import ScoreSettings, Scorer, check_rows_differ
+    from .scoring import ScoreSettings, Scorer
     from .stats import write_score_files
 
     rank, world = _init_distributed(args.device)
     task = load_task(args.task, args.data, seed=args.seed)
     if args.subtask:
         task = binary_subtask(task, args.subtask, seed=args.seed)
-    baseline = _first(task.split(args.baseline_split), args.max_baseline)
-    evaluation = _first(task.split(args.eval_split), args.max_eval)
+    baseline = take(task.split(args.baseline_split), args.max_baseline)
+    evaluation = take(task.split(args.eval_split), args.max_eval)
     check_split_classes(evaluation, task.label_names, f"the evaluation split {args.eval_split!r} of {task.name}",
                         require_two=True, why="predictivity (how well a neuron separates classes) is undefined",
                         hint="use more rows (--max-eval) or another split (--eval-split)")
@@ -392,13 +373,14 @@ def cmd_tune(args) -> int:
     _number("--warmup", args.warmup, 0, 1)
     _check_device(args.device)
     _check_data(args.data)
+    from .batching import check_positions
     from .models import check_model_source
     from .tune import TuneSettings, check_tune_out, tune_run
 
     check_tune_out(args.out, model_name=args.model, overwrite=args.overwrite, resume=args.resume,
                    inputs=_data_inputs(args))
     check_model_source(args.model)
-    _check_positions(args.model, args.prompt_len if args.method == "prompt" else 0, args.max_length)
+    check_positions(args.model, args.prompt_len if args.method == "prompt" else 0, args.max_length)
 
     from .data import binary_subtask, load_task
 

@@ -67,7 +67,8 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
     from . import __version__
     from .data import binary_subtask, check_split_classes
     from .models import model_id
-    from .scoring import ScoreSettings, Scorer, check_rows_differ
+    from .batching import check_rows_differ, take
+    from .scoring import ScoreSettings, Scorer
     from .stats import write_score_files
     from .tune import TuneSettings, check_run, load_run, load_run_task
 
@@ -83,8 +84,8 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
         task = binary_subtask(task, subtask, seed=s.split_seed)
     max_baseline = s.max_train if max_baseline is None else max_baseline
     max_eval = s.max_dev if max_eval is None else max_eval
-    baseline = task.split(baseline_split)[:max_baseline] if max_baseline else task.split(baseline_split)
-    evaluation = task.split(eval_split)[:max_eval] if max_eval else task.split(eval_split)
+    baseline = take(task.split(baseline_split), max_baseline)
+    evaluation = take(task.split(eval_split), max_eval)
     check_split_classes(evaluation, task.label_names, f"the evaluation split {eval_split!r} of {run}",
                         require_two=True, why="predictivity (how well a neuron separates classes) is undefined",
                         hint="use more rows (--max-eval) or a run tuned with more dev rows")
@@ -242,6 +243,7 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
     """
     from tqdm.auto import tqdm
 
+    from .batching import take
     from .data import check_split_classes
     from .models import ffn_layers
     from .tune import TuneSettings, check_run, evaluate, load_run, load_run_task, read_run
@@ -262,8 +264,7 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
         stats_file = next(p for p in (scores_path(source), scores_path(source, "pn")) if p.is_file())
         baseline = NeuronStats.load(stats_file)[0].threshold.mean(dim=1)  # average over prompt slots
     task = load_run_task(info, data)
-    max_test = s.max_test if max_test is None else max_test
-    test = task.split(split)[:max_test] if max_test else task.split(split)
+    test = take(task.split(split), s.max_test if max_test is None else max_test)
     check_split_classes(test, task.label_names, f"the {split!r} split of {run}")
     pm, task, info = load_run(run, device=device, data=data, task=task)
     widths = [layer.width for layer in ffn_layers(pm.backbone)]

@@ -454,8 +454,8 @@ def token_mean_baseline(model, examples: Sequence, *, batch_size: int = 32, max_
 
     ``forward(batch)`` runs the model (e.g. a PromptModel, whose prompt positions then count too).
     """
+    from .batching import iter_batches
     from .models import capture_neurons
-    from .scoring import iter_batches
 
     layers = ffn_layers(model.backbone if hasattr(model, "backbone") else model)
     backbone = model.backbone if hasattr(model, "backbone") else model

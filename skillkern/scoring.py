@@ -17,21 +17,19 @@ No activation outlives its batch, so memory is flat in the number of samples. A 
 (``device_map``) keeps each layer's statistics on that layer's device (:class:`~skillkern.stats.ShardedNeuronStats`),
 gathered on the CPU at the end.
 
-Batch invariance: a transformer's activations for one sample change in the last float bits with the length
-it is padded to. By default every sample is padded to its own length rounded up to ``pad_multiple`` tokens,
-and the rows of a batch that share a padded length run through the model together, so a sample's activations
-do not depend on the batch size or on its neighbours, and neither do the counts.
+Batch invariance: batches come from :func:`skillkern.batching.iter_batches`, whose padding rule makes a sample's
+activations, and so the counts, independent of the batch size and of its neighbours.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
+from .batching import Batch, iter_batches
 from .models import (FusedFFNWeights, capture_neurons, ffn_layers, fused_ffn_weights, layer_device,
                      replace_neuron_computation)
 from .ops import dispatch
@@ -99,110 +97,6 @@ class ScoreSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Batch:
-    """Model inputs of one group of samples padded to the same length, with their labels."""
-
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor
-    attention_mask: torch.Tensor = field(repr=False, default=None)
-
-
-def _example_fields(ex) -> tuple[str, Optional[str], int]:
-    if isinstance(ex, dict):
-        return ex["text"], ex.get("text_pair"), int(ex["label"])
-    return ex.text, getattr(ex, "text_pair", None), int(ex.label)
-
-
-def iter_batches(tokenizer, examples: Iterable, batch_size: int, max_length: int, pad_multiple: int = 32,
-                 device: torch.device | str = "cpu") -> Iterator[Batch]:
-    """Tokenize and pad ``examples`` batch by batch (nothing is tokenized ahead of its batch).
-
-    Pairs use the tokenizer's own pair encoding. Padding is on the right. With ``pad_multiple > 0`` each
-    sample is padded to ``min(ceil(len / pad_multiple) * pad_multiple, max_length)`` and one batch yields one
-    group per padded length, in increasing length order.
-
-    Yields:
-        :class:`Batch` with ``inputs`` (B, T) tensors and ``labels`` (B,).
-    """
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has no pad token; load it with skillkern.load_model or set pad_token")
-    chunk: list = []
-    for ex in examples:
-        chunk.append(_example_fields(ex))
-        if len(chunk) == batch_size:
-            yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device)
-            chunk = []
-    if chunk:
-        yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device)
-
-
-def rows_differ(tokenizer, examples: Sequence, max_length: int, chunk: int = 256) -> bool:
-    """True when at least two of ``examples`` differ after tokenization and truncation to ``max_length`` tokens
-    (stops at the first pair that differs, usually within the first chunk)."""
-    first = None
-    for start in range(0, len(examples), chunk):
-        fields = [_example_fields(ex) for ex in examples[start: start + chunk]]
-        pairs = [f[1] for f in fields]
-        enc = tokenizer([f[0] for f in fields], pairs if all(p is not None for p in pairs) else None,
-                        truncation=True, max_length=max_length)
-        for ids in enc["input_ids"]:
-            if first is None:
-                first = list(ids)
-            elif list(ids) != first:
-                return True
-    return False
-
-
-def check_rows_differ(tokenizer, examples: Sequence, max_length: int, what: str, *, required: bool,
-                      hint: str = "") -> None:
-    """README "Errors and safety": rows that are all identical after truncation give every neuron one value, so
-    no neuron can tell the classes apart. An error (:class:`~skillkern.data.DegenerateDataError`) when
-    ``required`` (the evaluation split), else a logged warning."""
-    from .data import DegenerateDataError
-
-    if len(examples) < 2 or rows_differ(tokenizer, examples, max_length):
-        return
-    msg = (f"all {len(examples)} rows of {what} are the same tokens after truncation to --max-length {max_length}, "
-           "so no neuron can tell them apart")
-    if required:
-        raise DegenerateDataError(msg + f" (predictivity is undefined){'; ' + hint if hint else ''}")
-    logger.warning("%s", msg)
-
-
-def _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device) -> Iterator[Batch]:
-    texts = [c[0] for c in chunk]
-    pairs = [c[1] for c in chunk]
-    has_pair = [p is not None for p in pairs]
-    if any(has_pair) and not all(has_pair):
-        raise ValueError("a batch mixes single texts and sentence pairs")
-    enc = tokenizer(texts, pairs if all(has_pair) else None, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
-    lengths = [len(ids) for ids in enc["input_ids"]]
-    if pad_multiple:
-        padded = [min(math.ceil(n / pad_multiple) * pad_multiple, max_length) for n in lengths]
-    else:
-        padded = [max(lengths)] * len(lengths)
-    for target in sorted(set(padded)):
-        rows = [i for i, p in enumerate(padded) if p == target]
-        inputs = {}
-        for key in keys:
-            fill = pad_id if key == "input_ids" else getattr(tokenizer, "pad_token_type_id", 0) if key == "token_type_ids" else 0
-            t = torch.full((len(rows), target), fill, dtype=torch.long)
-            for j, i in enumerate(rows):
-                seq = enc[key][i]
-                t[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            inputs[key] = t.to(device)
-        if "attention_mask" not in inputs:
-            mask = torch.zeros((len(rows), target), dtype=torch.long)
-            for j, i in enumerate(rows):
-                mask[j, : lengths[i]] = 1
-            inputs["attention_mask"] = mask.to(device)
-        labels = torch.tensor([chunk[i][2] for i in rows], dtype=torch.long, device=device)
-        yield Batch(inputs=inputs, labels=labels, attention_mask=inputs["attention_mask"])
 
 
 def pool_rows(h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, settings: ScoreSettings

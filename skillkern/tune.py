@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .files import (FileFormatError, atomic_write_json, check_out_dir, load_safetensors, read_json,
                     safetensors_header, save_safetensors, staged_dir)
 from .prompt import PromptModel, check_prompt_fits, describe_head
-from .scoring import iter_batches
+from .batching import iter_batches, take
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,6 @@ class TuneSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _first(rows: Sequence, n: Optional[int]) -> list:
-    return list(rows) if n is None else list(rows[:n])
 
 
 def evaluate(model: PromptModel, examples: Sequence, batch_size: int = 32, max_length: int = 128,
@@ -305,9 +301,9 @@ def load_run_task(info: dict, data: Optional[str] = None):
 
 
 def run_splits(task, settings: TuneSettings) -> tuple[list, list, list]:
-    """(train, dev, test) rows a run uses, after the ``max_*`` caps."""
-    return (_first(task.split("train"), settings.max_train), _first(task.split("dev"), settings.max_dev),
-            _first(task.split("test"), settings.max_test))
+    """(train, dev, test) rows a run uses: the first ``max_train`` / ``max_dev`` / ``max_test`` of each split."""
+    return (take(task.split("train"), settings.max_train), take(task.split("dev"), settings.max_dev),
+            take(task.split("test"), settings.max_test))
 
 
 def check_tune_out(out: str | Path, *, model_name: Optional[str] = None, task=None, overwrite: bool = False,
@@ -355,7 +351,7 @@ def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, 
     from .data import check_split_classes
     from .models import load_model, model_id
     from .plotting import plot_curve
-    from .scoring import check_rows_differ
+    from .batching import check_rows_differ
 
     out = Path(out)
     check_tune_out(out, model_name=model_name, task=task, overwrite=overwrite, resume=resume)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import requires_data
-from skillkern.data import Example, load_task, take
+from skillkern.batching import take
+from skillkern.data import Example, load_task
 from skillkern.models import capture_neurons, edit_neurons, load_model
 from skillkern.perturb import perturbation, random_selection, run_predictivity, score_run, skill_selection
 from skillkern.prompt import PromptModel, PromptTooLongError, check_prompt_fits
