@@ -14,10 +14,11 @@ from conftest import requires_data
 from skillkern.batching import take
 from skillkern.data import Example, load_task
 from skillkern.models import capture_neurons, edit_neurons, load_model
-from skillkern.perturb import perturbation, random_selection, run_predictivity, score_run, skill_selection
+from skillkern.perturb import perturbation, random_selection
 from skillkern.prompt import PromptModel, PromptTooLongError, check_prompt_fits
+from skillkern.runs import TUNE_CHECKPOINT, load_run, run_predictivity, score_run, skill_selection, tune_run
 from skillkern.stats import select_per_layer
-from skillkern.tune import TuneSettings, evaluate, load_run, tune, tune_run
+from skillkern.tune import TuneSettings, evaluate, tune
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModel, AutoModelForMaskedLM, BertConfig, GPT2Config  # noqa: E402
@@ -178,7 +179,7 @@ def test_tuning_resume_after_interrupt_is_identical(tokenizer, tmp_path, monkeyp
             raise KeyboardInterrupt  # killed between two checkpoints
         return real_eval(*a, **k)
 
-    ckpt = tmp_path / tune_mod.TUNE_CHECKPOINT
+    ckpt = tmp_path / TUNE_CHECKPOINT
     monkeypatch.setattr(tune_mod, "evaluate", dying_eval)
     with pytest.raises(KeyboardInterrupt):
         tune(PromptModel(tiny_bert(), tokenizer, 2, prompt_len=4, seed=1), train, dev, s, checkpoint=ckpt,
