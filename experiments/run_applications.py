@@ -29,10 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run_study import TASKS, spearman, task_data  # noqa: E402
 
-from skillkern.perturb import perturbation, random_selection, run_predictivity, skill_selection  # noqa: E402
+from skillkern.perturb import perturbation, random_selection  # noqa: E402
 from skillkern.prune import prune_run  # noqa: E402
+from skillkern.runs import (STATE_FILE, load_run, read_run, run_predictivity, run_splits,  # noqa: E402
+                            skill_selection, tune_run)
 from skillkern.stats import select_per_layer  # noqa: E402
-from skillkern.tune import STATE_FILE, TuneSettings, evaluate, load_run, read_run, run_splits, tune_run  # noqa: E402
+from skillkern.tune import TuneSettings, evaluate  # noqa: E402
 
 log = logging.getLogger("applications")
 
@@ -117,7 +119,7 @@ def activated_neurons(pm, probe) -> torch.Tensor:
 
     Returns (L, D) bool: activated at any prompt slot on a majority of the probe rows."""
     from skillkern.models import capture_neurons
-    from skillkern.scoring import iter_batches
+    from skillkern.batching import iter_batches
 
     acc = {}
     with capture_neurons(pm.backbone, lambda i, h: acc.__setitem__(i, acc.get(i, 0) +

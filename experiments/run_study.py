@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from skillkern.data import binary_subtask, load_task  # noqa: E402
-from skillkern.perturb import perturb_run, run_predictivity, score_run, scores_path  # noqa: E402
+from skillkern.perturb import perturb_run  # noqa: E402
 from skillkern.plotting import plot_perturbation  # noqa: E402
+from skillkern.runs import read_run, run_predictivity, run_splits, score_run, scores_path, tune_run  # noqa: E402
 from skillkern.stats import combine_runs  # noqa: E402
-from skillkern.tune import TuneSettings, read_run, run_splits, tune_run  # noqa: E402
+from skillkern.tune import TuneSettings  # noqa: E402
 
 log = logging.getLogger("study")
 

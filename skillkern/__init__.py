@@ -37,7 +37,7 @@ _API = {
     "masked_ffn": "ops.masked_ffn",
     "PromptModel": "prompt",
     "TuneSettings": "tune",
-    "load_run": "tune",
+    "load_run": "runs",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -23,6 +23,14 @@ from .stats import NeuronStats, ShardedNeuronStats, StatsFileError
 
 logger = logging.getLogger(__name__)
 
+#: what an unfinished scoring job leaves in its output folder (not a result: ``--resume`` continues it)
+PARTIAL = ("checkpoint.safetensors", "checkpoint.rank*.safetensors")
+
+
+def checkpoint_path(folder: str | Path, rank: int = 0, world: int = 1) -> Path:
+    """The checkpoint file of a scoring job writing ``folder``: one per process when ``world`` > 1."""
+    return Path(folder) / ("checkpoint.safetensors" if world == 1 else f"checkpoint.rank{rank}.safetensors")
+
 
 class Checkpoint:
     """Periodic, atomic checkpoints of a scoring run.
@@ -43,6 +51,19 @@ class Checkpoint:
         self.resume = resume
         self.skipped: dict = {}
         self._chunks = 0
+
+    @classmethod
+    def for_job(cls, folder: str | Path, fingerprint: dict, *, rank: int = 0, world: int = 1, every: int = 50,
+                resume: bool = False) -> "Checkpoint":
+        """The checkpoint of the scoring job that writes ``folder`` (:func:`checkpoint_path`), checked before any
+        model is loaded: with ``resume``, a truncated checkpoint or one of another job is refused now; without
+        it, a checkpoint left there is reported (it is overwritten as the job goes)."""
+        checkpoint = cls(checkpoint_path(folder, rank, world), fingerprint, every=every, resume=resume)
+        checkpoint.check()
+        if not resume and checkpoint.path.exists():
+            logger.warning("%s holds the checkpoint of an unfinished job; starting afresh (pass --resume to "
+                           "continue it)", folder)
+        return checkpoint
 
     def restore(self, stats: "NeuronStats | ShardedNeuronStats") -> Optional[tuple[str, int]]:
         """Load the checkpoint into ``stats``; returns ``(phase, position)`` or None when starting afresh."""

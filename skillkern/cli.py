@@ -14,14 +14,10 @@ import logging
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 logger = logging.getLogger("skillkern")
-
-#: what an unfinished ``score`` job leaves in its output folder (not a result: ``--resume`` continues it)
-SCORE_PARTIAL = ("checkpoint.safetensors", "checkpoint.rank*.safetensors")
 
 
 class UsageError(ValueError):
@@ -127,20 +123,13 @@ def _data_inputs(args) -> list:
             ("task folder", _existing(getattr(args, "task", None)))]
 
 
-def _check_positions(model: str, prompt_len: int, max_length: int) -> None:
-    """Refuse, from the model's configuration alone, a prompt + ``--max-length`` beyond the model's positions."""
-    from .models import model_positions
+class _Given(argparse.Action):
+    """Stores the value and records that the option was given (``args.given``), whatever its value: ``score
+    --run`` refuses the options a run fixes even when they repeat the default."""
 
-    model_type, limit = model_positions(model)
-    need = prompt_len + max_length
-    if limit is None or need <= limit:
-        return
-    if prompt_len:
-        raise UsageError(f"a prompt of {prompt_len} slots + --max-length {max_length} = {need} positions, but the "
-                         f"{model_type} model {model} has {limit}; lower --max-length to at most "
-                         f"{limit - prompt_len}, or use a shorter --prompt-len")
-    raise UsageError(f"--max-length {max_length} is more than the {limit} positions of the {model_type} model "
-                     f"{model}; lower --max-length to at most {limit}")
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = set(getattr(namespace, "given", ())) | {self.dest}
 
 
 def _add_score_parser(sub) -> None:
@@ -148,19 +137,24 @@ def _add_score_parser(sub) -> None:
                        description="Two streaming passes: thresholds on the baseline split, accuracy counts on the "
                                    "evaluation split. Writes OUT/stats.safetensors, OUT/summary.json and "
                                    "OUT/predictivity.png.")
-    p.add_argument("--model", default="minilm", help="'minilm' (embedded default), a hub id or a local path")
-    p.add_argument("--task", default=None, help="task name (folder under --data / SKILLKERN_DATA) or a task folder")
+    p.add_argument("--model", default="minilm", action=_Given,
+                   help="'minilm' (embedded default), a hub id or a local path")
+    p.add_argument("--task", default=None, action=_Given,
+                   help="task name (folder under --data / SKILLKERN_DATA) or a task folder")
     p.add_argument("--run", default=None, help="score the prompt slots of this tuned run (pool 'prompt') on the "
-                                               "train/dev split it was tuned on; --task/--model come from the run")
+                                               "train/dev split it was tuned on; the run fixes --model, --task, "
+                                               "--pool, --max-length and --seed (refused with --run), and loads on "
+                                               "one --device (no --device-map)")
     p.add_argument("--data", default=None, help="data folder holding <task>/{train,dev,test}.jsonl + task.json "
                                                 "(default: $SKILLKERN_DATA, then the HF hub when online)")
     p.add_argument("--subtask", default=None, help="binary sub-task of a multi-class task: pn, neu, ovr:<c>, pair:<a>,<b>")
-    p.add_argument("--pool", default="cls", choices=["cls", "last", "mean", "max"], help="tracked position(s)")
+    p.add_argument("--pool", default="cls", action=_Given, choices=["cls", "last", "mean", "max"],
+                   help="tracked position(s)")
     p.add_argument("--baseline-split", default="train", help="split giving the thresholds")
     p.add_argument("--eval-split", default="dev", help="split on which accuracy is counted")
     p.add_argument("--max-baseline", type=int, default=None, help="use the first N rows of the baseline split")
     p.add_argument("--max-eval", type=int, default=None, help="use the first N rows of the evaluation split")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=128, action=_Given)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--pad-multiple", type=int, default=32,
                    help="pad each sample to a multiple of this many tokens (batch-invariant results); 0: longest in batch")
@@ -170,43 +164,46 @@ def _add_score_parser(sub) -> None:
                    help="statistics op; triton (and auto on CUDA) scores through the fused FFN kernel for pools "
                         "cls/last")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--device-map", default=None, metavar="MAP",
+    p.add_argument("--device-map", default=None, action=_Given, metavar="MAP",
                    help="split a large model over the GPUs: 'auto', 'balanced', 'balanced_low_0', 'sequential' "
                         "(transformers' device_map, needs accelerate); each layer's statistics stay on its GPU. "
                         "Not with --device")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/dev split when a task has no dev file")
+    p.add_argument("--seed", type=int, default=0, action=_Given,
+                   help="seed of the train/dev split when a task has no dev file")
     p.add_argument("--top", type=int, default=10, help="print (and list in summary.json) this many top neurons")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint*.safetensors if present (same job only)")
+                   help="continue from OUT/checkpoint*.safetensors if present (same job only; with --run too)")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="K",
                    help="save an atomic checkpoint every K batches (default 50)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="drop samples with NaN/Inf activations (counted in summary.json) instead of stopping")
     p.add_argument("--out", default=None, help="output folder (default with --run: RUN/scores/<subtask or task>)")
     _add_common(p)
-    p.set_defaults(func=cmd_score, parser=p)
+    p.set_defaults(func=cmd_score, parser=p, given=set())
 
 
-#: options of `score` that a run fixes (refused with --run unless left at their default)
-_FIXED_BY_RUN = ("task", "model", "pool", "max_length", "pad_multiple", "which", "seed", "device_map", "resume",
-                 "checkpoint_every", "skip_nonfinite")
-
-
-def _first(rows: Sequence, n: Optional[int]) -> Sequence:
-    return rows if n is None else rows[:n]
+#: options of ``score`` that do not apply with --run (refused when given, whatever their value), and why
+_NOT_WITH_RUN = {
+    "model": "the run fixes the model",
+    "task": "the run fixes the task",
+    "pool": "the run's prompt slots are scored",
+    "max_length": "the run fixes it",
+    "seed": "the run fixes its train/dev split",
+    "device_map": "a run loads on one --device",
+}
 
 
 def cmd_score(args) -> int:
-    if args.run is not None:
-        return _score_run(args)
-    from .files import check_out_dir
-
-    if args.task is None or args.out is None:
-        raise UsageError("needs --task and --out (or --run RUN)")
     for flag, low in (("--max-baseline", 1), ("--max-eval", 1), ("--max-length", 1), ("--batch-size", 1),
                       ("--pad-multiple", 0), ("--seed", 0), ("--top", 0), ("--checkpoint-every", 1)):
         _at_least(flag, getattr(args, flag[2:].replace("-", "_")), low)
+    if args.run is not None:
+        for dest, why in _NOT_WITH_RUN.items():
+            if dest in args.given:
+                raise UsageError(f"--{dest.replace('_', '-')} does not apply with --run ({why}); drop it")
+    elif args.task is None or args.out is None:
+        raise UsageError("needs --task and --out (or --run RUN)")
     if args.device_map is not None:
         if args.device is not None:
             raise UsageError("give --device or --device-map, not both")
@@ -216,130 +213,34 @@ def cmd_score(args) -> int:
     device = _check_device(args.device)
     _check_backend(args.backend, device)
     _check_data(args.data)
-    out = Path(args.out)
-    check_out_dir(out, kind="scores", overwrite=args.overwrite, partial=SCORE_PARTIAL,
-                  inputs=_data_inputs(args) + [("model folder", _existing(args.model))])
-    from .models import check_model_source
+    common = dict(data=args.data, subtask=args.subtask, baseline_split=args.baseline_split,
+                  eval_split=args.eval_split, max_baseline=args.max_baseline, max_eval=args.max_eval,
+                  nonfinite="skip" if args.skip_nonfinite else "raise", resume=args.resume,
+                  checkpoint_every=args.checkpoint_every, top=args.top, progress=not args.no_progress,
+                  overwrite=args.overwrite)
+    if args.run is not None:
+        from .runs import score_run, scores_dir
 
-    check_model_source(args.model)
-    _check_positions(args.model, 0, args.max_length)
-
-    from . import __version__
-    from .checkpoint import Checkpoint
-    from .data import binary_subtask, check_split_classes, load_task
-    from .files import staged_dir
-    from .models import load_model, model_id, resolved_model_id
-    from .scoring import ScoreSettings, Scorer, check_rows_differ
-    from .stats import write_score_files
-
-    rank, world = _init_distributed(args.device)
-    task = load_task(args.task, args.data, seed=args.seed)
-    if args.subtask:
-        task = binary_subtask(task, args.subtask, seed=args.seed)
-    baseline = _first(task.split(args.baseline_split), args.max_baseline)
-    evaluation = _first(task.split(args.eval_split), args.max_eval)
-    check_split_classes(evaluation, task.label_names, f"the evaluation split {args.eval_split!r} of {task.name}",
-                        require_two=True, why="predictivity (how well a neuron separates classes) is undefined",
-                        hint="use more rows (--max-eval) or another split (--eval-split)")
-    check_split_classes(baseline, task.label_names, f"the baseline split {args.baseline_split!r} of {task.name}")
-    settings = ScoreSettings(pool=args.pool, max_length=args.max_length, batch_size=args.batch_size,
-                             pad_multiple=args.pad_multiple, backend=args.backend, which=args.which)
-    fingerprint = {"model": resolved_model_id(args.model), "task": task.name, "task_source": task.source,
-                   "subtask": args.subtask, "baseline_split": args.baseline_split, "eval_split": args.eval_split,
-                   "baseline_rows": len(baseline), "eval_rows": len(evaluation), "seed": args.seed,
-                   "settings": settings.to_dict(), "world_size": world, "rank": rank}
-    ckpt_name = "checkpoint.safetensors" if world == 1 else f"checkpoint.rank{rank}.safetensors"
-    checkpoint = Checkpoint(out / ckpt_name, fingerprint, every=args.checkpoint_every, resume=args.resume)
-    checkpoint.check()  # a truncated checkpoint or one of another job is refused before the model loads
-    if not args.resume and (out / ckpt_name).exists():
-        logger.warning("%s holds the checkpoint of an unfinished job; starting afresh (pass --resume to continue "
-                       "it)", out)
-
-    if args.device_map is not None:
-        model, tokenizer = load_model(args.model, device_map=args.device_map)
-        device = next(model.parameters()).device  # where the batches go; the layers may be elsewhere
+        stats, summary = score_run(args.run, out=args.out, batch_size=args.batch_size,
+                                   pad_multiple=args.pad_multiple, which=args.which, backend=args.backend,
+                                   device=device, **common)
+        out = Path(args.out) if args.out else scores_dir(args.run, args.subtask)
+        what = f"the {stats.num_slots} prompt slots of {args.run}"
     else:
-        if device.type == "cuda" and world > 1 and device.index is None:
-            import torch
+        from .scoring import ScoreSettings, score_task
 
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        model, tokenizer = load_model(args.model, device=device)
-    check_rows_differ(tokenizer, evaluation, args.max_length, f"the evaluation split {args.eval_split!r}",
-                      required=True, hint="raise --max-length")
-    check_rows_differ(tokenizer, baseline, args.max_length, f"the baseline split {args.baseline_split!r}",
-                      required=False)
-    scorer = Scorer(model, tokenizer, task.num_classes, settings, progress=not args.no_progress and rank == 0,
-                    nonfinite="skip" if args.skip_nonfinite else "raise")
-    logger.info("scoring %s on %s: %d layers x %d neurons, baseline %s (%d rows), eval %s (%d rows)",
-                model_id(model), task.name, len(scorer.layers), scorer.width,
-                args.baseline_split, len(baseline), args.eval_split, len(evaluation))
-    started = time.perf_counter()
-    stats = scorer.score(baseline, evaluation, checkpoint=checkpoint)
-    elapsed = time.perf_counter() - started
-    if rank != 0:
-        _finish_distributed(world)
-        checkpoint.remove()
+        settings = ScoreSettings(pool=args.pool, max_length=args.max_length, batch_size=args.batch_size,
+                                 pad_multiple=args.pad_multiple, backend=args.backend, which=args.which)
+        stats, summary = score_task(args.model, args.task, args.out, settings, seed=args.seed,
+                                    device=None if args.device_map else device, device_map=args.device_map,
+                                    **common)
+        out, what = Path(args.out), None
+    if summary is None:  # a process of rank > 0: rank 0 reports
         return 0
-
-    meta = {
-        "skillkern_version": __version__,
-        "model": model_id(model),
-        "model_type": model.config.model_type,
-        "layers": len(scorer.layers),
-        "width": scorer.width,
-        "task": task.name,
-        "task_source": task.source,
-        "label_names": task.label_names,
-        "subtask": args.subtask,
-        "baseline_split": args.baseline_split,
-        "eval_split": args.eval_split,
-        "baseline_rows": len(baseline),
-        "eval_rows": len(evaluation),
-        "split_seed": args.seed,
-        "settings": settings.to_dict(),
-        "backends": scorer.backends,
-        "neuron_path": scorer.path,
-        "neuron": "input of the FFN down-projection" if args.which == "neuron" else "act(W_gate x)",
-        "world_size": world,
-        "skipped_nonfinite": scorer.skipped,
-    }
-    with staged_dir(out) as tmp:  # the result folder replaces OUT (and the checkpoint in it) as a whole
-        summary = write_score_files(tmp, stats, meta, top=args.top,
-                                    title=f"{task.name}: {meta['model']} ({args.pool})",
-                                    extra={"seconds": round(elapsed, 3), "device": str(device),
-                                           "layer_devices": sorted({str(d) for d in scorer.layer_devices})})
-        _finish_distributed(world)  # every rank is done before the folder moves
-    checkpoint.remove()
-
-    print(f"scored {len(scorer.layers)} x {scorer.width} neurons of {meta['model']} on {task.name} "
-          f"({len(baseline)} baseline rows, {len(evaluation)} eval rows) in {elapsed:.1f}s")
+    what = what or f"{summary['layers']} x {summary['width']} neurons of {summary['model']}"
+    print(f"scored {what} on {summary['task']} ({summary['baseline_rows']} baseline rows, {summary['eval_rows']} "
+          f"eval rows) in {summary['seconds']:.1f}s")
     _print_top(summary["top_neurons"])
-    print(f"wrote {out / 'stats.safetensors'}, {out / 'summary.json'}, {out / 'predictivity.png'}")
-    return 0
-
-
-def _score_run(args) -> int:
-    from .perturb import score_run, scores_dir
-    from .stats import top_neurons
-    from .tune import read_run
-
-    for dest in _FIXED_BY_RUN:
-        if getattr(args, dest) != args.parser.get_default(dest):
-            raise UsageError(f"--{dest.replace('_', '-')} does not apply with --run (the run fixes it); drop it")
-    for flag, low in (("--max-baseline", 1), ("--max-eval", 1), ("--batch-size", 1), ("--top", 0)):
-        _at_least(flag, getattr(args, flag[2:].replace("-", "_")), low)
-    device = _check_device(args.device)
-    _check_backend(args.backend, device)
-    _check_data(args.data)
-    read_run(args.run)
-    out = Path(args.out) if args.out else scores_dir(args.run, args.subtask)
-    stats, meta = score_run(args.run, subtask=args.subtask, max_baseline=args.max_baseline, max_eval=args.max_eval,
-                            batch_size=args.batch_size, backend=args.backend, device=args.device, data=args.data,
-                            progress=not args.no_progress, out=args.out, baseline_split=args.baseline_split,
-                            eval_split=args.eval_split, overwrite=args.overwrite, top=args.top)
-    print(f"scored the {stats.num_slots} prompt slots of {args.run} on {meta['task']} "
-          f"({meta['baseline_rows']} baseline rows, {meta['eval_rows']} eval rows)")
-    _print_top(top_neurons(stats.predictivity(), args.top, stats.sign()))
     print(f"wrote {out / 'stats.safetensors'}, {out / 'summary.json'}, {out / 'predictivity.png'}")
     return 0
 
@@ -392,13 +293,15 @@ def cmd_tune(args) -> int:
     _number("--warmup", args.warmup, 0, 1)
     _check_device(args.device)
     _check_data(args.data)
+    from .batching import check_positions
     from .models import check_model_source
-    from .tune import TuneSettings, check_tune_out, tune_run
+    from .runs import check_tune_out, tune_run
+    from .tune import TuneSettings
 
     check_tune_out(args.out, model_name=args.model, overwrite=args.overwrite, resume=args.resume,
                    inputs=_data_inputs(args))
     check_model_source(args.model)
-    _check_positions(args.model, args.prompt_len if args.method == "prompt" else 0, args.max_length)
+    check_positions(args.model, args.prompt_len if args.method == "prompt" else 0, args.max_length)
 
     from .data import binary_subtask, load_task
 
@@ -458,15 +361,14 @@ def cmd_perturb(args) -> int:
     _check_device(args.device)
     _check_data(args.data)
     from .files import check_out_file
-    from .perturb import (default_perturb_out, is_perturbation_file, perturb_run, save_perturbation,
-                          scores_dir)
-    from .tune import RUN_FILE, STATE_FILE, read_run
+    from .perturb import is_perturbation_file, perturb_run, save_perturbation
+    from .runs import default_perturb_out, prompt_file, read_run, run_file, scores_dir
 
     read_run(args.run)
     if args.neurons_from is not None:
         read_run(args.neurons_from, "--neurons-from")
     out = Path(args.out) if args.out else default_perturb_out(args.run, args.mode, args.neurons_from)
-    inputs = [("run description", Path(args.run) / RUN_FILE), ("prompt file", Path(args.run) / STATE_FILE),
+    inputs = [("run description", run_file(args.run)), ("prompt file", prompt_file(args.run)),
               ("scores folder", scores_dir(args.run).parent)]
     check_out_file(out, flag="--out" if args.out else "the default output", overwrite=args.overwrite,
                    ours=is_perturbation_file, what="perturbation result", inputs=inputs)
@@ -530,28 +432,6 @@ def cmd_prune(args) -> int:
     print(line)
     print(f"wrote {args.out}/model (load with skillkern.load_model), {args.out}/prune.json")
     return 0
-
-
-def _init_distributed(device_arg: Optional[str]) -> tuple[int, int]:
-    """Join the process group that torchrun describes in the environment (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        use_cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _finish_distributed(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:

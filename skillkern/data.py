@@ -16,7 +16,6 @@ binary sub-tasks with :func:`binary_subtask` (METHOD.md section 5).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -39,8 +38,6 @@ __all__ = [
     "dev_split_indices",
     "binary_subtask",
     "subtasks_for",
-    "take",
-    "max_rows",
 ]
 
 logger = logging.getLogger(__name__)
@@ -632,45 +629,6 @@ def _balance(rows: list[Example], seed: int, split: str) -> list[Example]:
         keep.extend(cls)
     keep.sort()
     return [rows[i] for i in keep]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Row limits
-# --------------------------------------------------------------------------------------------------------------
-
-
-def take(examples: Sequence[Example] | Iterable[Example], n: int | None) -> list[Example]:
-    """The first ``n`` examples in file order (all of them when ``n`` is None or larger than the split)."""
-    if n is None:
-        return list(examples)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"row limit must be a non-negative integer or None, got {n!r}")
-    out = []
-    for i, ex in enumerate(examples):
-        if i >= n:
-            break
-        out.append(ex)
-    return out
-
-
-def max_rows(task: TaskData, n: int | None, splits: Iterable[str] | None = None) -> TaskData:
-    """A copy of ``task`` whose ``splits`` (default: all) hold at most their first ``n`` rows (see :func:`take`).
-
-    Used by ``--max-baseline`` / ``--max-eval``; the limits are recorded in ``info["max_rows"]``.
-    """
-    names = list(task.splits) if splits is None else list(splits)
-    for s in names:
-        task.split(s)  # KeyError naming the available splits
-    if n is None:
-        return task
-    new = dict(task.splits)
-    for s in names:
-        new[s] = take(task.splits[s], n)
-    info = dict(task.info)
-    limits = dict(info.get("max_rows", {}))
-    limits.update({s: n for s in names})
-    info["max_rows"] = limits
-    return dataclasses.replace(task, splits=new, info=info)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Scoring a run's prompt slots, selecting its skill neurons, and perturbing them beside a random control.
+"""Perturbing a run's skill neurons beside a random control (the run's scores and skill selection are
+:mod:`skillkern.runs`'s).
 
 METHOD.md sections 4-6. The selected neurons are perturbed at every token position of the chosen layers:
 
@@ -19,127 +20,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .files import atomic_write, atomic_write_json, check_out_dir, staged_dir
-from .stats import NeuronStats, select_multiclass, select_per_layer
+from .batching import take
+from .files import atomic_write, atomic_write_json
+from .runs import check_run, load_run, load_run_task, prompt_baseline, read_run, run_predictivity, skill_selection
+from .tune import TuneSettings, evaluate
 
 logger = logging.getLogger(__name__)
 
 MODES = ("gaussian", "zero", "mean")
-SCORES_DIR = "scores"
-
-
-def scores_dir(run: str | Path, subtask: Optional[str] = None) -> Path:
-    """The folder ``skillkern score --run RUN [--subtask K]`` writes: ``RUN/scores/<K or task>``."""
-    return Path(run) / SCORES_DIR / (subtask.replace(":", "_").replace(",", "_") if subtask else "task")
-
-
-def scores_path(run: str | Path, subtask: Optional[str] = None) -> Path:
-    """Where ``skillkern score --run RUN [--subtask K]`` writes its stats file."""
-    return scores_dir(run, subtask) / "stats.safetensors"
-
-
-def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: Optional[int] = None,
-              max_eval: Optional[int] = None, batch_size: int = 32, backend: str = "auto", device=None,
-              data: Optional[str] = None, progress: bool = True, out: Optional[str | Path] = None,
-              baseline_split: str = "train", eval_split: str = "dev", overwrite: bool = False,
-              top: int = 10) -> tuple[NeuronStats, dict]:
-    """Score the P prompt slots of a tuned run (pool ``prompt``) on the split it was tuned on.
-
-    Validate, then work, then publish: the run folder, the output folder and the classes of both splits are
-    checked before the model is loaded (README "Errors and safety"); the result folder (``stats.safetensors``,
-    ``summary.json``, ``predictivity.png``) is written to a temporary sibling and moved into place at the end.
-
-    Args:
-        run: run folder from :func:`skillkern.tune.tune_run`.
-        subtask: score on a binary sub-task of the run's task (``pn``, ``neu``, ...) with the same prompt.
-        max_baseline, max_eval: first N rows of the baseline (train) / evaluation (dev) split; default: the
-            run's own ``max_train`` / ``max_dev`` caps, so the dev rows are exactly those the prompt was
-            selected on and never its training rows.
-        out: output folder (default ``RUN/scores/<subtask or task>``).
-        overwrite: replace an earlier result in ``out`` (otherwise refused).
-        top: how many top neurons ``summary.json`` lists.
-
-    Returns:
-        ``(stats, metadata)``; the folder is written too.
-    """
-    import time
-
-    from . import __version__
-    from .data import binary_subtask, check_split_classes
-    from .models import model_id
-    from .scoring import ScoreSettings, Scorer, check_rows_differ
-    from .stats import write_score_files
-    from .tune import TuneSettings, check_run, load_run, load_run_task
-
-    folder = Path(out) if out is not None else scores_dir(run, subtask)
-    check_out_dir(folder, kind="scores", flag="--out" if out is not None else "the scores folder",
-                  overwrite=overwrite, inputs=[("run folder", run)])
-    info = check_run(run)
-    s = TuneSettings(**info["settings"])
-    task = run_task = load_run_task(info, data)
-    if subtask:
-        if info.get("subtask"):
-            raise ValueError(f"--subtask {subtask}: run {run} is already on sub-task {info['subtask']!r}")
-        task = binary_subtask(task, subtask, seed=s.split_seed)
-    max_baseline = s.max_train if max_baseline is None else max_baseline
-    max_eval = s.max_dev if max_eval is None else max_eval
-    baseline = task.split(baseline_split)[:max_baseline] if max_baseline else task.split(baseline_split)
-    evaluation = task.split(eval_split)[:max_eval] if max_eval else task.split(eval_split)
-    check_split_classes(evaluation, task.label_names, f"the evaluation split {eval_split!r} of {run}",
-                        require_two=True, why="predictivity (how well a neuron separates classes) is undefined",
-                        hint="use more rows (--max-eval) or a run tuned with more dev rows")
-    check_split_classes(baseline, task.label_names, f"the baseline split {baseline_split!r} of {run}")
-    pm, _, info = load_run(run, device=device, data=data, task=run_task)  # the run's head: the run's classes
-    check_rows_differ(pm.tokenizer, evaluation, s.max_length, f"the evaluation split {eval_split!r} of {run}",
-                      required=True, hint="the run's --max-length is too short for this data")
-    check_rows_differ(pm.tokenizer, baseline, s.max_length, f"the baseline split {baseline_split!r} of {run}",
-                      required=False)
-    if pm.prompt_len:
-        settings = ScoreSettings(pool="slots", slots=pm.slots, max_length=s.max_length, batch_size=batch_size,
-                                 backend=backend)
-    else:  # BitFit run: no prompt slots; read the first token like its head does
-        settings = ScoreSettings(pool="cls", max_length=s.max_length, batch_size=batch_size, backend=backend)
-    scorer = Scorer(pm.backbone, pm.tokenizer, task.num_classes, settings, progress=progress,
-                    forward=lambda _m, batch: pm(**batch.inputs))
-    started = time.perf_counter()
-    stats = scorer.score(baseline, evaluation)
-    meta = {
-        "skillkern_version": __version__, "model": model_id(pm.backbone), "model_type": info["model_type"],
-        "task": task.name, "task_source": task.source, "label_names": task.label_names,
-        "subtask": subtask or info.get("subtask"), "run": str(run), "pool": "prompt" if pm.prompt_len else "cls",
-        "prompt": info.get("prompt", "tuned"), "head": info["head_description"],
-        "baseline_split": baseline_split, "eval_split": eval_split, "baseline_rows": len(baseline),
-        "eval_rows": len(evaluation), "split_seed": s.split_seed, "settings": settings.to_dict(),
-        "layers": len(scorer.layers), "width": scorer.width, "backends": scorer.backends,
-        "neuron_path": scorer.path,
-    }
-    with staged_dir(folder) as tmp:
-        write_score_files(tmp, stats, meta, top=top, title=f"{task.name}: prompt slots of {run}",
-                          extra={"seconds": round(time.perf_counter() - started, 3)})
-    return stats, meta
-
-
-def run_predictivity(run: str | Path) -> dict[str, torch.Tensor]:
-    """The (L, D) predictivities a run has been scored with: ``{"task": ...}`` and/or ``{"pn": ..., "neu": ...}``."""
-    found = {}
-    for name in ("task", "pn", "neu"):
-        path = scores_path(run, None if name == "task" else name)
-        if path.is_file():
-            found[name] = NeuronStats.load(path)[0].predictivity()
-    if not found:
-        raise FileNotFoundError(f"run {run} has not been scored: run `skillkern score --run {run}` first "
-                                f"(looked for {scores_path(run)})")
-    return found
-
-
-def skill_selection(preds: dict[str, torch.Tensor], q: float) -> list[torch.Tensor]:
-    """Per-layer skill neurons at fraction ``q``: the union rule of "pn"/"neu" when both exist (multi-class
-    tasks, 2q per layer), else the top ``q`` of the task's predictivity."""
-    if "pn" in preds and "neu" in preds:
-        return select_multiclass(preds["pn"], preds["neu"], q)
-    if "task" in preds:
-        return select_per_layer(preds["task"], q)
-    raise ValueError(f"cannot select neurons from scores {sorted(preds)}: need 'task', or both 'pn' and 'neu'")
 
 
 def random_selection(counts: Sequence[int], width: int, seed: int) -> list[torch.Tensor]:
@@ -205,12 +93,6 @@ def is_perturbation_file(path: str | Path) -> bool:
                                         or {"fractions", "skill", "random", "mode"} <= set(value))
 
 
-def default_perturb_out(run: str | Path, mode: str, neurons_from: Optional[str | Path] = None) -> Path:
-    """``RUN/perturb_<mode>[_from_<other run>].json``."""
-    suffix = f"_from_{Path(neurons_from).name}" if neurons_from else ""
-    return Path(run) / f"perturb_{mode}{suffix}.json"
-
-
 def save_perturbation(result: dict, out: str | Path) -> tuple[Path, Path]:
     """Write ``out`` (JSON) and its picture ``out`` with suffix .png, each atomically; the JSON, the result,
     goes last. Returns both paths."""
@@ -240,11 +122,8 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
     Returns:
         JSON-ready dict with ``accuracy`` lists for ``skill`` and ``random`` per fraction, neuron counts, settings.
     """
-    from tqdm.auto import tqdm
-
     from .data import check_split_classes
     from .models import ffn_layers
-    from .tune import TuneSettings, check_run, evaluate, load_run, load_run_task, read_run
 
     if mode not in MODES:
         raise ValueError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
@@ -256,14 +135,9 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
     source_info = info if neurons_from is None else read_run(source, "--neurons-from")
     preds = run_predictivity(source)
     skill_selection(preds, 0.0)  # scores that cannot give a selection fail now, not after loading the model
-    width = next(iter(preds.values())).shape[1]
-    baseline = None
-    if mode == "mean":
-        stats_file = next(p for p in (scores_path(source), scores_path(source, "pn")) if p.is_file())
-        baseline = NeuronStats.load(stats_file)[0].threshold.mean(dim=1)  # average over prompt slots
+    baseline = prompt_baseline(source) if mode == "mean" else None
     task = load_run_task(info, data)
-    max_test = s.max_test if max_test is None else max_test
-    test = task.split(split)[:max_test] if max_test else task.split(split)
+    test = take(task.split(split), s.max_test if max_test is None else max_test)
     check_split_classes(test, task.label_names, f"the {split!r} split of {run}")
     pm, task, info = load_run(run, device=device, data=data, task=task)
     widths = [layer.width for layer in ffn_layers(pm.backbone)]
@@ -274,21 +148,8 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
                          f"of {run} has {len(widths)} layers of widths {sorted(set(widths))}; take the neurons "
                          "of a run on the same model")
     clean = evaluate(pm, test, batch_size, s.max_length)
-    rows = []
-    for i, q in enumerate(tqdm(list(fractions), desc=f"perturb ({mode})", disable=not progress, leave=False)):
-        skill = skill_selection(preds, q)
-        counts = [int(t.numel()) for t in skill]
-        if sum(counts) == 0:
-            rows.append({"fraction": q, "neurons_per_layer": counts, "skill": clean, "random": clean})
-            continue
-        control = random_selection(counts, width, seed=seed * 7919 + i)
-        acc_skill = evaluate(pm, test, batch_size, s.max_length,
-                             edit=perturbation(skill, mode, sigma, baseline, seed=seed * 104729 + i))
-        acc_random = evaluate(pm, test, batch_size, s.max_length,
-                              edit=perturbation(control, mode, sigma, baseline, seed=seed * 104729 + i))
-        rows.append({"fraction": q, "neurons_per_layer": counts, "skill": acc_skill, "random": acc_random})
-        logger.info("q=%.2f: %d neurons, accuracy %.4f (skill) vs %.4f (random)", q, sum(counts), acc_skill,
-                    acc_random)
+    rows = _curve(pm, test, preds, fractions, clean=clean, mode=mode, sigma=sigma, baseline=baseline, seed=seed,
+                  batch_size=batch_size, max_length=s.max_length, progress=progress)
     return {
         "kind": PERTURB_KIND,
         "run": str(run), "task": info["task"], "subtask": info.get("subtask"),
@@ -299,3 +160,27 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
         "fractions": [r["fraction"] for r in rows], "skill": [r["skill"] for r in rows],
         "random": [r["random"] for r in rows], "neurons_per_layer": [r["neurons_per_layer"] for r in rows],
     }
+
+
+def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean: float, mode: str, sigma: float,
+           baseline: Optional[torch.Tensor], seed: int, batch_size: int, max_length: int, progress: bool) -> list:
+    """Test accuracy with the skill neurons, then as many random ones, perturbed, for each fraction q."""
+    from tqdm.auto import tqdm
+
+    width = next(iter(preds.values())).shape[1]
+    rows = []
+    for i, q in enumerate(tqdm(list(fractions), desc=f"perturb ({mode})", disable=not progress, leave=False)):
+        skill = skill_selection(preds, q)
+        counts = [int(t.numel()) for t in skill]
+        if sum(counts) == 0:
+            rows.append({"fraction": q, "neurons_per_layer": counts, "skill": clean, "random": clean})
+            continue
+        control = random_selection(counts, width, seed=seed * 7919 + i)
+        acc_skill = evaluate(pm, test, batch_size, max_length,
+                             edit=perturbation(skill, mode, sigma, baseline, seed=seed * 104729 + i))
+        acc_random = evaluate(pm, test, batch_size, max_length,
+                              edit=perturbation(control, mode, sigma, baseline, seed=seed * 104729 + i))
+        rows.append({"fraction": q, "neurons_per_layer": counts, "skill": acc_skill, "random": acc_random})
+        logger.info("q=%.2f: %d neurons, accuracy %.4f (skill) vs %.4f (random)", q, sum(counts), acc_skill,
+                    acc_random)
+    return rows

@@ -301,8 +301,8 @@ def token_mean_baseline(model, examples: Sequence, *, batch_size: int = 32, max_
 
     ``forward(batch)`` runs the model (e.g. a PromptModel, whose prompt positions then count too).
     """
+    from .batching import iter_batches
     from .models import capture_neurons
-    from .scoring import iter_batches
 
     layers = ffn_layers(model.backbone if hasattr(model, "backbone") else model)
     backbone = model.backbone if hasattr(model, "backbone") else model
@@ -349,22 +349,15 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
         overwrite: replace an earlier prune output in ``out`` (otherwise refused).
     """
     import math
-    import shutil
     import time
 
     from .data import check_split_classes
-    from .files import atomic_write_json, check_out_dir, load_safetensors, staged_dir
-    from .perturb import run_predictivity, scores_path, skill_selection
-    from .stats import NeuronStats
-    from .tune import (STATE_FILE, TuneSettings, check_run, evaluate, load_run, load_run_task, run_splits,
-                       tune_run)
+    from .files import atomic_write_json, check_out_dir, staged_dir
+    from .runs import (check_run, load_run, load_run_task, prompt_baseline, read_prompt, run_predictivity,
+                       run_splits, skill_selection, write_run)
+    from .tune import TuneSettings, evaluate
 
-    if baseline not in ("prompt", "tokens"):
-        raise ValueError(f"--baseline must be 'prompt' or 'tokens', got {baseline!r}")
-    if not (0 < keep <= 1):
-        raise ValueError(f"--keep must be a fraction in (0, 1], got {keep}")
-    if retune_epochs is not None and not (retune_epochs > 0 and math.isfinite(retune_epochs)):
-        raise ValueError(f"--retune-epochs must be a positive number, got {retune_epochs}")
+    _check_prune_args(keep, baseline, retune_epochs)
     out = Path(out)
     info = check_run(run)
     inputs = [("run folder", run), ("data folder", data), ("task folder", info.get("task_source") or None)]
@@ -375,56 +368,73 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
     num_layers, width = next(iter(preds.values())).shape
     chosen = parse_layers(layers, num_layers)
     selection = skill_selection(preds, keep)
-    empty = [i for i in chosen if selection[i].numel() == 0]
-    if empty:
+    if any(selection[i].numel() == 0 for i in chosen):
         raise ValueError(f"--keep {keep} keeps no neuron of the {width} in each layer; use --keep >= "
                          f"{math.ceil(1e4 / width) / 1e4:g} (one neuron per layer)")
-    if baseline == "prompt":
-        stats_file = next((p for p in (scores_path(run), scores_path(run, "pn")) if p.is_file()), None)
-        if stats_file is None:
-            raise FileNotFoundError(f"run {run} has no scores: run `skillkern score --run {run}` first")
-        base = NeuronStats.load(stats_file)[0].threshold.mean(dim=1).cpu()      # (L, D): mean over prompt slots
+    base = prompt_baseline(run) if baseline == "prompt" else None  # (L, D): mean over the prompt slots
     s = TuneSettings(**info["settings"])
     task = load_run_task(info, data)
     train, _dev, test = run_splits(task, s)
     check_split_classes(test, task.label_names, f"the test split of {run}")
     pm, task, info = load_run(run, device=device, data=data, task=task)
-    widths = [layer.width for layer in ffn_layers(pm.backbone)]
-    if widths != [width] * num_layers:
+    before = _ffn_widths(pm.backbone)
+    if before != [width] * num_layers:
         raise ValueError(f"--run {run}: its scores cover {num_layers} layers x {width} neurons, but its model has "
-                         f"FFN widths {widths}; score the run again")
+                         f"FFN widths {before}; score the run again")
     if baseline == "tokens":
         base = token_mean_baseline(pm, train, batch_size=32, max_length=s.max_length)
     params_before = sum(p.numel() for p in pm.backbone.parameters())
-    ffn_before = sum(layer.width for layer in ffn_layers(pm.backbone))
     acc_before = evaluate(pm, test, 32, s.max_length)
     started = time.perf_counter()
     prune_model(pm.backbone, {i: selection[i] for i in chosen}, base,
                 info={"source_run": str(run), "keep": keep, "layers": layers, "baseline": baseline,
                       "task": info["task"], "subtask": info.get("subtask")})
     acc_after = evaluate(pm, test, 32, s.max_length)
+    after = _ffn_widths(pm.backbone)
     final_model = str((out / "model").resolve())
     result = {
         "run": str(run), "task": info["task"], "subtask": info.get("subtask"), "keep": keep, "layers": layers,
         "pruned_layers": chosen, "baseline": baseline, "test_rows": len(test),
-        "test_accuracy_original": acc_before, "test_accuracy_pruned": acc_after,
-        "widths": [layer.width for layer in ffn_layers(pm.backbone)],
-        "ffn_neurons_before": ffn_before, "ffn_neurons_after": sum(layer.width for layer in ffn_layers(pm.backbone)),
+        "test_accuracy_original": acc_before, "test_accuracy_pruned": acc_after, "widths": after,
+        "ffn_neurons_before": sum(before), "ffn_neurons_after": sum(after),
         "params_before": params_before, "params_after": sum(p.numel() for p in pm.backbone.parameters()),
         "head": info["head_description"], "seconds": round(time.perf_counter() - started, 2),
     }
+    state = read_prompt(run)
     with staged_dir(out) as tmp:
         save_pruned(pm.backbone, pm.tokenizer, tmp / "model")
-        new_info = dict(info, model=final_model, test_accuracy=acc_after, pruned_from=str(run),
-                        prompt=info.get("prompt", "tuned") + " (unchanged, on the pruned model)")
-        atomic_write_json(tmp / "run.json", new_info)
-        shutil.copyfile(Path(run) / STATE_FILE, tmp / STATE_FILE)
+        write_run(tmp, dict(info, model=final_model, test_accuracy=acc_after, pruned_from=str(run),
+                            prompt=info.get("prompt", "tuned") + " (unchanged, on the pruned model)"), state)
         if retune:
-            settings = TuneSettings(**{**s.to_dict(), **({"epochs": retune_epochs} if retune_epochs else {})})
-            state, _ = load_safetensors(Path(run) / STATE_FILE, what="prompt file")
-            rinfo = tune_run(str(tmp / "model"), task, settings, tmp / "retuned", device=device, progress=progress,
-                             init_state=state, label="re-tuned on the pruned model", record_model=final_model)
-            result["test_accuracy_pruned_retuned"] = rinfo["test_accuracy"]
-            result["retune_epochs"] = settings.epochs
+            result.update(_retune(tmp, task, s, state, retune_epochs, final_model, device=device, progress=progress))
         atomic_write_json(tmp / "prune.json", result)
     return result
+
+
+def _check_prune_args(keep: float, baseline: str, retune_epochs: Optional[float]) -> None:
+    import math
+
+    if baseline not in ("prompt", "tokens"):
+        raise ValueError(f"--baseline must be 'prompt' or 'tokens', got {baseline!r}")
+    if not (0 < keep <= 1):
+        raise ValueError(f"--keep must be a fraction in (0, 1], got {keep}")
+    if retune_epochs is not None and not (retune_epochs > 0 and math.isfinite(retune_epochs)):
+        raise ValueError(f"--retune-epochs must be a positive number, got {retune_epochs}")
+
+
+def _ffn_widths(model) -> list[int]:
+    """The FFN width of every layer (computed once before and once after pruning)."""
+    return [layer.width for layer in ffn_layers(model)]
+
+
+def _retune(folder: Path, task, settings, state: dict, epochs: Optional[float], final_model: str, *, device,
+            progress: bool) -> dict:
+    """Re-tune the run's prompt, starting from ``state``, on the pruned model saved in ``folder/model``; the run
+    goes to ``folder/retuned``. Returns the keys it adds to prune.json."""
+    from .runs import tune_run
+    from .tune import TuneSettings
+
+    settings = TuneSettings(**{**settings.to_dict(), **({"epochs": epochs} if epochs else {})})
+    info = tune_run(str(folder / "model"), task, settings, folder / "retuned", device=device, progress=progress,
+                    init_state=state, label="re-tuned on the pruned model", record_model=final_model)
+    return {"test_accuracy_pruned_retuned": info["test_accuracy"], "retune_epochs": settings.epochs}

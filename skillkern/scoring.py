@@ -17,22 +17,28 @@ No activation outlives its batch, so memory is flat in the number of samples. A 
 (``device_map``) keeps each layer's statistics on that layer's device (:class:`~skillkern.stats.ShardedNeuronStats`),
 gathered on the CPU at the end.
 
-Batch invariance: a transformer's activations for one sample change in the last float bits with the length
-it is padded to. By default every sample is padded to its own length rounded up to ``pad_multiple`` tokens,
-and the rows of a batch that share a padded length run through the model together, so a sample's activations
-do not depend on the batch size or on its neighbours, and neither do the counts.
+Batch invariance: batches come from :func:`skillkern.batching.iter_batches`, whose padding rule makes a sample's
+activations, and so the counts, independent of the batch size and of its neighbours.
+
+:func:`score_task` is the whole ``skillkern score`` job (validate, score with checkpoints, publish the result
+folder); :func:`score_and_publish` is its second half, shared with scoring a tuned run
+(:func:`skillkern.runs.score_run`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
-from .models import (FusedFFNWeights, capture_neurons, ffn_layers, fused_ffn_weights, layer_device,
+from .batching import Batch, check_positions, check_rows_differ, iter_batches, take
+from .files import check_out_dir, staged_dir
+from .models import (FusedFFNWeights, capture_neurons, ffn_layers, fused_ffn_weights, layer_device, model_id,
                      replace_neuron_computation)
 from .ops import dispatch
 from .ops.ffn_stats import ffn_stats
@@ -99,110 +105,6 @@ class ScoreSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Batch:
-    """Model inputs of one group of samples padded to the same length, with their labels."""
-
-    inputs: dict[str, torch.Tensor]
-    labels: torch.Tensor
-    attention_mask: torch.Tensor = field(repr=False, default=None)
-
-
-def _example_fields(ex) -> tuple[str, Optional[str], int]:
-    if isinstance(ex, dict):
-        return ex["text"], ex.get("text_pair"), int(ex["label"])
-    return ex.text, getattr(ex, "text_pair", None), int(ex.label)
-
-
-def iter_batches(tokenizer, examples: Iterable, batch_size: int, max_length: int, pad_multiple: int = 32,
-                 device: torch.device | str = "cpu") -> Iterator[Batch]:
-    """Tokenize and pad ``examples`` batch by batch (nothing is tokenized ahead of its batch).
-
-    Pairs use the tokenizer's own pair encoding. Padding is on the right. With ``pad_multiple > 0`` each
-    sample is padded to ``min(ceil(len / pad_multiple) * pad_multiple, max_length)`` and one batch yields one
-    group per padded length, in increasing length order.
-
-    Yields:
-        :class:`Batch` with ``inputs`` (B, T) tensors and ``labels`` (B,).
-    """
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has no pad token; load it with skillkern.load_model or set pad_token")
-    chunk: list = []
-    for ex in examples:
-        chunk.append(_example_fields(ex))
-        if len(chunk) == batch_size:
-            yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device)
-            chunk = []
-    if chunk:
-        yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device)
-
-
-def rows_differ(tokenizer, examples: Sequence, max_length: int, chunk: int = 256) -> bool:
-    """True when at least two of ``examples`` differ after tokenization and truncation to ``max_length`` tokens
-    (stops at the first pair that differs, usually within the first chunk)."""
-    first = None
-    for start in range(0, len(examples), chunk):
-        fields = [_example_fields(ex) for ex in examples[start: start + chunk]]
-        pairs = [f[1] for f in fields]
-        enc = tokenizer([f[0] for f in fields], pairs if all(p is not None for p in pairs) else None,
-                        truncation=True, max_length=max_length)
-        for ids in enc["input_ids"]:
-            if first is None:
-                first = list(ids)
-            elif list(ids) != first:
-                return True
-    return False
-
-
-def check_rows_differ(tokenizer, examples: Sequence, max_length: int, what: str, *, required: bool,
-                      hint: str = "") -> None:
-    """README "Errors and safety": rows that are all identical after truncation give every neuron one value, so
-    no neuron can tell the classes apart. An error (:class:`~skillkern.data.DegenerateDataError`) when
-    ``required`` (the evaluation split), else a logged warning."""
-    from .data import DegenerateDataError
-
-    if len(examples) < 2 or rows_differ(tokenizer, examples, max_length):
-        return
-    msg = (f"all {len(examples)} rows of {what} are the same tokens after truncation to --max-length {max_length}, "
-           "so no neuron can tell them apart")
-    if required:
-        raise DegenerateDataError(msg + f" (predictivity is undefined){'; ' + hint if hint else ''}")
-    logger.warning("%s", msg)
-
-
-def _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device) -> Iterator[Batch]:
-    texts = [c[0] for c in chunk]
-    pairs = [c[1] for c in chunk]
-    has_pair = [p is not None for p in pairs]
-    if any(has_pair) and not all(has_pair):
-        raise ValueError("a batch mixes single texts and sentence pairs")
-    enc = tokenizer(texts, pairs if all(has_pair) else None, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
-    lengths = [len(ids) for ids in enc["input_ids"]]
-    if pad_multiple:
-        padded = [min(math.ceil(n / pad_multiple) * pad_multiple, max_length) for n in lengths]
-    else:
-        padded = [max(lengths)] * len(lengths)
-    for target in sorted(set(padded)):
-        rows = [i for i, p in enumerate(padded) if p == target]
-        inputs = {}
-        for key in keys:
-            fill = pad_id if key == "input_ids" else getattr(tokenizer, "pad_token_type_id", 0) if key == "token_type_ids" else 0
-            t = torch.full((len(rows), target), fill, dtype=torch.long)
-            for j, i in enumerate(rows):
-                seq = enc[key][i]
-                t[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            inputs[key] = t.to(device)
-        if "attention_mask" not in inputs:
-            mask = torch.zeros((len(rows), target), dtype=torch.long)
-            for j, i in enumerate(rows):
-                mask[j, : lengths[i]] = 1
-            inputs["attention_mask"] = mask.to(device)
-        labels = torch.tensor([chunk[i][2] for i in rows], dtype=torch.long, device=device)
-        yield Batch(inputs=inputs, labels=labels, attention_mask=inputs["attention_mask"])
 
 
 def pool_rows(h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, settings: ScoreSettings
@@ -617,3 +519,231 @@ def score(model, tokenizer, baseline: Sequence, evaluation: Sequence, num_classe
         :class:`NeuronStats` with thresholds (L, S, D) and counts (L, S, C, D).
     """
     return Scorer(model, tokenizer, num_classes, ScoreSettings(**settings), progress=progress).score(baseline, evaluation)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The scoring job: validate, score (with checkpoints, in one or several processes), publish
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes of a scoring job: this one's ``rank`` among ``world`` (torchrun), and whether
+    :func:`join_process_group` created the process group (then :meth:`leave` destroys it)."""
+
+    rank: int = 0
+    world: int = 1
+    joined: bool = False
+
+    def leave(self) -> None:
+        """Wait for every process (barrier), then destroy the group if this job created it."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            if self.joined:
+                dist.destroy_process_group()
+
+
+def join_process_group(device=None) -> Processes:
+    """Join the process group that torchrun describes in the environment (gloo on CPU, nccl on GPU); one
+    process (no ``WORLD_SIZE`` above 1) joins nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Processes()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return Processes(dist.get_rank(), dist.get_world_size(), joined=False)
+    use_cuda = str(device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), joined=True)
+
+
+def process_device(device, procs: Processes):
+    """Where this process loads the model: ``device`` as given (None: :func:`skillkern.load_model`'s default,
+    the CPU), except that under torchrun a CUDA device without an index becomes this process's GPU
+    (``LOCAL_RANK``)."""
+    if device is None or procs.world == 1:
+        return device
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", procs.rank)) % torch.cuda.device_count())
+    return device
+
+
+def split_rows(task, baseline_split: str, eval_split: str, max_baseline: Optional[int], max_eval: Optional[int],
+               *, where: str, hint: str) -> tuple[list, list]:
+    """The rows a scoring job reads: the first ``max_baseline`` rows of ``baseline_split`` and the first
+    ``max_eval`` of ``eval_split`` (:func:`skillkern.batching.take`), checked before any model is loaded: the
+    evaluation rows need two classes at least (predictivity is undefined otherwise; the error ends in ``hint``),
+    baseline rows that lack a class are reported. ``where`` names the data in messages (task or run)."""
+    from .data import check_split_classes
+
+    baseline = take(task.split(baseline_split), max_baseline)
+    evaluation = take(task.split(eval_split), max_eval)
+    check_split_classes(evaluation, task.label_names, f"the evaluation split {eval_split!r} of {where}",
+                        require_two=True, why="predictivity (how well a neuron separates classes) is undefined",
+                        hint=hint)
+    check_split_classes(baseline, task.label_names, f"the baseline split {baseline_split!r} of {where}")
+    return baseline, evaluation
+
+
+def score_metadata(scorer: Scorer, task, *, subtask: Optional[str], baseline_split: str, eval_split: str,
+                   baseline_rows: int, eval_rows: int, split_seed: int, world_size: int = 1, **extra) -> dict:
+    """The settings a score result records (the stats file's header, and the head of ``summary.json``): model,
+    layers and width, task and labels, splits and their sizes, scoring settings, the backend each op really ran
+    with and how the neurons were read (after :meth:`Scorer.score`); ``extra`` adds to or overrides them (a run's
+    ``run``, ``pool``, ``prompt``, ``head``)."""
+    from . import __version__
+
+    meta = {
+        "skillkern_version": __version__,
+        "model": model_id(scorer.model),
+        "model_type": scorer.model.config.model_type,
+        "layers": len(scorer.layers),
+        "width": scorer.width,
+        "task": task.name,
+        "task_source": task.source,
+        "label_names": task.label_names,
+        "subtask": subtask,
+        "baseline_split": baseline_split,
+        "eval_split": eval_split,
+        "baseline_rows": baseline_rows,
+        "eval_rows": eval_rows,
+        "split_seed": split_seed,
+        "settings": scorer.settings.to_dict(),
+        "backends": scorer.backends,
+        "neuron_path": scorer.path,
+        "neuron": "input of the FFN down-projection" if scorer.settings.which == "neuron" else "act(W_gate x)",
+        "world_size": world_size,
+        "skipped_nonfinite": scorer.skipped,
+    }
+    meta.update(extra)
+    return meta
+
+
+def score_and_publish(scorer: Scorer, task, baseline: Sequence, evaluation: Sequence, out: str | Path, *,
+                      splits: tuple[str, str], meta: dict, checkpoint: Optional["Checkpoint"] = None, top: int = 10,
+                      title: str = "", procs: Processes = Processes()) -> tuple[NeuronStats, Optional[dict]]:
+    """The second half of every scoring job: both passes, then the result folder ``out`` published as a whole.
+
+    The folder holds ``stats.safetensors`` (header: :func:`score_metadata`, with ``meta``: ``subtask``,
+    ``split_seed`` and any extra keys), ``summary.json`` and ``predictivity.png``
+    (:func:`skillkern.stats.write_score_files`); it is built out of sight and replaces ``out`` (and the
+    checkpoint in it) at the end, after every process has finished. The checkpoint is then removed.
+
+    Args:
+        baseline, evaluation: the rows of the two splits; ``splits``: their names.
+        checkpoint: atomic checkpoints of both passes (:meth:`skillkern.checkpoint.Checkpoint.for_job`).
+
+    Returns:
+        ``(stats, summary)``; ``summary`` is None in processes of rank > 0 (they write nothing).
+    """
+    from .stats import write_score_files
+
+    logger.info("scoring %s on %s: %d layers x %d neurons, baseline %s (%d rows), eval %s (%d rows)",
+                model_id(scorer.model), task.name, len(scorer.layers), scorer.width,
+                splits[0], len(baseline), splits[1], len(evaluation))
+    started = time.perf_counter()
+    stats = scorer.score(baseline, evaluation, checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+    summary = None
+    if procs.rank != 0:
+        procs.leave()
+    else:
+        full = score_metadata(scorer, task, baseline_split=splits[0], eval_split=splits[1],
+                              baseline_rows=len(baseline), eval_rows=len(evaluation), world_size=procs.world, **meta)
+        extra = {"seconds": round(seconds, 3), "device": str(scorer.device),
+                 "layer_devices": sorted({str(d) for d in scorer.layer_devices})}
+        with staged_dir(out) as tmp:
+            summary = write_score_files(tmp, stats, full, top=top, title=title, extra=extra)
+            procs.leave()  # every process is done before the folder moves
+    if checkpoint is not None:
+        checkpoint.remove()
+    return stats, summary
+
+
+def _score_inputs(model: str, task, data: Optional[str]) -> list:
+    """The inputs of ``score`` that its output folder must neither be nor contain."""
+    from .data import DATA_ENV
+
+    def existing(path) -> Optional[Path]:
+        p = Path(path).expanduser() if path else None
+        return p if p is not None and p.exists() else None
+
+    if isinstance(task, (str, Path)):
+        task_folder = existing(task)
+    else:
+        task_folder = existing(task.source) if task.source and not task.source.startswith("hub:") else None
+    return [("data folder", existing(data) or existing(os.environ.get(DATA_ENV))), ("task folder", task_folder),
+            ("model folder", existing(model))]
+
+
+def score_task(model: str, task, out: str | Path, settings: Optional[ScoreSettings] = None, *,
+               data: Optional[str] = None, subtask: Optional[str] = None, baseline_split: str = "train",
+               eval_split: str = "dev", max_baseline: Optional[int] = None, max_eval: Optional[int] = None,
+               seed: int = 0, device=None, device_map: Optional[str] = None, nonfinite: str = "raise",
+               resume: bool = False, checkpoint_every: int = 50, top: int = 10, progress: bool = True,
+               overwrite: bool = False) -> tuple[NeuronStats, Optional[dict]]:
+    """Score every FFN neuron of ``model`` on a task and publish the result folder ``out`` (``skillkern score``).
+
+    Validate, then work, then publish: ``out``, the model source and its positions, the data (classes of both
+    splits) and, with ``resume``, the checkpoint are checked before the model is loaded; both passes save an
+    atomic checkpoint in ``out`` every ``checkpoint_every`` batches; the result (:func:`score_and_publish`)
+    replaces ``out`` as a whole at the end. Under torchrun each process scores a contiguous shard of both
+    splits with its own checkpoint, and rank 0 writes the result.
+
+    Args:
+        model: ``minilm``, a hub id or a local folder (see :func:`skillkern.load_model`).
+        task: a task name or folder (read with :func:`skillkern.load_task` from ``data``, split with ``seed``),
+            or a loaded :class:`~skillkern.data.TaskData`.
+        settings: how the model is read (pool, max_length, batch_size, pad_multiple, backend, which).
+        subtask: score a binary sub-task (``pn``, ``neu``, ``ovr:C``, ``pair:A,B``).
+        max_baseline, max_eval: the first N rows of the baseline / evaluation split.
+        seed: seed of the 80/20 train/dev split of a task without a dev file.
+        device: the model's device (None: :func:`skillkern.load_model`'s default, the CPU); ``device_map``
+            instead splits a large model over GPUs (each layer's statistics stay on its GPU).
+        nonfinite: ``raise`` or ``skip`` samples with NaN/Inf activations (see :class:`Scorer`).
+        resume: continue from the checkpoint in ``out`` (the same job only).
+        overwrite: replace an earlier score result in ``out`` (otherwise refused).
+
+    Returns:
+        ``(stats, summary)``: statistics of (L, S, D, C) and the content of ``summary.json``; ``summary`` is
+        None in processes of rank > 0.
+    """
+    from .checkpoint import PARTIAL, Checkpoint
+    from .data import binary_subtask, load_task
+    from .models import check_model_source, load_model, resolved_model_id
+
+    settings = settings or ScoreSettings()
+    out = Path(out)
+    check_out_dir(out, kind="scores", overwrite=overwrite, partial=PARTIAL,
+                  inputs=_score_inputs(model, task, data))
+    check_model_source(model)
+    check_positions(model, 0, settings.max_length)
+    procs = join_process_group(device)
+    if isinstance(task, (str, Path)):
+        task = load_task(task, data, seed=seed)
+    if subtask:
+        task = binary_subtask(task, subtask, seed=seed)
+    baseline, evaluation = split_rows(task, baseline_split, eval_split, max_baseline, max_eval, where=task.name,
+                                      hint="use more rows (--max-eval) or another split (--eval-split)")
+    fingerprint = {"model": resolved_model_id(model), "task": task.name, "task_source": task.source,
+                   "subtask": subtask, "baseline_split": baseline_split, "eval_split": eval_split,
+                   "baseline_rows": len(baseline), "eval_rows": len(evaluation), "seed": seed,
+                   "settings": settings.to_dict(), "world_size": procs.world, "rank": procs.rank}
+    checkpoint = Checkpoint.for_job(out, fingerprint, rank=procs.rank, world=procs.world, every=checkpoint_every,
+                                    resume=resume)
+    if device_map is not None:
+        net, tokenizer = load_model(model, device_map=device_map)
+    else:
+        net, tokenizer = load_model(model, device=process_device(device, procs))
+    check_rows_differ(tokenizer, evaluation, settings.max_length, f"the evaluation split {eval_split!r}",
+                      required=True, hint="raise --max-length")
+    check_rows_differ(tokenizer, baseline, settings.max_length, f"the baseline split {baseline_split!r}",
+                      required=False)
+    scorer = Scorer(net, tokenizer, task.num_classes, settings, progress=progress and procs.rank == 0,
+                    nonfinite=nonfinite)
+    return score_and_publish(scorer, task, baseline, evaluation, out, splits=(baseline_split, eval_split),
+                             meta={"subtask": subtask, "split_seed": seed}, checkpoint=checkpoint, top=top,
+                             title=f"{task.name}: {model_id(net)} ({settings.pool})", procs=procs)

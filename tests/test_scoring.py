@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from skillkern.scoring import NonFiniteActivationError, ScoreSettings, Scorer, iter_batches, score
+from skillkern.scoring import NonFiniteActivationError, ScoreSettings, Scorer, score
 from skillkern.stats import NeuronStats
 
 from conftest import requires_data
@@ -136,14 +136,6 @@ def test_halves_merge_to_whole(minilm, sst2):
     scorer.run_pass(b2, ev[25:])
     assert torch.equal((a2 + b2).above, whole.above)
     assert torch.equal((a2 + b2).eval_class_count, whole.eval_class_count)
-
-
-def test_batches_are_padded_per_sample(minilm):
-    _, tokenizer = minilm
-    rows = [{"text": "a " * n, "label": n % 2} for n in (1, 40, 3, 70, 5)]
-    batches = list(iter_batches(tokenizer, rows, batch_size=5, max_length=64, pad_multiple=32))
-    assert [b.inputs["input_ids"].shape[1] for b in batches] == [32, 64]
-    assert sorted(sum((b.labels.tolist() for b in batches), [])) == sorted(r["label"] for r in rows)
 
 
 def test_nan_activations_name_the_layer(minilm):

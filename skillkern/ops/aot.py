@@ -434,17 +434,18 @@ def read_table(path: Path) -> dict[tuple, dict]:
 def write_table(path: Path, rows: list[dict]) -> None:
     import csv
 
+    from ..files import atomic_write
+
     rows = sorted(rows, key=lambda r: (r["triton"], r["kernel"], r["target"], r["config"], r["variant"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(COLUMNS)
-        for r in rows:
-            w.writerow([r.get(k, "") for k in COLUMNS])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(COLUMNS)
+            for r in rows:
+                w.writerow([r.get(k, "") for k in COLUMNS])
+
+    atomic_write(path, write)  # temporary file, fsync, rename (and the folder fsync'ed)
 
 
 def failures(rows: list[dict]) -> list[str]:
