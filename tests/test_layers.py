@@ -19,14 +19,26 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "skillkern"
 
-#: DESIGN.md's layers for the modules of issue 14's model-table part, bottom first: an import between two of
-#: them must not go up (same layer is allowed; the cycle test covers it).
+#: DESIGN.md's layers, bottom first: an import must not go up (same layer is allowed; the cycle test covers it).
+#: Every module has a place here (a new module must be given one: test_every_module_has_a_layer).
 RANKS = {
-    "skillkern.pruned_format": 0,
-    "skillkern.models": 1,
-    "skillkern.prompt": 2, "skillkern.tune": 2,
-    "skillkern.prune": 3, "skillkern.perturb": 3,
-    "skillkern.cli": 4,
+    # leaves: the lazy package __init__, atomic files, task data, pictures, activations, the optional extension
+    "skillkern": 0, "skillkern.files": 0, "skillkern.data": 0, "skillkern.plotting": 0,
+    "skillkern.ops.activations": 0, "skillkern._ext": 0,
+    "skillkern.ops.dispatch": 1,  # the only place that knows backends
+    "skillkern.ops.stats_update": 2, "skillkern.ops.masked_ffn": 2,
+    "skillkern.ops.ffn_stats": 3,  # its epilogue is stats_update's
+    "skillkern.ops": 4, "skillkern.ops.aot": 4,  # every op registered; the compile gate over all of them
+    "skillkern.pruned_format": 5,
+    "skillkern.models": 6,
+    "skillkern.batching": 7, "skillkern.stats": 7,
+    "skillkern.checkpoint": 8,
+    "skillkern.scoring": 9, "skillkern.prompt": 9,
+    "skillkern.tune": 10,
+    "skillkern.runs": 11,
+    "skillkern.prune": 12, "skillkern.perturb": 12, "skillkern.transfer": 12,
+    "skillkern.cli": 13,
+    "skillkern.__main__": 14,
 }
 
 
@@ -147,8 +159,13 @@ def test_no_import_cycle():
     assert cycle is None, f"import cycle: {_describe(cycle, graph)}"
 
 
+def test_every_module_has_a_layer():
+    missing = sorted(set(module_names()) - set(RANKS))
+    assert not missing, f"give these modules a layer in RANKS (tests/test_layers.py): {missing}"
+
+
 def test_imports_point_down_the_layers():
-    """models and pruned_format below prompt/tune, below prune/perturb, below cli (DESIGN.md)."""
+    """ops below models, below scoring/tune, below runs, below prune/perturb/transfer, below cli (DESIGN.md)."""
     graph = import_graph()
     up = [f"{a} (rank {RANKS[a]}, line {line}) imports {b} (rank {RANKS[b]})"
           for a, edges in graph.items() if a in RANKS for b, line in edges.items()
