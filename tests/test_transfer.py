@@ -132,7 +132,8 @@ def test_activated_neurons_is_the_majority_over_probe_rows_at_the_prompt_slots()
         for ex in probe:  # one row at a time: no padding
             seen = {}
             enc = tokenizer([ex.text], return_tensors="pt")
-            with torch.no_grad(), capture_neurons(backbone, lambda i, h: seen.__setitem__(i, h[0, : pm.prompt_len] > 0)):
+            record = lambda i, h: seen.__setitem__(i, h[0, : pm.prompt_len] > 0)  # noqa: E731
+            with torch.no_grad(), capture_neurons(backbone, record):
                 pm(**enc)
             hits += torch.stack([seen[0].any(0), seen[1].any(0)]).float()
         assert got.shape == (2, 37) and got.dtype == torch.bool
@@ -168,7 +169,8 @@ def test_relative_metrics_seed_means_and_correlations_skip_missing_metrics():
     assert set(corr) == set(p) == {f"{i}~{m}" for i in INDICATORS for m in TRANSFER_METRICS}
     assert counts["zero_shot"] == 4 and counts["after_steps"] == 8 and counts["relative_zero_shot"] == 0
     assert corr["overlap_indicator~after_steps"] == 1.0 and corr["skill_indicator~zero_shot"] == -1.0
-    assert math.isnan(corr["skill_indicator~relative_zero_shot"]) and math.isnan(p["skill_indicator~relative_zero_shot"])
+    key = "skill_indicator~relative_zero_shot"
+    assert math.isnan(corr[key]) and math.isnan(p[key])
     assert p["overlap_indicator~after_steps"] < 0.01  # 8 pairs in order: 2 of 8! permutations reach |rho| = 1
     assert corr["overlap_indicator~gain_over_scratch"] == pytest.approx(
         brute_spearman(range(8), [(i * 5) % 8 for i in range(8)]))
