@@ -10,13 +10,14 @@ Providers, on the same inputs (R token rows, one tracked row per 128 tokens as w
                   released code of the skill-neuron paper works this way)
     fused-triton  ops.ffn_stats with backend="triton": statistics in the GEMM epilogue (CUDA only)
 
-Every provider's statistics are checked against hook-torch before timing. Timing interleaves providers round
-by round (so a load change hits all of them alike); ratio_vs_plain is the median of the per-round ratios.
-On a GPU the fraction of the FLOP roofline (2*R*H*D flops per GEMM) is reported when the device's peak is
-known (or given with --peak-tflops).
+Every provider's statistics are checked against hook-torch before timing. Timing (_common.bench_rounds:
+triton.testing.do_bench on a GPU, its protocol on the CPU) interleaves providers round by round (so a load change
+hits all of them alike); ratio_vs_plain pairs the samples of one round. On a GPU the FLOP rate (tflops) and the
+fraction of the FLOP roofline (roofline_fraction; 2*R*H*D flops per GEMM) are reported when the device's peak is
+known (_common.PEAKS, or given with --peak-tflops).
 
     python benchmarks/bench_ffn_stats.py --quick          # CPU: a minute or two
-    python benchmarks/bench_ffn_stats.py                  # writes results/ffn_stats_<cpu|cuda>.csv and .png
+    python benchmarks/bench_ffn_stats.py                  # adds rows to results/ffn_stats_<cpu|cuda>.csv, draws .png
 """
 
 from __future__ import annotations
@@ -24,14 +25,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _common import device_name, row, write_rows
+from _common import bench_rounds, device_name, peak, row, write_rows
 from plot import plot
 
 BENCH = "ffn_stats"
@@ -43,22 +43,6 @@ SHAPES = {
     "roberta-large": (1024, 4096, "gelu", False),
     "llama-7b": (4096, 11008, "silu", True),
 }
-
-# Dense peak TFLOP/s (16-bit tensor cores with fp32 accumulation, fp32 without TF32), by device-name substring.
-PEAK_TFLOPS = {
-    "H200": (989.0, 67.0), "H100 SXM": (989.0, 67.0), "H100 80GB HBM3": (989.0, 67.0), "H100 PCIe": (756.0, 51.0),
-    "H100": (756.0, 51.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6), "L4": (121.0, 30.3),
-    "A10G": (70.0, 31.2), "A10": (125.0, 31.2), "RTX 4090": (165.2, 82.6), "V100": (125.0, 15.7),
-    "T4": (65.0, 8.1),
-}
-
-
-def peak_tflops(dev_name: str, dtype: torch.dtype) -> float | None:
-    for key, (half, single) in PEAK_TFLOPS.items():
-        if key in dev_name:
-            return single if dtype == torch.float32 else half
-    return None
-
 
 def make_inputs(name, rows, dtype, device, mode, seed=0):
     hidden, width, act, gated = SHAPES[name]
@@ -151,22 +135,11 @@ def verify(provs, mode):
             raise AssertionError(f"{name}: statistics differ from hook-torch (max diff {(got - ref).abs().max()})")
 
 
-def time_providers(provs, repeats, sync):
-    """Interleaved rounds: {name: [seconds per round]}."""
+def time_providers(provs, repeats, device):
+    """Interleaved rounds: {name: [seconds per round]}; each provider adds to its own statistics."""
     outs = {name: fresh() for name, (_, fresh) in provs.items()}
-    for name, (run, _) in provs.items():  # warm-up (and triton compilation)
-        run(outs[name])
-    samples = {name: [] for name in provs}
-    for _ in range(repeats):
-        for name, (run, _) in provs.items():
-            if sync:
-                sync()
-            t = time.perf_counter()
-            run(outs[name])
-            if sync:
-                sync()
-            samples[name].append(time.perf_counter() - t)
-    return samples
+    return bench_rounds({name: (lambda run=run, out=outs[name]: run(out)) for name, (run, _) in provs.items()},
+                        repeats, device=device)
 
 
 def main() -> None:
@@ -182,7 +155,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--quick", action="store_true", help="BERT-base and RoBERTa-large only, 1024 rows, 5 repeats")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the roofline fraction")
-    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/ffn_stats_<cpu|cuda>.csv)")
+    p.add_argument("--out", default=None, help="CSV the rows are added to (default "
+                   "benchmarks/results/ffn_stats_<cpu|cuda>.csv)")
     args = p.parse_args()
 
     import skillkern
@@ -197,9 +171,9 @@ def main() -> None:
         shapes = [s for s in shapes if s != "llama-7b"]
         args.rows, args.repeats = min(args.rows, 8 * TOKENS_PER_SEQ), min(args.repeats, 5)
     max_gflop = args.max_gflop if args.max_gflop is not None else (None if cuda else 100.0)
-    sync = torch.cuda.synchronize if cuda else None
     dev = device_name(device)
-    peak = args.peak_tflops or (peak_tflops(dev, dtype) if cuda else None)
+    known = peak(dev, dtype) if cuda else None
+    peak_tflops = args.peak_tflops or (known and known[1])
     with_ext = _ext.has_op("stats_update", device)
     with_triton = cuda and HAVE_TRITON
     dname = str(dtype).replace("torch.", "")
@@ -217,10 +191,9 @@ def main() -> None:
             inp = make_inputs(name, rows, dtype, device, mode)
             provs = providers(inp, mode, device, with_ext, with_triton)
             verify(provs, mode)
-            samples = time_providers(provs, args.repeats, sync)
-            # plot.py labels bars with what follows the second ':'
-            shape = f"H={hidden} D={width}{' gated' if gated else ''}:{mode}:{name} R={rows}"
-            op = f"ffn_stats[{mode}]"
+            samples = time_providers(provs, args.repeats, device)
+            shape = f"{name}:H={hidden}:D={width}{':gated' if gated else ''}:rows={rows}:mode={mode}"
+            op = BENCH
             plain = samples["plain-ffn"]
             for prov, s in samples.items():
                 rows_out.append(row(BENCH, op, prov, shape, "time", s, "s", dev, dname))
@@ -228,11 +201,11 @@ def main() -> None:
                     ratios = [a / b for a, b in zip(s, plain)]
                     rows_out.append(row(BENCH, op, prov, shape, "ratio_vs_plain", ratios, "x", dev, dname))
                 if cuda and prov in ("plain-ffn", "fused-triton"):
-                    rows_out.append(row(BENCH, op + " tflops", prov, shape, "tflops", [flops / t / 1e12 for t in s],
+                    rows_out.append(row(BENCH, op, prov, shape, "tflops", [flops / t / 1e12 for t in s],
                                         "TFLOP/s", dev, dname))
-                    if peak:
-                        rows_out.append(row(BENCH, op + " roofline", prov, shape, "roofline_fraction",
-                                            [flops / t / 1e12 / peak for t in s], "fraction", dev, dname))
+                    if peak_tflops:
+                        rows_out.append(row(BENCH, op, prov, shape, "roofline_fraction",
+                                            [flops / t / 1e12 / peak_tflops for t in s], "fraction", dev, dname))
                 med = statistics.median(s)
                 ratio = statistics.median([a / b for a, b in zip(s, plain)])  # as in the CSV: paired rounds
                 print(f"{name:>14} {mode:>6} R={rows:<5} {prov:>13}: {med * 1e3:9.2f} ms  {ratio:5.3f}x plain  "

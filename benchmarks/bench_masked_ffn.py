@@ -10,20 +10,23 @@ Providers (one FFN layer, weights in nn.Linear layout):
   masked-triton  skillkern.masked_ffn(backend="triton") with W2 stored transposed (CUDA only); also
                  masked-triton[fused], masked-triton[two_pass] and masked-triton[w2-rowmajor]
 
-Every call starts with cold caches (a 64 MiB / 256 MiB buffer is zeroed, untimed, before it), as a layer of a
-real model does: otherwise the kept weights of small cases stay in the last-level cache between calls and
-beat the memory roofline. --warm-cache turns that off.
+Timing: _common.bench, triton.testing.do_bench on a GPU and its protocol on the CPU. Every call starts with cold
+caches (the cache is flushed, untimed, before it), as a layer of a real model does: otherwise the kept weights of
+small cases stay in the last-level cache between calls and beat the memory roofline. --warm-cache turns that
+off (CPU only: do_bench always flushes).
 
 Metrics per (shape, rows, keep fraction): time (median, p20, p80 over repeats), speedup_vs_dense and
-ratio_vs_presliced (each sample over the baseline's median measured in the same run), and roofline_frac =
+ratio_vs_presliced (each sample over the baseline's median measured in the same run), and roofline_fraction =
 roofline time / measured time, where roofline time = max(bytes / peak bandwidth, FLOPs / peak FLOP/s) for the
 work the provider must do (kept weights + x + y; the full weights for dense). Peaks: --peak-gbs /
---peak-tflops, else a table of known GPUs, else measured in the same run (a STREAM-like copy of a 256 MiB
-tensor, a 2048^3 matmul in the benchmark dtype) and written as their own rows.
+--peak-tflops, else _common.PEAKS for a known GPU, else measured in the same run (a STREAM-like copy of a
+256 MiB tensor, a 2048^3 matmul in the benchmark dtype) and written as their own rows (bandwidth, tflops).
 
     python benchmarks/bench_masked_ffn.py --quick                     # CPU, a few minutes
-    python benchmarks/bench_masked_ffn.py --device cuda --dtype float16 --out benchmarks/results/masked_ffn_h100.csv
-    python benchmarks/bench_masked_ffn.py --plot benchmarks/results/masked_ffn_cpu.csv   # redraw the PNG
+    python benchmarks/bench_masked_ffn.py --device cuda --dtype float16   # -> benchmarks/results/masked_ffn_cuda.csv
+    python benchmarks/plot.py benchmarks/results/masked_ffn_cpu.csv       # redraw the PNG
+
+Rows are added to the CSV (a rerun on the same device and commit replaces its own rows).
 
 --quick caps the rows of the Llama-7B shape at 256 (4096 rows of it take ~10 s per dense call in fp32 on 2 CPU
 cores); the shape column then says "rows=256(quick)".
@@ -32,17 +35,16 @@ cores); the shape column then says "rows=256(quick)".
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import statistics
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import device_name, row, time_it, write_rows
+from _common import bench, device_name, measured_peaks, peak, row, write_rows
+from plot import plot
 
 BENCH = OP = "masked_ffn"
 SHAPES = {  # name: (hidden, neurons, activation, gated)
@@ -53,32 +55,7 @@ SHAPES = {  # name: (hidden, neurons, activation, gated)
 KEEP = (0.02, 0.10, 0.50)
 ROWS = (1, 64, 4096)
 QUICK_ROWS_CAP = {"llama-7b": 256}
-PEAK_GBS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H200": 4800.0, "A100-SXM4-80GB": 2039.0}
-PEAK_TFLOPS_16 = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "A100": 312.0}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _lookup(table: dict, name: str):
-    for key, value in table.items():
-        if all(part.lower() in name.lower() for part in key.split()):
-            return value
-    return None
-
-
-def measure_bandwidth(device: str, sync) -> list[float]:
-    """STREAM-like copy of a 256 MiB tensor: GB/s samples (bytes read + bytes written)."""
-    src = torch.ones(64 << 20, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    samples = time_it(lambda: dst.copy_(src), repeats=10, warmup=2, sync=sync)
-    return [2 * src.numel() * 4 / s / 1e9 for s in samples]
-
-
-def measure_flops(device: str, dtype: torch.dtype, sync) -> list[float]:
-    """A 2048^3 matmul in ``dtype``: GFLOP/s samples."""
-    a = torch.randn(2048, 2048, device=device).to(dtype)
-    b = torch.randn(2048, 2048, device=device).to(dtype)
-    samples = time_it(lambda: a @ b, repeats=5, warmup=1, sync=sync)
-    return [2 * 2048 ** 3 / s / 1e9 for s in samples]
 
 
 def ffn(x, w1, b1, w2, b2, wg, act):
@@ -104,17 +81,11 @@ def work(rows: int, hidden: int, neurons: int, gated: bool, esize: int) -> tuple
     return (weights + 2 * rows * hidden) * esize, 2.0 * rows * neurons * hidden * mats
 
 
-def time_cold(fn, repeats: int, sync, flush) -> list[float]:
-    """_common.time_it with the caches evicted before every call (untimed): in a real model every layer has its
-    own weights, so a layer's weights come from memory, not from a cache warmed by the last call."""
-    return time_it(fn, repeats, warmup=0, sync=sync, before=flush)
-
-
-def measure(fn, sync, flush, args) -> list[float]:
-    """One warm-up call that also sizes the run, then enough timed calls to fill ``args.budget`` seconds."""
-    t = time_cold(fn, 1, sync, flush)[0]
-    n = max(args.min_repeats, min(args.max_repeats, int(args.budget / max(t, 1e-6))))
-    return time_cold(fn, n, sync, flush)
+def measure(fn, args) -> list[float]:
+    """Seconds per call of ``fn``: as many timed calls as fill ``args.budget`` seconds (at least
+    ``args.min_repeats``, at most ``args.max_repeats``), each after a cache flush unless ``--warm-cache``."""
+    return bench(fn, device=args.device, rep_ms=args.budget * 1e3, min_repeats=args.min_repeats,
+                 max_repeats=args.max_repeats, flush=not args.warm_cache)
 
 
 def run(args) -> list[dict]:
@@ -122,25 +93,22 @@ def run(args) -> list[dict]:
 
     device, dtype = args.device, DTYPES[args.dtype]
     on_cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if on_cuda else None
     dev = device_name(device)
     esize = torch.empty(0, dtype=dtype).element_size()
     out: list[dict] = []
-    flush = None
-    if not args.warm_cache:  # twice the last-level cache of this CPU (32 MiB here) / of an H100-H200 (50 MB)
-        scratch = torch.empty((256 if on_cuda else 64) << 20, dtype=torch.uint8, device=device)
-        flush = scratch.zero_
 
-    gbs = args.peak_gbs or (_lookup(PEAK_GBS, dev) if on_cuda else None)
-    if gbs is None:
-        samples = measure_bandwidth(device, sync)
-        out.append(row(BENCH, "stream-copy", "torch", "256MiB", "bandwidth", samples, "GB/s", dev, args.dtype))
-        gbs = max(samples)
-    tflops = args.peak_tflops or (_lookup(PEAK_TFLOPS_16, dev) if on_cuda and esize == 2 else None)
-    if tflops is None:
-        samples = measure_flops(device, dtype, sync)
-        out.append(row(BENCH, "matmul", "torch", "2048x2048x2048", "flops", samples, "GFLOP/s", dev, args.dtype))
-        tflops = max(samples) / 1e3
+    known = peak(dev, dtype) if on_cuda else None
+    gbs, tflops = args.peak_gbs or (known and known[0]), args.peak_tflops or (known and known[1])
+    if gbs is None or tflops is None:
+        gbs_samples, tflops_samples = measured_peaks(device, dtype)
+        if gbs is None:
+            out.append(row(BENCH, "stream-copy", "torch", "256MiB", "bandwidth", gbs_samples, "GB/s", dev,
+                           args.dtype))
+            gbs = max(gbs_samples)
+        if tflops is None:
+            out.append(row(BENCH, "matmul", "torch", "2048x2048x2048", "tflops", tflops_samples, "TFLOP/s", dev,
+                           args.dtype))
+            tflops = max(tflops_samples)
     logging.info("roofline peaks: %.1f GB/s, %.2f TFLOP/s", gbs, tflops)
 
     shapes = [s for s in args.shapes.split(",")]
@@ -164,7 +132,7 @@ def run(args) -> list[dict]:
             tag = f"rows={rows}" + ("(quick)" if rows != rows_req else "")
             x = rnd(rows, hidden)
             dense_fn = lambda: ffn(x, w1, b1, w2, b2, wg, act)  # noqa: E731
-            dense = measure(dense_fn, sync, flush, args)
+            dense = measure(dense_fn, args)
             dense_med = statistics.median(dense)
             d_bytes, d_flops = work(rows, hidden, neurons, gated, esize)
             dense_roof = max(d_bytes / (gbs * 1e9), d_flops / (tflops * 1e12))
@@ -194,7 +162,7 @@ def run(args) -> list[dict]:
                             check=False))
                 times = {"dense": dense}
                 for label, fn in providers.items():
-                    times[label] = measure(fn, sync, flush, args)
+                    times[label] = measure(fn, args)
                 pre_med = statistics.median(times["presliced"])
                 k_bytes, k_flops = work(rows, hidden, kept, gated, esize)
                 kept_roof = max(k_bytes / (gbs * 1e9), k_flops / (tflops * 1e12))
@@ -205,7 +173,7 @@ def run(args) -> list[dict]:
                                    "x", dev, args.dtype))
                     out.append(row(BENCH, OP, label, shape, "ratio_vs_presliced", [s / pre_med for s in samples],
                                    "x", dev, args.dtype))
-                    out.append(row(BENCH, OP, label, shape, "roofline_frac", [roof / s for s in samples],
+                    out.append(row(BENCH, OP, label, shape, "roofline_fraction", [roof / s for s in samples],
                                    "fraction", dev, args.dtype))
                 logging.info("%s: %s", shape, "  ".join(f"{k} {statistics.median(v) * 1e3:.3f} ms"
                                                         for k, v in times.items()))
@@ -213,83 +181,9 @@ def run(args) -> list[dict]:
     return out
 
 
-def plot(path: Path) -> Path:
-    """Time vs keep fraction, one panel per (shape, rows), one line per provider (median, p20-p80 bars);
-    below, the ratio to presliced. Written next to the CSV as .png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedFormatter, FixedLocator, FuncFormatter, NullFormatter, NullLocator
-
-    rows = list(csv.DictReader(open(path)))
-    series = defaultdict(lambda: defaultdict(list))  # (shape, rows) -> provider -> [(keep, med, p20, p80)]
-    ratios = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r["op"] != OP or r["metric"] not in ("time", "ratio_vs_presliced"):
-            continue
-        parts = r["shape"].split(":")
-        panel = (parts[0], parts[3])
-        keep = float(parts[4].split("=")[1].split("%")[0])
-        point = (keep, float(r["median"]), float(r["p20"]), float(r["p80"]))
-        (series if r["metric"] == "time" else ratios)[panel][r["provider"]].append(point)
-    panels = list(series)
-    shapes = list(dict.fromkeys(p[0] for p in panels))
-    row_tags = list(dict.fromkeys(p[1] for p in panels))
-    ncol = max(len([p for p in panels if p[0] == s]) for s in shapes)
-    fig, axes = plt.subplots(2 * len(shapes), ncol, figsize=(4.2 * ncol, 3.6 * 2 * len(shapes)), squeeze=False)
-    colors = {}
-    for i, shape in enumerate(shapes):
-        mine = [p for p in panels if p[0] == shape]
-        for j in range(ncol):
-            ax, axr = axes[2 * i, j], axes[2 * i + 1, j]
-            if j >= len(mine):
-                ax.axis("off")
-                axr.axis("off")
-                continue
-            panel = mine[j]
-            for prov, pts in sorted(series[panel].items()):
-                pts.sort()
-                k, med, lo, hi = zip(*pts)
-                line = ax.errorbar(k, [m * 1e3 for m in med], yerr=[[(m - l) * 1e3 for m, l in zip(med, lo)],
-                                                                     [(h - m) * 1e3 for m, h in zip(med, hi)]],
-                                   marker="o", ms=3, capsize=2, lw=1.2, label=prov, color=colors.get(prov))
-                colors[prov] = line[0].get_color()
-                if prov in ratios[panel]:
-                    rp = sorted(ratios[panel][prov])
-                    axr.plot([p[0] for p in rp], [p[1] for p in rp], marker="o", ms=3, lw=1.2, color=colors[prov],
-                             label=prov)
-            for a in (ax, axr):
-                a.set_xscale("log")
-                a.xaxis.set_major_locator(FixedLocator([2, 10, 50]))
-                a.xaxis.set_major_formatter(FixedFormatter(["2%", "10%", "50%"]))
-                a.xaxis.set_minor_locator(NullLocator())
-                a.grid(True, which="major", alpha=0.3)
-            ax.set_yscale("log")
-            ax.set_title(f"{panel[0]}  {panel[1]}", fontsize=9)
-            ax.set_ylabel("time [ms]")
-            axr.set_yscale("log")
-            for a in (ax, axr):
-                a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                a.yaxis.set_minor_formatter(NullFormatter())
-            axr.axhline(1.0, color="grey", lw=0.8)
-            axr.axhline(1.1, color="tab:red", ls=":", lw=0.8)
-            axr.set_ylabel("time / presliced")
-            axr.set_xlabel("keep fraction")
-    axes[0, 0].legend(fontsize=7, loc="best")
-    first = rows[0]
-    fig.suptitle(f"{path.stem} on {first['device']}, {first['dtype']} "
-                 f"(torch {first['torch']}, commit {first['commit']})", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--rows", default=",".join(map(str, ROWS)))
@@ -301,15 +195,14 @@ def main() -> None:
     p.add_argument("--peak-gbs", type=float, default=None, help="peak memory bandwidth, GB/s")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense FLOP rate in --dtype, TFLOP/s")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a loaded machine)")
-    p.add_argument("--warm-cache", action="store_true",
-                   help="do not evict the caches between calls (small kept weights then stay cache-resident)")
-    p.add_argument("--out", default=None, help="CSV (default benchmarks/results/masked_ffn_<cpu|cuda>.csv)")
-    p.add_argument("--plot", metavar="CSV", default=None, help="only redraw the PNG of an existing CSV")
+    p.add_argument("--warm-cache", action="store_true", help="do not evict the caches between calls (small kept "
+                   "weights then stay cache-resident; CPU only: on a GPU do_bench always flushes)")
+    p.add_argument("--out", default=None, help="CSV the rows are added to (default "
+                   "benchmarks/results/masked_ffn_<cpu|cuda>.csv)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.plot:
-        logging.info("wrote %s", plot(Path(args.plot)))
-        return
+    if args.warm_cache and args.device.startswith("cuda"):
+        p.error("--warm-cache is for the CPU: on a GPU triton.testing.do_bench flushes the L2 cache before every call")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.budget is None:

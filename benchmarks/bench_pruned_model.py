@@ -14,8 +14,11 @@ FLOP limit: forward FLOPs of the dense model / of the pruned model, counting eve
 attention scores and values) at the measured batch and sequence length. ``fraction_of_limit`` = measured
 speed-up / limit (goal: >= 0.9).
 
-    python benchmarks/bench_pruned_model.py            # CPU results -> benchmarks/results/pruned_model_cpu.csv
-    python benchmarks/bench_pruned_model.py --device cuda   # float16, both providers -> pruned_model_gpu.csv
+Timing: _common.bench (triton.testing.do_bench on a GPU, its protocol on the CPU), two interleaved rounds of
+``--repeats`` calls per provider so that drift in machine load hits every provider alike.
+
+    python benchmarks/bench_pruned_model.py            # CPU: rows added to benchmarks/results/pruned_model_cpu.csv
+    python benchmarks/bench_pruned_model.py --device cuda   # float16, both providers -> pruned_model_cuda.csv
 """
 
 from __future__ import annotations
@@ -27,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from _common import device_name, quantiles, row, time_it, write_rows
+from skillkern.models import ffn_layers, load_model
+from skillkern.prune import masked_ffn_model, parse_layers, prune_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from skillkern.models import ffn_layers, load_model  # noqa: E402
-from skillkern.prune import masked_ffn_model, parse_layers, prune_model  # noqa: E402
+from _common import bench, device_name, quantiles, row, write_rows
+from plot import plot
 
 BENCH = "pruned_model"
 
@@ -110,52 +112,6 @@ def matmul_time_share(fn, repeats: int) -> float:
     return mm / total if total else float("nan")
 
 
-def plot(csv_path: Path) -> Path:
-    """Measured speed-up beside the FLOP limit, one panel per model, one bar pair per (batch, seq)."""
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in csv.DictReader(open(csv_path)) if r["metric"] == "speedup_vs_dense"]
-    models = sorted({r["shape"].split(":")[0] for r in rows}, key=lambda m: [r["shape"] for r in rows].index(
-        next(r["shape"] for r in rows if r["shape"].startswith(m + ":"))))
-    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), squeeze=False)
-    for ax, m in zip(axes[0], models):
-        shapes = [r["shape"] for r in rows if r["shape"].startswith(m + ":") and r["provider"] == "flop-limit"]
-        labels = [":".join(x.split(":")[1:3]).replace("batch=", "b").replace("seq=", "t") for x in shapes]
-        lim = [float(next(r for r in rows if r["shape"] == x and r["provider"] == "flop-limit")["median"])
-               for x in shapes]
-        provs = [p for p in ("pruned-sliced", "pruned-masked_ffn") if any(r["provider"] == p for r in rows)]
-        xs = range(len(shapes))
-        w = 0.8 / (len(provs) + 1)
-        for j, prov in enumerate(provs):
-            found = [(x, next((r for r in rows if r["shape"] == sh and r["provider"] == prov), None))
-                     for x, sh in zip(xs, shapes)]
-            found = [(x, r) for x, r in found if r is not None]
-            pos = [x - 0.4 + w * (j + 0.5) for x, _ in found]
-            med = [float(r["median"]) for _, r in found]
-            err = [[v - float(r["p20"]) for v, (_, r) in zip(med, found)],
-                   [float(r["p80"]) - v for v, (_, r) in zip(med, found)]]
-            ax.bar(pos, med, w, yerr=err, capsize=3, label=f"measured, {prov[7:]}")
-        ax.bar([x - 0.4 + w * (len(provs) + 0.5) for x in xs], lim, w, color="lightgrey", label="FLOP limit")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_title(m, fontsize=10)
-        ax.axhline(1, color="k", lw=0.6)
-    axes[0][0].set_ylabel("speed-up over dense")
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    dev = rows[0]["device"] if rows else ""
-    fig.suptitle(f"2% of neurons kept in the top 75% of layers, end to end; {dev}", fontsize=10)
-    fig.tight_layout()
-    out = csv_path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -172,12 +128,9 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=2048, help="skip batch*seq above this on CPU (time budget)")
     p.add_argument("--breakdown", action="store_true", help="also profile the dense model's share of time in "
                    "matrix products (metric matmul_time_share; the profiler's own overhead inflates the rest)")
-    p.add_argument("--out", default=None)
-    p.add_argument("--plot-only", default=None, help="redraw the PNG of this CSV")
+    p.add_argument("--out", default=None, help="CSV the rows are added to (default "
+                   "benchmarks/results/pruned_model_<cpu|cuda>.csv)")
     args = p.parse_args()
-    if args.plot_only:
-        print(f"wrote {plot(Path(args.plot_only))}")
-        return 0
     cuda = args.device.startswith("cuda")
     dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
     providers = (args.providers or ("sliced,masked_ffn" if cuda else "sliced")).split(",")
@@ -185,7 +138,6 @@ def main() -> int:
     if bad:
         p.error(f"unknown providers {bad}: use sliced, masked_ffn")
     dev = device_name(args.device)
-    sync = torch.cuda.synchronize if cuda else None
     dname = str(dtype).replace("torch.", "")
     rows = []
     for name in args.models.split(","):
@@ -203,18 +155,21 @@ def main() -> int:
                 def fwd(model):
                     return lambda: model(input_ids=ids, attention_mask=mask)
 
-                def timed_masked():
-                    with masked_ffn_model(dense, keep_idx, baseline):
-                        return time_it(fwd(dense), args.repeats, sync=sync)
+                def timed(model, **kw):
+                    return bench(fwd(model), device=args.device, repeats=args.repeats, **kw)
 
-                runs = {"sliced": lambda: time_it(fwd(sliced), args.repeats, sync=sync), "masked_ffn": timed_masked}
+                def timed_masked(**kw):
+                    with masked_ffn_model(dense, keep_idx, baseline):
+                        return timed(dense, **kw)
+
+                runs = {"sliced": lambda **kw: timed(sliced, **kw), "masked_ffn": timed_masked}
                 with torch.inference_mode():
-                    td = time_it(fwd(dense), args.repeats, sync=sync)
+                    td = timed(dense)
                     tp = {prov: runs[prov]() for prov in providers}
-                    # interleave a second round so drift in machine load hits every provider alike
-                    td += time_it(fwd(dense), args.repeats, 0, sync)
+                    # interleave a second round (warm already) so drift in machine load hits every provider alike
+                    td += timed(dense, warmup_ms=0)
                     for prov in providers:
-                        tp[prov] += runs[prov]()
+                        tp[prov] += runs[prov](warmup_ms=0)
                 widths = [len(keep_idx[i]) if i in keep_idx else layer.width
                           for i, layer in enumerate(ffn_layers(dense))]
                 limit = forward_flops(dense, b, t) / forward_flops(dense, b, t, widths)
@@ -224,7 +179,8 @@ def main() -> int:
                 if args.breakdown:
                     with torch.inference_mode():
                         share = matmul_time_share(fwd(dense), args.repeats)
-                    rows.append(row(BENCH, "forward", "dense", shape, "matmul_time_share", [share], "x", dev, dname))
+                    rows.append(row(BENCH, "forward", "dense", shape, "matmul_time_share", [share], "fraction", dev,
+                                    dname))
                     print(f"{shape}: {share:.0%} of the dense time (profiled) in matrix products", flush=True)
                 for prov, times in tp.items():
                     speed = [med_dense / q for q in times]  # spread of the pruned timings against the dense median
@@ -232,12 +188,12 @@ def main() -> int:
                              row(BENCH, "forward", f"pruned-{prov}", shape, "speedup_vs_dense", speed, "x", dev,
                                  dname),
                              row(BENCH, "forward", f"pruned-{prov}", shape, "fraction_of_limit",
-                                 [s / limit for s in speed], "x", dev, dname)]
+                                 [s / limit for s in speed], "fraction", dev, dname)]
                     med = quantiles(speed)[0]
                     print(f"{shape} {prov}: dense {med_dense * 1e3:.2f} ms, pruned "
                           f"{quantiles(times)[0] * 1e3:.2f} ms, speed-up {med:.2f}x of limit {limit:.2f}x "
                           f"({med / limit:.0%})", flush=True)
-    out = args.out or (Path(__file__).parent / "results" / f"pruned_model_{'gpu' if cuda else 'cpu'}.csv")
+    out = args.out or (Path(__file__).parent / "results" / f"pruned_model_{'cuda' if cuda else 'cpu'}.csv")
     write_rows(out, rows)
     print(f"wrote {out} and {plot(Path(out))}")
     return 0

@@ -2,13 +2,13 @@
 
 Time: in one process, the same rows go through (a) a plain inference pass (the same batching, no hooks),
 (b) the baseline (sums) pass and (c) the evaluation (counts) pass of the scorer, for each stats backend;
-medians of repeated runs, ratio against (a) measured in the same run. DESIGN.md's goal: <= 1.10x on CPU.
+interleaved rounds (_common.bench_rounds), ratio against (a) of the same round. DESIGN.md's goal: <= 1.10x on CPU.
 
 Memory: each (provider, rows) pair runs in a fresh process that reports its peak resident set size; the
 scorer's must stay flat as the number of rows grows 10x, and close to plain inference's.
 
-    python benchmarks/bench_score.py --task sst2 --rows 512 --memory-rows 1000,10000
-    python benchmarks/plot.py benchmarks/results/score_cpu.csv
+    python benchmarks/bench_score.py --task sst2 --rows 512 --memory-rows 1000,10000   # rows added to the CSV
+    python benchmarks/plot.py benchmarks/results/score_cpu.csv                          # redraw the PNG
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from _common import device_name, peak_rss_mib, row, write_rows
+from _common import bench_rounds, device_name, peak_rss_mib, row, write_rows
+from plot import plot
 
 BENCH = "score"
 
@@ -51,14 +52,11 @@ def plain_pass(model, tokenizer, examples, settings) -> None:
 def bench_time(args) -> list[dict]:
     """Rounds of [plain pass, then every scoring pass]; each pass's ratio is taken against the plain pass of
     the same round, so slow drifts of a shared machine cancel out."""
-    import time
-
     from skillkern import _ext
     from skillkern.scoring import ScoreSettings, Scorer
 
     model, tokenizer, examples, classes = _setup(args.model, args.task, args.rows, args.device)
     dev = device_name(args.device)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     base = ScoreSettings(batch_size=args.batch_size, max_length=args.max_length)
     shape = f"{args.model}:{args.task}:rows={args.rows}:bs={args.batch_size}"
     backends = ["torch"] + (["ext"] if _ext.available() else [])
@@ -72,22 +70,9 @@ def bench_time(args) -> list[dict]:
         count_stats.finalize_baseline()
         providers[f"baseline-pass[{backend}]"] = lambda sc=scorer, st=sums_stats: sc.run_pass(st, examples)
         providers[f"eval-pass[{backend}]"] = lambda sc=scorer, st=count_stats: sc.run_pass(st, examples)
-    times = {"plain-inference": []} | {name: [] for name in providers}
-    ratios = {name: [] for name in providers}
-    plain_pass(model, tokenizer, examples, base)  # warm-up
-    for _ in range(args.repeats):
-        sync()
-        t = time.perf_counter()
-        plain_pass(model, tokenizer, examples, base)
-        sync()
-        plain = time.perf_counter() - t
-        times["plain-inference"].append(plain)
-        for name, fn in providers.items():
-            t = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t)
-            ratios[name].append(times[name][-1] / plain)
+    fns = {"plain-inference": lambda: plain_pass(model, tokenizer, examples, base)} | providers
+    times = bench_rounds(fns, args.repeats, device=args.device)
+    ratios = {name: [t / p for t, p in zip(times[name], times["plain-inference"])] for name in providers}
     out = [row(BENCH, "pass", name, shape, "time", samples, "s", dev) for name, samples in times.items()]
     out += [row(BENCH, "pass", name, shape, "ratio_vs_plain", samples, "x", dev) for name, samples in ratios.items()]
     return out
@@ -122,7 +107,7 @@ def bench_memory(args) -> list[dict]:
             shape = f"{args.model}:{args.task}:rows={rows}:bs={args.batch_size}"
             name = "plain-inference" if provider == "plain" else "score-both-passes"
             out.append(row(BENCH, "memory", name, shape, "peak_rss", [res["peak_rss_mib"]], "MiB", dev))
-            out.append(row(BENCH, "memory", name, shape, "peak_rss_growth_during_pass",
+            out.append(row(BENCH, "memory", name, shape, "peak_rss_growth",
                            [res["peak_rss_mib"] - res["after_load_mib"]], "MiB", dev))
             if provider == "score":
                 out.append(row(BENCH, "memory", name, shape, "stats_state", [res["state_bytes"] / 2**20], "MiB", dev))
@@ -140,25 +125,20 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/score_<cpu|cuda>.csv)")
-    p.add_argument("--time-only", action="store_true", help="re-run the timing; keep the CSV's memory rows")
+    p.add_argument("--out", default=None, help="CSV the rows are added to (default "
+                   "benchmarks/results/score_<cpu|cuda>.csv)")
+    p.add_argument("--time-only", action="store_true", help="re-run the timing only (the CSV keeps its memory rows)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args)
         return
     out = Path(args.out or Path(__file__).parent / "results" / f"score_{torch.device(args.device).type}.csv")
-    if args.time_only and out.exists():  # re-time; keep the memory rows of the earlier run
-        import csv
-
-        kept = [r for r in csv.DictReader(open(out)) if r["op"] == "memory"]
-        rows = bench_time(args) + kept
-    else:
-        rows = bench_time(args) + bench_memory(args)
+    rows = bench_time(args) + ([] if args.time_only else bench_memory(args))
     write_rows(out, rows)
     for r in rows:
         print(f"{r['provider']:>28} {r['metric']:>28} {r['shape']:>40}: {r['median']} {r['unit']}")
-    print(f"wrote {out}")
+    print(f"wrote {out} and {plot(out)}")
 
 
 if __name__ == "__main__":

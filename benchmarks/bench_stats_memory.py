@@ -9,7 +9,7 @@ resident set size above what the process held before the statistics existed. The
 plus one batch of rows (R x D float32) that is reused. Shapes: MiniLM (6 x 1536), BERT-base (12 x 3072),
 Llama-7B (32 x 11008), Llama-70B (80 x 28672).
 
-    python benchmarks/bench_stats_memory.py            # writes benchmarks/results/stats_memory_cpu.csv + png
+    python benchmarks/bench_stats_memory.py    # adds rows to benchmarks/results/stats_memory_cpu.csv, draws .png
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from _common import device_name, peak_rss_mib, row, write_rows
+from plot import plot
 
 SHAPES = {"minilm": (6, 1536), "bert-base": (12, 3072), "llama-7b": (32, 11008), "llama-70b": (80, 28672)}
 S, C = 1, 2
@@ -83,48 +84,7 @@ def main() -> None:
             print(f"{tag:>40}: peak growth {res['growth_mib']:8.1f} MiB, predicted {predicted:8.1f} MiB, "
                   f"{res['rows_per_s']:.3g} layer-rows/s", file=sys.stderr)
     write_rows(args.out, out)
-    plot(Path(args.out))
-    print(f"wrote {args.out}")
-
-
-def plot(path: Path) -> None:
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in csv.DictReader(open(path)) if r["metric"] in ("peak_rss_growth", "predicted_state")]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    by_shape: dict = {}
-    for r in rows:
-        shape, L, D, n = r["shape"].split(":")
-        neurons = int(L[2:]) * int(D[2:])
-        by_shape.setdefault((shape, neurons), {}).setdefault(r["metric"], []).append((int(n[5:]), float(r["median"])))
-    for (shape, neurons), m in sorted(by_shape.items(), key=lambda kv: kv[0][1]):
-        xs, ys = zip(*sorted(m["peak_rss_growth"]))
-        ax1.plot(xs, ys, "o-", label=f"{shape} ({neurons:,} neurons)")
-    ax1.set_xscale("log")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("rows scored per layer per pass")
-    ax1.set_ylabel("peak RSS growth [MiB]")
-    ax1.set_title("flat in rows")
-    ax1.legend(fontsize=7)
-    pts = sorted((n, dict(m["peak_rss_growth"])[max(dict(m["peak_rss_growth"]))], m["predicted_state"][0][1])
-                 for (s, n), m in by_shape.items())
-    ax2.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="measured")
-    ax2.plot([p[0] for p in pts], [p[2] for p in pts], "k--", label="formula")
-    ax2.set_xscale("log")
-    ax2.set_yscale("log")
-    ax2.set_xlabel("neurons (layers x width)")
-    ax2.set_ylabel("MiB")
-    ax2.set_title("linear in neurons")
-    ax2.legend(fontsize=8)
-    fig.suptitle(f"statistics memory on {rows[0]['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=100)
-    plt.close(fig)
+    print(f"wrote {args.out} and {plot(args.out)}")
 
 
 if __name__ == "__main__":

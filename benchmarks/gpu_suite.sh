@@ -9,9 +9,11 @@
 #   1. build   the CUDA extension (csrc/*.cu for this GPU's architecture) with pip's editable install, no network
 #   2. tests   every test marked `gpu` (kernels against their references at real shapes, the compile gate's
 #              register/spill table against what the GPU's driver reports, the compiled CUDA statistics op)
-#   3. bench   masked_ffn, ffn_stats and the pruned models on a reduced grid, timed with CUDA events
+#   3. bench   masked_ffn, ffn_stats and the pruned models on a reduced grid, timed by triton.testing.do_bench
 # Results: $OUT/gpu_suite.log (every step's output and its exit status), the benchmark CSVs and PNGs, and
-# $OUT/gpu_suite.tar.gz with all of it. Exit status: 0 when every step passed.
+# $OUT/gpu_suite.tar.gz with all of it. The CSVs start from the committed benchmarks/results/*_cuda.csv, so they
+# come back with every earlier GPU run plus this one's rows (copy them over the committed ones). Exit status: 0 when
+# every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -92,6 +94,7 @@ else
   F_ARGS=(--quick --repeats 10)
   P_ARGS=(--models roberta-base,llama-style --batches 1,32 --seqs 128 --repeats 10)
 fi
+[ $DRY = 1 ] || cp benchmarks/results/*_cuda.csv "$WORK"/ 2>/dev/null  # earlier GPU runs: rows are added to them
 step bench_masked_ffn 120 "$PY" benchmarks/bench_masked_ffn.py --device $DEV "${M_ARGS[@]}" --out "$WORK/masked_ffn_$DEV.csv"
 step bench_ffn_stats 75 "$PY" benchmarks/bench_ffn_stats.py --device $DEV "${F_ARGS[@]}" --out "$WORK/ffn_stats_$DEV.csv"
 step bench_pruned_model 100 "$PY" benchmarks/bench_pruned_model.py --device $DEV "${P_ARGS[@]}" --out "$WORK/pruned_model_$DEV.csv"

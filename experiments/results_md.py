@@ -1,12 +1,25 @@
-"""Writes RESULTS.md from the study's results.json: every number in it is read from that file."""
+"""Writes RESULTS.md from the study's results.json: every number in it is read from that file.
+
+    python experiments/results_md.py        # rewrite RESULTS.md from experiments/study/*.json (computes nothing)
+
+``run_study.py`` and ``run_applications.py`` call :func:`write_results_md` when they finish; this command does
+the same from the committed result files alone (the run folders are not needed), e.g. after editing the text.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+#: where benchmarks/bench_pruned_model.py writes its CSV files (the speed table of the pruning section)
+BENCHMARK_RESULTS = ROOT / "benchmarks" / "results"
 
 # The paper's figures as METHOD.md gives them (RoBERTa-base; METHOD.md marks them unverified).
 PAPER = {
@@ -66,7 +79,9 @@ def _significant(per_seed: list, key: str, q: float) -> tuple[float, float, bool
     return _mean(a), _mean(b), ok
 
 
-def write_results_md(results: dict, out: Path, path: Path) -> None:
+def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BENCHMARK_RESULTS) -> None:
+    """Write ``path`` (RESULTS.md) from the study's ``results`` (results.json) and the applications' JSON files in
+    ``out``; the pruning section also reads the pruned-model benchmark CSVs in ``benchmarks``."""
     rel = os.path.relpath(out, path.parent)
     s = results["settings"]
     fr = [q for q in results["fractions"] if q > 0]
@@ -206,7 +221,7 @@ def write_results_md(results: dict, out: Path, path: Path) -> None:
                      for q in fr]
             lines.append(f"| {name} | {_f(b['test_accuracy'])} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += applications_sections(out, rel)
+    lines += applications_sections(out, rel, benchmarks)
     lines += ["## Files", "",
               f"- `{rel}/results.json`: everything above, per seed, with the perturbation curves;",
               f"- `{rel}/table.csv`: the main table; `{rel}/perturbation/*.png`: one curve per run;",
@@ -214,13 +229,24 @@ def write_results_md(results: dict, out: Path, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
-def _speed_lines(results_dir: Path) -> list[str]:
-    """The measured end-to-end speed-up of pruned models, from benchmarks/bench_pruned_model.py's CSV files."""
+def _latest_rows(results_dir: Path, bench: str) -> list[dict]:
+    """The rows of ``bench``'s CSV files, the newest of each measurement: a CSV keeps every run (its rows carry
+    device, commit and date), and a later run of a shape supersedes an earlier one here."""
     import csv
 
-    rows = []
-    for f in sorted(results_dir.glob("pruned_model_*.csv")):
-        rows += [r for r in csv.DictReader(f.open()) if r["metric"] == "speedup_vs_dense"]
+    latest: dict = {}
+    for f in sorted(results_dir.glob(f"{bench}_*.csv")):
+        for r in csv.DictReader(f.open()):
+            key = tuple(r.get(k, "") for k in ("op", "provider", "shape", "dtype", "metric", "device"))
+            if key not in latest or r.get("timestamp", "") >= latest[key].get("timestamp", ""):
+                latest[key] = r
+    return list(latest.values())
+
+
+def _speed_lines(results_dir: Path) -> list[str]:
+    """The measured end-to-end speed-up of pruned models, from benchmarks/bench_pruned_model.py's CSV files."""
+    measured = _latest_rows(results_dir, "pruned_model")
+    rows = [r for r in measured if r["metric"] == "speedup_vs_dense"]
     if not rows:
         return []
     table: dict = {}
@@ -248,10 +274,9 @@ def _speed_lines(results_dir: Path) -> list[str]:
               "matrix products only, and the shrunken weights also stay in cache. "
               + (f"Below the 90% goal: {', '.join(low)}." if low else "Every shape reaches the 90% goal.")]
     shares: dict = {}
-    for f in sorted(results_dir.glob("pruned_model_*.csv")):
-        for r in csv.DictReader(f.open()):
-            if r["metric"] == "matmul_time_share":
-                shares.setdefault(r["shape"].split(":")[0], []).append(float(r["median"]))
+    for r in measured:
+        if r["metric"] == "matmul_time_share":
+            shares.setdefault(r["shape"].split(":")[0], []).append(float(r["median"]))
     if shares:
         lines += ["Profiled share of the dense model's time in matrix products (the part that shrinks with the "
                   "removed FLOPs; LayerNorm, activations, adds, copies and dispatch do not): "
@@ -271,10 +296,8 @@ _TRANSFER_METRICS = (("zero-shot", "zero_shot"), ("after tuning", "after_steps")
                      ("gain over scratch", "gain_over_scratch"))
 
 
-def applications_sections(out: Path, rel: str) -> list[str]:
+def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESULTS) -> list[str]:
     """Sections from experiments/run_applications.py's outputs, when they exist."""
-    import json
-
     lines: list[str] = []
     f = out / "pruning.json"
     if f.is_file():
@@ -312,7 +335,7 @@ def applications_sections(out: Path, rel: str) -> list[str]:
                   f"baseline on {wins['tokens']} (ties: the rest). The paper (RoBERTa-base, 9 of 12 layers at 2%, "
                   "re-tuned prompt) reports a few points lost and about 1.34-1.38x faster inference; its Table 4 "
                   "figures are not in METHOD.md, so none are copied here.", ""]
-        lines += _speed_lines(Path(__file__).resolve().parents[1] / "benchmarks" / "results")
+        lines += _speed_lines(benchmarks)
     f = out / "cross_task.json"
     if f.is_file():
         ct = json.loads(f.read_text())
@@ -397,3 +420,25 @@ def applications_sections(out: Path, rel: str) -> list[str]:
                   "with that in mind.", "",
                   f"![transfer]({rel}/transfer.png)", ""]
     return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "experiments" / "study"),
+                   help="the study's result folder (results.json, pruning.json, ...)")
+    p.add_argument("--results-md", default=None,
+                   help="file to write (default: RESULTS.md at the repository root; OUT/RESULTS.md for a --quick "
+                        "study)")
+    p.add_argument("--benchmarks", default=str(BENCHMARK_RESULTS), help="folder of the benchmark CSVs")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    results = json.loads((out / "results.json").read_text())
+    path = Path(args.results_md) if args.results_md else (out / "RESULTS.md" if results.get("quick")
+                                                          else ROOT / "RESULTS.md")
+    write_results_md(results, out, path, Path(args.benchmarks))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

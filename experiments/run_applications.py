@@ -15,26 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from skillkern.perturb import perturbation, random_selection
+from skillkern.prune import prune_run
+from skillkern.stats import select_per_layer
+from skillkern.transfer import (activated_neurons, add_relative_metrics, correlate, jaccard, mean_over_seeds,
+                                scratch_accuracy, skill_neurons, task_predictivity, transfer_pair)
+from skillkern.runs import load_run, run_predictivity, run_splits, skill_selection
+from skillkern.tune import TuneSettings, evaluate
+
+from run_study import TASKS, task_data  # experiments/run_study.py (a script's own folder is first on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from run_study import TASKS, spearman, task_data  # noqa: E402
-
-from skillkern.perturb import perturbation, random_selection  # noqa: E402
-from skillkern.prune import prune_run  # noqa: E402
-from skillkern.runs import (STATE_FILE, load_run, read_run, run_predictivity, run_splits,  # noqa: E402
-                            skill_selection, tune_run)
-from skillkern.stats import select_per_layer  # noqa: E402
-from skillkern.tune import TuneSettings, evaluate  # noqa: E402
 
 log = logging.getLogger("applications")
 
@@ -94,7 +91,8 @@ def part_cross(tasks, work: Path, out: Path, args) -> dict:
                                    edit=perturbation(random_selection(counts, width, 11), "gaussian", seed=5))
         for a in tasks:
             # the same number of neurons per layer as B's own selection, so rows are comparable
-            sel = [select_per_layer(_single(preds[a]), 1.0)[layer][: counts[layer]] for layer in range(len(counts))]
+            ranked = select_per_layer(task_predictivity(preds[a]), 1.0)
+            sel = [ranked[layer][: counts[layer]] for layer in range(len(counts))]
             entry["skill_of"][a] = evaluate(pm, test, 32, s.max_length,
                                             edit=perturbation(sel, "gaussian", seed=5))
         rows[b] = entry
@@ -109,65 +107,6 @@ def part_cross(tasks, work: Path, out: Path, args) -> dict:
     return result
 
 
-def _single(pred: dict) -> torch.Tensor:
-    return pred["task"] if "task" in pred else torch.maximum(pred["pn"], pred["neu"])
-
-
-@torch.no_grad()
-def activated_neurons(pm, probe) -> torch.Tensor:
-    """Su et al.'s indicator input: which neurons a prompt activates (> 0) at its slots, on probe texts.
-
-    Returns (L, D) bool: activated at any prompt slot on a majority of the probe rows."""
-    from skillkern.models import capture_neurons
-    from skillkern.batching import iter_batches
-
-    acc = {}
-    with capture_neurons(pm.backbone, lambda i, h: acc.__setitem__(i, acc.get(i, 0) +
-                                                                    (h[:, : pm.prompt_len] > 0).any(1).sum(0))):
-        for batch in iter_batches(pm.tokenizer, probe, 32, 64, pad_multiple=0):
-            pm(**batch.inputs)
-    return torch.stack([acc[i] for i in sorted(acc)]) * 2 > len(probe)
-
-
-def permutation_p(x: np.ndarray, y: np.ndarray, rho: float, n: int = 2000, seed: int = 0) -> float:
-    """Two-sided permutation p-value of a Spearman correlation ``rho`` of x and y (fixed seed: reproducible)."""
-    if math.isnan(rho):
-        return float("nan")
-    g = np.random.default_rng(seed)
-    hits = sum(abs(spearman(x, g.permutation(y))) >= abs(rho) - 1e-12 for _ in range(n))
-    return (hits + 1) / (n + 1)
-
-
-def _transfer_settings(info_b: dict, args) -> TuneSettings:
-    """Task B's own settings with a budget of ``args.transfer_steps`` steps and the transfer test rows."""
-    return TuneSettings(**{**info_b["settings"], "epochs": args.transfer_steps * info_b["settings"]["batch_size"]
-                           / info_b["rows"]["train"],
-                           "eval_every": 10 ** 9, "max_test": args.transfer_rows, "max_dev": args.transfer_rows})
-
-
-def _head_matches(state: dict, pm) -> bool:
-    """Whether A's saved head has B's label count (then it carries over with the prompt)."""
-    return pm.head is not None and "head.weight" in state and state["head.weight"].shape == pm.head.weight.shape
-
-
-def _correlations(pairs: dict, keys: list) -> tuple[dict, dict, dict]:
-    """Spearman of each indicator with each real-transfer metric over ``keys`` (pairs lacking a metric, e.g.
-    zero-shot across label sets, are left out of that metric), two-sided permutation p-values, pair counts."""
-    corr, p_values, counts = {}, {}, {}
-    for m in _REAL:
-        ks = [k for k in keys if pairs[k].get(m) is not None]
-        y = np.array([pairs[k][m] for k in ks])
-        for i in ("overlap_indicator", "skill_indicator"):
-            x = np.array([pairs[k][i] for k in ks])
-            rho = spearman(x, y) if len(ks) > 2 else float("nan")
-            corr[f"{i}~{m}"], p_values[f"{i}~{m}"] = rho, permutation_p(x, y, rho)
-        counts[m] = len(ks)
-    return corr, p_values, counts
-
-
-_REAL = ("zero_shot", "after_steps", "relative_zero_shot", "relative_after_steps", "gain_over_scratch")
-
-
 def _seed_files(out: Path, work: Path, seed: int) -> tuple[Path, Path, Path]:
     """(pairs cache, scratch cache, run folder root) of one transfer seed (seed 0 keeps the original names)."""
     tag = "" if seed == 0 else f"_seed{seed}"
@@ -175,91 +114,47 @@ def _seed_files(out: Path, work: Path, seed: int) -> tuple[Path, Path, Path]:
 
 
 def transfer_seed(chosen: list, work: Path, out: Path, args, seed: int) -> tuple[dict, dict]:
-    """Every ordered pair of ``chosen`` with seed ``seed``'s runs: A's prompt initialises B's tuning (B's seed-
-    ``seed`` settings). A's linear head comes with it when the two tasks have the same number of labels; across
-    label sets (a 3-class task and a binary one) B starts from a fresh head and zero-shot is not defined (None).
-    Returns (pairs, scratch: B -> accuracy after the same budget from the usual initialisation). Resumable."""
+    """Every ordered pair of ``chosen`` with seed ``seed``'s runs (:func:`skillkern.transfer.transfer_pair`), with
+    the two indicators; returns (pairs, scratch: B -> accuracy after the same budget from the usual
+    initialisation). Resumable: pairs and scratch accuracies are cached in ``out`` as they finish."""
     run = f"seed{seed}"
     probe = run_splits(task_data("sst2"), TuneSettings(max_test=64))[2][:64]  # fixed probe texts for all prompts
     activated, skill = {}, {}
     for a in chosen:
         pm, _, _ = load_run(work / a / run)
         activated[a] = activated_neurons(pm, probe)
-        skill[a] = torch.zeros_like(activated[a])
         # the top q of each layer for every task, 3-class ones included (max of the pn / neu predictivities), so
         # the Jaccard overlaps compare sets of one size
-        for layer, idx in enumerate(select_per_layer(_single(run_predictivity(work / a / run)), args.indicator_q)):
-            skill[a][layer, idx] = True
+        skill[a] = skill_neurons(task_predictivity(run_predictivity(work / a / run)), args.indicator_q)
     pairs_file, scratch_file, folders = _seed_files(out, work, seed)
     pairs = json.loads(pairs_file.read_text()) if pairs_file.exists() else {}
-    inter = lambda x, y: float((x & y).sum()) / max(1.0, float((x | y).sum()))  # noqa: E731
     for a in chosen:
-        state = None
         for b in chosen:
             if a == b:
                 continue
+            indicators = {"overlap_indicator": jaccard(activated[a], activated[b]),
+                          "skill_indicator": jaccard(skill[a], skill[b])}
             if f"{a}->{b}" in pairs:  # cached; the indicators are cheap and recomputed with the current rule
-                pairs[f"{a}->{b}"].update(overlap_indicator=inter(activated[a], activated[b]),
-                                          skill_indicator=inter(skill[a], skill[b]))
+                pairs[f"{a}->{b}"].update(indicators)
                 continue
-            from safetensors.torch import load_file
-
-            state = state or load_file(str(work / a / run / STATE_FILE))
-            info_b = read_run(work / b / run)
-            s = _transfer_settings(info_b, args)
-            pm, task, _ = load_run(work / b / run)
-            with_head = _head_matches(state, pm)
-            init = state if with_head else {k: v for k, v in state.items() if not k.startswith("head.")}
-            zero = None
-            if with_head:
-                pm.load_trained_state(init)
-                zero = evaluate(pm, run_splits(task, s)[2], 32, s.max_length)
-            t0 = time.perf_counter()
-            r = tune_run(info_b["model"], task, s, folders / f"{a}__{b}", progress=False, init_state=init,
-                         label=f"initialised from {a}" + ("" if with_head else " (prompt only, fresh head)"),
-                         overwrite=True)  # a folder left by a run killed before its pair was recorded
-            pairs[f"{a}->{b}"] = {"zero_shot": zero, "after_steps": r["test_accuracy"], "steps": r["steps"],
-                                  "head_carried": with_head, "own_accuracy": info_b["test_accuracy"],
-                                  "overlap_indicator": inter(activated[a], activated[b]),
-                                  "skill_indicator": inter(skill[a], skill[b]),
-                                  "seconds": round(time.perf_counter() - t0, 1)}
+            r = transfer_pair(work / a / run, work / b / run, folders / f"{a}__{b}", steps=args.transfer_steps,
+                              test_rows=args.transfer_rows)
+            pairs[f"{a}->{b}"] = {k: v for k, v in r.items() if k != "seconds"} | indicators | {"seconds": r["seconds"]}
             pairs_file.write_text(json.dumps(pairs, indent=2) + "\n")
             log.info("transfer seed %d %s -> %s: zero-shot %s, after %d steps %.3f", seed, a, b,
-                     "n/a" if zero is None else f"{zero:.3f}", r["steps"], r["test_accuracy"])
+                     "n/a" if r["zero_shot"] is None else f"{r['zero_shot']:.3f}", r["steps"], r["after_steps"])
     pairs_file.write_text(json.dumps(pairs, indent=2) + "\n")
     scratch = json.loads(scratch_file.read_text()) if scratch_file.exists() else {}
     for b in chosen:
         if b in scratch:
             continue
-        info_b = read_run(work / b / run)
-        s = _transfer_settings(info_b, args)
-        scratch[b] = tune_run(info_b["model"], task_data(b), s, folders / f"scratch__{b}", progress=False,
-                              label="from scratch (transfer baseline)", overwrite=True)["test_accuracy"]
+        scratch[b] = scratch_accuracy(work / b / run, folders / f"scratch__{b}", steps=args.transfer_steps,
+                                      test_rows=args.transfer_rows)
         scratch_file.write_text(json.dumps(scratch, indent=2) + "\n")
         log.info("transfer baseline seed %d on %s: %d steps from scratch %.3f", seed, b, args.transfer_steps,
                  scratch[b])
     keys = sorted(k for k in pairs if all(t in chosen for t in k.split("->")))
-    pairs = {k: pairs[k] for k in keys}
-    for k in keys:  # Su et al.'s relative performance: transfer accuracy over the target's own prompt accuracy
-        p = pairs[k]
-        p.setdefault("head_carried", True)  # pairs cached before the field existed were all same-label-count
-        p["relative_zero_shot"] = None if p["zero_shot"] is None else p["zero_shot"] / p["own_accuracy"]
-        p["relative_after_steps"] = p["after_steps"] / p["own_accuracy"]
-        p["gain_over_scratch"] = p["after_steps"] - scratch[k.split("->")[1]]
-    return pairs, scratch
-
-
-def _mean_pairs(per_seed: list[dict]) -> dict:
-    """Pairwise means over seeds of every numeric field (None stays None)."""
-    out = {}
-    for k in per_seed[0]:
-        entry = {}
-        for f, v in per_seed[0][k].items():
-            vals = [ps[k][f] for ps in per_seed]
-            entry[f] = (None if any(x is None for x in vals) else vals[0] if isinstance(v, bool)
-                        else float(np.mean(vals)))
-        out[k] = entry
-    return out
+    return add_relative_metrics({k: pairs[k] for k in keys}, scratch), scratch
 
 
 def part_transfer(tasks, work: Path, out: Path, args) -> dict:
@@ -275,13 +170,13 @@ def part_transfer(tasks, work: Path, out: Path, args) -> dict:
     runs = {sd: transfer_seed(chosen, work, out, args, sd) for sd in seeds}
     common = sorted(set.intersection(*(set(p) for p, _ in runs.values())))
     per_seed = [{k: runs[sd][0][k] for k in common} for sd in seeds]
-    pairs = _mean_pairs(per_seed)
+    pairs = mean_over_seeds(per_seed)
     scratch = {b: float(np.mean([runs[sd][1][b] for sd in seeds])) for b in chosen}
-    corr, p_values, counts = _correlations(pairs, common)
+    corr, p_values, counts = correlate(pairs, common)
     same = [k for k in common if pairs[k]["head_carried"]]
-    corr_same, p_same, counts_same = _correlations(pairs, same)
+    corr_same, p_same, counts_same = correlate(pairs, same)
     seed_corr = {str(sd): dict(zip(("spearman", "spearman_p_two_sided", "pairs_per_metric"),
-                               _correlations(ps, common))) for sd, ps in zip(seeds, per_seed)}
+                               correlate(ps, common))) for sd, ps in zip(seeds, per_seed)}
     result = {"tasks": chosen, "seeds": seeds, "pairs": pairs, "scratch": scratch,
               "spearman": corr, "spearman_p_two_sided": p_values, "pairs_per_metric": counts,
               "same_labels": {"spearman": corr_same, "spearman_p_two_sided": p_same, "pairs_per_metric": counts_same},

@@ -23,15 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from skillkern.data import binary_subtask, load_task
+from skillkern.perturb import perturb_run
+from skillkern.plotting import plot_perturbation
+from skillkern.stats import combine_runs
+from skillkern.transfer import spearman
+from skillkern.transfer import task_predictivity as combined_predictivity
+from skillkern.runs import read_run, run_predictivity, run_splits, score_run, scores_path, tune_run
+from skillkern.tune import TuneSettings
 
-from skillkern.data import binary_subtask, load_task  # noqa: E402
-from skillkern.perturb import perturb_run  # noqa: E402
-from skillkern.plotting import plot_perturbation  # noqa: E402
-from skillkern.runs import read_run, run_predictivity, run_splits, score_run, scores_path, tune_run  # noqa: E402
-from skillkern.stats import combine_runs  # noqa: E402
-from skillkern.tune import TuneSettings  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("study")
 
@@ -106,26 +107,7 @@ def ensure_perturb(run: Path, args, neurons_from: Path | None = None, tag: str =
 
 def task_predictivity(run: Path) -> torch.Tensor:
     """(L, D) predictivity of one run: the task's, or for 3-class tasks the max of its pn and neu sub-tasks."""
-    preds = run_predictivity(run)
-    if "task" in preds:
-        return preds["task"]
-    return torch.maximum(preds["pn"], preds["neu"])
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    def rank(x):
-        order = np.argsort(x, kind="stable")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        # average the ranks of ties
-        _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-        sums = np.bincount(inv, weights=r)
-        return (sums / counts)[inv]
-
-    ra, rb = rank(a), rank(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denom) if denom else float("nan")
+    return combined_predictivity(run_predictivity(run))
 
 
 def handwritten_init(model_name: str, text: str, prompt_len: int) -> torch.Tensor:
@@ -211,6 +193,14 @@ def main() -> int:
             continue
         rows[name] = per_seed
         log.info("%s: test accuracy %s", name, [r["test_accuracy"] for r in per_seed])
+
+    if not rows:  # only with --cached-only: nothing finished under --work (a fresh clone has no run folders)
+        if not (out / "results.json").is_file():
+            raise SystemExit(f"no finished runs under {work} and no {out / 'results.json'} to report")
+        log.warning("no finished runs under %s: rewriting RESULTS.md from %s", work, out / "results.json")
+        from results_md import main as results_md_main  # experiments/results_md.py
+
+        return results_md_main(["--out", str(out)])
 
     # 2. task-level aggregates and the correlation of predictivity between tasks
     tasks = [t for t in tasks if t in rows]
@@ -370,5 +360,4 @@ def plot_overview(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.exit(main())
