@@ -78,7 +78,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # 2. the GPU tests (on the CPU they are collected and skip: the dry run checks they still import)
-step tests 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_masked_ffn.py tests/test_ffn_stats.py \
+step tests 160 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_masked_ffn.py tests/test_ffn_stats.py \
   tests/test_stats_update_triton.py tests/test_csrc_cuda.py tests/test_library.py tests/test_prune.py \
   tests/test_compile_gate.py tests/test_scoring_fused.py
 
@@ -95,9 +95,9 @@ else
   P_ARGS=(--models roberta-base,llama-style --batches 1,32 --seqs 128 --repeats 10)
 fi
 [ $DRY = 1 ] || cp benchmarks/results/*_cuda.csv "$WORK"/ 2>/dev/null  # earlier GPU runs: rows are added to them
-step bench_masked_ffn 120 "$PY" benchmarks/bench_masked_ffn.py --device $DEV "${M_ARGS[@]}" --out "$WORK/masked_ffn_$DEV.csv"
-step bench_ffn_stats 75 "$PY" benchmarks/bench_ffn_stats.py --device $DEV "${F_ARGS[@]}" --out "$WORK/ffn_stats_$DEV.csv"
-step bench_pruned_model 100 "$PY" benchmarks/bench_pruned_model.py --device $DEV "${P_ARGS[@]}" --out "$WORK/pruned_model_$DEV.csv"
+step bench_masked_ffn 90 "$PY" benchmarks/bench_masked_ffn.py --device $DEV "${M_ARGS[@]}" --out "$WORK/masked_ffn_$DEV.csv"
+step bench_ffn_stats 60 "$PY" benchmarks/bench_ffn_stats.py --device $DEV "${F_ARGS[@]}" --out "$WORK/ffn_stats_$DEV.csv"
+step bench_pruned_model 75 "$PY" benchmarks/bench_pruned_model.py --device $DEV "${P_ARGS[@]}" --out "$WORK/pruned_model_$DEV.csv"
 
 # results: at most 8 files come back from a device call, so the CSVs and PNGs, plus everything in one archive
 cp "$WORK"/*.csv "$WORK"/*.png "$OUT"/ 2>/dev/null
