@@ -67,7 +67,8 @@ def test_capture_records_the_launchers_configurations():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_TRITON, reason="needs a CUDA GPU and triton")
 def test_gpu_compiled_kernels_match_table():
-    """On a GPU, Triton's own register and spill counts of launched kernels equal the gate's table rows."""
+    """On a GPU, Triton's own register and spill counts of launched kernels equal the gate's table rows (at grid
+    points of aot.GRID: plain FFNs with biases, gated ones without, as the grid builds them)."""
     from skillkern.ops import aot, dispatch
     from skillkern.ops.masked_ffn import masked_ffn
     from skillkern.ops.ffn_stats import ffn_stats
@@ -88,6 +89,8 @@ def test_gpu_compiled_kernels_match_table():
         w1 = torch.randn(3072, 768, device="cuda", generator=g).to(dtype) / 30
         wg = torch.randn(3072, 768, device="cuda", generator=g).to(dtype) / 30 if gated else None
         w2 = (torch.randn(3072, 768, device="cuda", generator=g).to(dtype) / 50).t()
+        b1 = None if gated else torch.randn(3072, device="cuda", generator=g).to(dtype)
+        b2 = None if gated else torch.randn(768, device="cuda", generator=g).to(dtype)
         keep = torch.randperm(3072, device="cuda")[: int(3072 * frac)]
         compiled = []
         real_launch = dispatch.launch
@@ -99,13 +102,13 @@ def test_gpu_compiled_kernels_match_table():
 
         dispatch.launch = spy
         try:
-            masked_ffn(x, w1, None, w2, None, keep, w_gate=wg, backend="triton")
-            ffn_stats(x, w1, None, w_gate=wg, backend="triton")
+            masked_ffn(x, w1, b1, w2, b2, keep, w_gate=wg, backend="triton")
+            ffn_stats(x, w1, b1, w_gate=wg, backend="triton")
         finally:
             dispatch.launch = real_launch
         torch.cuda.synchronize()
         for kernel, grid, args, kwargs, k in compiled:
-            v = aot.bind(dispatch.Launch(kernel, grid, args, kwargs), gpu)
+            v = aot.bind(dispatch.Launch(kernel, grid, args, dispatch.launch_options(kwargs)), gpu)
             key = (aot.source_key(v.kernel), v.key)
             row = rows.get(key)
             assert row is not None, f"{v.kernel} [{v.config()}] launched on {props.name} is not in the table"

@@ -270,14 +270,19 @@ class _Capture:
     launches: list = field(default_factory=list)
 
 
+def launch_options(kwargs: dict) -> dict:
+    """The keyword arguments a launch really passes: ``kwargs`` with FMA contraction pinned on (Triton 3.10
+    turns the default off, and the compiled code, and the compile gate's table, must not change with the Triton
+    version; the interpreter ignores the option)."""
+    return {"enable_fp_fusion": True, **kwargs}
+
+
 def launch(kernel, grid: tuple, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, the one launch point of every Triton kernel of skillkern.
 
     Returns what Triton returns (on a GPU, the compiled kernel, whose ``n_regs`` / ``n_spills`` the GPU tests
     compare with the compile gate's table); None when capturing."""
-    # FMA contraction pinned on: Triton 3.10 turns the default off, and the compiled code (and the compile
-    # gate's table) must not change with the Triton version. The interpreter ignores the option.
-    kwargs.setdefault("enable_fp_fusion", True)
+    kwargs = launch_options(kwargs)
     cap = _local("capture")
     if cap is not None:
         cap.launches.append(Launch(kernel, tuple(grid), args, dict(kwargs)))
