@@ -358,7 +358,7 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
         top: how many top neurons ``summary.json`` lists.
 
     Returns:
-        ``(stats, summary)``: statistics of (L, P, D, C) and the content of ``summary.json`` (None in processes
+        ``(stats, summary)``: statistics of shape (L, P, C, D) and the content of ``summary.json`` (None in processes
         of rank > 0).
     """
     from .checkpoint import PARTIAL, Checkpoint

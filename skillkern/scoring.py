@@ -419,7 +419,7 @@ class Scorer:
             if world > 1:
                 for part in parts:
                     _all_reduce(part.sums, part.baseline_class_count)
-            stats.finalize_baseline()
+            stats.finalize_thresholds()
             phase, position = "eval", 0
             if checkpoint is not None:  # the reduced thresholds are the point of no return: save them now
                 checkpoint.save(stats, phase, position, self.skipped)
@@ -708,7 +708,7 @@ def score_task(model: str, task, out: str | Path, settings: Optional[ScoreSettin
         overwrite: replace an earlier score result in ``out`` (otherwise refused).
 
     Returns:
-        ``(stats, summary)``: statistics of (L, S, D, C) and the content of ``summary.json``; ``summary`` is
+        ``(stats, summary)``: statistics of shape (L, S, C, D) and the content of ``summary.json``; ``summary`` is
         None in processes of rank > 0.
     """
     from .checkpoint import PARTIAL, Checkpoint

@@ -38,7 +38,7 @@ def _stats(seed: int) -> NeuronStats:
         for layer in range(L):
             stats.add_rows(layer, torch.randn(6 * S, D, generator=g), slot, label, backend="torch")
         if phase == 0:
-            stats.finalize_baseline()
+            stats.finalize_thresholds()
     return stats
 
 
