@@ -444,10 +444,10 @@ def skill_selection(preds: dict[str, torch.Tensor], q: float) -> list[torch.Tens
     raise ValueError(f"cannot select neurons from scores {sorted(preds)}: need 'task', or both 'pn' and 'neu'")
 
 
-def prompt_baseline(run: str | Path) -> torch.Tensor:
-    """(L, D) float64: the run's thresholds (mean activations on its training rows) averaged over the prompt slots,
-    from its task scores (or, for a multi-class task, its ``pn`` scores). The value the paper freezes pruned
-    neurons at, and the ``mean`` perturbation's value."""
+def prompt_thresholds(run: str | Path) -> torch.Tensor:
+    """(L, D) float64: the run's thresholds (mean activations on its baseline split) averaged over the prompt
+    slots, from its task scores (or, for a multi-class task, its ``pn`` scores). The fill value the paper freezes
+    pruned neurons at (``prune --fill prompt``), and the value of the ``mean`` perturbation."""
     path = next((p for p in (scores_path(run), scores_path(run, "pn")) if p.is_file()), None)
     if path is None:
         raise FileNotFoundError(f"run {run} has no scores: run `skillkern score --run {run}` first")

@@ -4,8 +4,8 @@
     gated:  y = W2[:, K] @ (act(Wg[K] x) * (W1[K] x + b1[K])) + b2        (Llama MLPs: w1 = W_up, w_gate = W_gate)
 
 ``b2`` is the output bias the caller has already folded (METHOD.md section 7: ``b2' = b2 + W2[:, pruned] @
-baseline[pruned]``). With a (G, Kmax) table of index sets and a per-row ``row_set``, one batch runs several
-tasks' pruned models from one copy of the weights.
+fill[pruned]``, ``fill`` the values the pruned neurons are frozen at). With a (G, Kmax) table of index sets and a
+per-row ``row_set``, one batch runs several tasks' pruned models from one copy of the weights.
 
 Memory traffic (R rows, K kept neurons, H in, H_out out, e bytes per element)
 ------------------------------------------------------------------------------
