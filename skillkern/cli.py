@@ -153,7 +153,7 @@ def _add_score_parser(sub) -> None:
                    help="'minilm' (embedded default), a hub id or a local path")
     p.add_argument("--task", default=None, action=_Given,
                    help="task name (folder under --data / SKILLKERN_DATA) or a task folder")
-    p.add_argument("--run", default=None, help="score the prompt slots of this tuned run (pool 'prompt') on the "
+    p.add_argument("--run", default=None, help="score the prompt slots of this tuned run (pool 'slots') on the "
                                                "train/dev split it was tuned on; the run fixes --model, --task, "
                                                "--pool, --max-length and --seed (refused with --run), and loads on "
                                                "one --device (no --device-map)")

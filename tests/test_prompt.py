@@ -299,7 +299,8 @@ def test_run_folder_scoring_equals_brute_force(tokenizer, tiny_dir, tmp_path):
     assert (run / "curve.png").is_file() and (run / "prompt.safetensors").is_file()
     assert sorted(p.name for p in run.iterdir()) == ["curve.png", "prompt.safetensors", "run.json"]  # no checkpoint
     stats, meta = score_run(run, progress=False, batch_size=5)
-    assert meta["pool"] == "prompt" and meta["baseline_rows"] == 24 and meta["eval_rows"] == 20
+    assert meta["pool"] == meta["settings"]["pool"] == "slots"
+    assert meta["baseline_rows"] == 24 and meta["eval_rows"] == 20
 
     pm, _, _ = load_run(run)
     train, dev = take(task.split("train"), 24), take(task.split("dev"), 20)
