@@ -138,8 +138,9 @@ class Checkpoint:
     def save(self, stats: NeuronStats, phase: str, position: int, skipped: Optional[dict] = None) -> None:
         """Write the checkpoint atomically (:func:`skillkern.files.atomic_write`: temporary file, fsync, rename)."""
         tensors = stats.state_tensors()
-        meta = {"format": "skillkern-checkpoint", "format_version": str(FORMAT_VERSION), "phase": phase, "position": str(position),
-                "fingerprint": json.dumps(self.fingerprint, sort_keys=True), "skipped": json.dumps(skipped or {})}
+        meta = {"format": "skillkern-checkpoint", "format_version": str(FORMAT_VERSION), "phase": phase,
+                "position": str(position), "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+                "skipped": json.dumps(skipped or {})}
         save_safetensors(self.path, tensors, meta)
         logger.debug("checkpoint: %s pass at example %d -> %s", phase, position, self.path)
 

@@ -36,7 +36,7 @@ key                       dtype    shape         content
 
 The first five are the accumulator's state (:meth:`NeuronStats.state_tensors`): a checkpoint of ``score --resume``
 (:mod:`skillkern.checkpoint`) holds exactly those keys, in the same layouts. The last three are derived, for
-readers of the file; loading ignores them.
+readers of the file; loading does not read them.
 
 Version 1 (skillkern 0.1.0) named ``threshold`` ``baseline`` and stored ``sums``, ``above`` and ``accuracy`` as
 (L, S, D, C); :meth:`NeuronStats.load` reads such files and converts them.
@@ -273,7 +273,7 @@ class NeuronStats:
         if not path.is_file():
             raise FileNotFoundError(f"stats file not found: {path}")
         try:
-            tensors, meta = load_safetensors(path, what="stats file",
+            tensors, meta = load_safetensors(path, what="stats file", keys=STATE_KEYS + ("threshold", "baseline"),
                                              hint="score again to rewrite it (with --overwrite)")
         except FileFormatError as err:
             raise StatsFileError(str(err).replace("is not a readable safetensors file",
@@ -298,14 +298,14 @@ class NeuronStats:
 
 def _from_version_1(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of a version-1 stats file in version 2's keys and layouts: ``baseline`` -> ``threshold``;
-    ``sums``, ``above`` and ``accuracy`` (L, S, D, C) -> (L, S, C, D); a file written before its baseline pass
-    ended (no ``baseline``) gets a zero ``above``."""
+    ``sums`` and ``above`` (L, S, D, C) -> (L, S, C, D); a file written before its baseline pass ended (no
+    ``baseline``) gets a zero ``above``. (The derived tensors are not read.)"""
     out = dict(tensors)
     if "baseline" in out:
         out["threshold"] = out.pop("baseline")
         if "above" not in out:
             raise StatsFileError(f"{path}: version-1 stats file with 'baseline' but no 'above'")
-    for key in ("sums", "above", "accuracy"):
+    for key in ("sums", "above"):
         if key in out:
             if out[key].dim() != 4:
                 raise StatsFileError(f"{path}: {key!r} has shape {tuple(out[key].shape)}, expected 4 dimensions")
