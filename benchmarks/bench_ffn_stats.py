@@ -2,7 +2,7 @@
 
 Providers, on the same inputs (R token rows, one tracked row per 128 tokens as with cls pooling):
 
-    plain-ffn     h = act(x W1^T + b1) (gated: act(x Wg^T) * (x W1^T)), no statistics: the baseline
+    plain-ffn     h = act(x W1^T + b1) (gated: act(x Wg^T) * (x W1^T)), no statistics: the reference
     hook-torch    plain-ffn, then gather the tracked rows and run the PyTorch reference of stats_update
                   (what the hook-based scorer does per layer)
     hook-ext      the same with the compiled stats_update op (when skillkern._C is built)

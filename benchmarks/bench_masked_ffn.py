@@ -1,4 +1,4 @@
-"""Masked / pruned FFN: time against the dense FFN and against the strongest baseline, a dense FFN whose
+"""Masked / pruned FFN: time against the dense FFN and against the strongest reference, a dense FFN whose
 weights were sliced to the kept neurons ahead of time ("presliced"), plus the fraction of the roofline.
 
 Providers (one FFN layer, weights in nn.Linear layout):
@@ -16,7 +16,7 @@ small cases stay in the last-level cache between calls and beat the memory roofl
 off (CPU only: do_bench always flushes).
 
 Metrics per (shape, rows, keep fraction): time (median, p20, p80 over repeats), speedup_vs_dense and
-ratio_vs_presliced (each sample over the baseline's median measured in the same run), and roofline_fraction =
+ratio_vs_presliced (each sample over the reference's median measured in the same run), and roofline_fraction =
 roofline time / measured time, where roofline time = max(bytes / peak bandwidth, FLOPs / peak FLOP/s) for the
 work the provider must do (kept weights + x + y; the full weights for dense). Peaks: --peak-gbs /
 --peak-tflops, else _common.PEAKS for a known GPU, else measured in the same run (a STREAM-like copy of a

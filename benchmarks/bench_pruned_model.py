@@ -75,7 +75,7 @@ def forward_flops(model, batch: int, seq: int, widths: list[int] | None = None) 
 
 
 def pruning_plan(model, keep: float, layers: str) -> tuple[dict, torch.Tensor]:
-    """Kept neurons per pruned layer (a fixed random 'keep' fraction) and a zero baseline."""
+    """Kept neurons per pruned layer (a fixed random 'keep' fraction) and zero fill values."""
     L = len(ffn_layers(model))
     chosen = parse_layers(layers, L)
     g = torch.Generator().manual_seed(0)
@@ -142,8 +142,8 @@ def main() -> int:
     rows = []
     for name in args.models.split(","):
         dense = build(name, args.device, dtype)
-        keep_idx, baseline = pruning_plan(dense, args.keep, args.layers)
-        sliced = prune_model(copy.deepcopy(dense), keep_idx, baseline) if "sliced" in providers else None
+        keep_idx, fill = pruning_plan(dense, args.keep, args.layers)
+        sliced = prune_model(copy.deepcopy(dense), keep_idx, fill) if "sliced" in providers else None
         for b in map(int, args.batches.split(",")):
             for t in map(int, args.seqs.split(",")):
                 if not cuda and b * t > args.max_tokens:
@@ -159,7 +159,7 @@ def main() -> int:
                     return bench(fwd(model), device=args.device, repeats=args.repeats, **kw)
 
                 def timed_masked(**kw):
-                    with masked_ffn_model(dense, keep_idx, baseline):
+                    with masked_ffn_model(dense, keep_idx, fill):
                         return timed(dense, **kw)
 
                 runs = {"sliced": lambda **kw: timed(sliced, **kw), "masked_ffn": timed_masked}

@@ -67,7 +67,7 @@ def bench_time(args) -> list[dict]:
         sums_stats = scorer.new_stats()
         count_stats = scorer.new_stats()
         scorer.run_pass(count_stats, examples)
-        count_stats.finalize_baseline()
+        count_stats.finalize_thresholds()
         providers[f"baseline-pass[{backend}]"] = lambda sc=scorer, st=sums_stats: sc.run_pass(st, examples)
         providers[f"eval-pass[{backend}]"] = lambda sc=scorer, st=count_stats: sc.run_pass(st, examples)
     fns = {"plain-inference": lambda: plain_pass(model, tokenizer, examples, base)} | providers

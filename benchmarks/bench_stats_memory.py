@@ -51,7 +51,7 @@ def child(shape: str, rows: int, batch: int) -> None:
                 stats.add_rows(layer, h, slot, label, check=False)
             stats.count_rows(label)
         if phase == 0:
-            stats.finalize_baseline()
+            stats.finalize_thresholds()
     seconds = time.perf_counter() - started
     print(json.dumps({"growth_mib": peak_rss_mib() - before, "seconds": seconds,
                       "rows_per_s": 2 * rows * L / seconds}))

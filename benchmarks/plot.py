@@ -21,7 +21,7 @@ from typing import Optional
 
 from _common import read_rows
 
-#: a ratio panel marks 1 and DESIGN.md's goal for a scoring pass / masked FFN against its baseline
+#: a ratio panel marks 1 and DESIGN.md's goal for a scoring pass / masked FFN against its reference
 RATIO_GOAL = 1.10
 
 

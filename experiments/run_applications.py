@@ -53,16 +53,16 @@ def part_prune(tasks, work: Path, out: Path, args) -> dict:
     for name in tasks:
         run = work / name / "seed0"
         entry = {}
-        for baseline in ("prompt", "tokens"):
-            retune = baseline == "prompt" and name in args.retune_tasks
-            r = _json(work / name / f"pruned_{baseline}" / "prune_summary.json",
-                      lambda: prune_run(run, work / name / f"pruned_{baseline}", keep=args.keep, layers=args.layers,
-                                        baseline=baseline, retune=retune, retune_epochs=args.retune_epochs,
+        for fill in ("prompt", "tokens"):
+            retune = fill == "prompt" and name in args.retune_tasks
+            r = _json(work / name / f"pruned_{fill}" / "prune_summary.json",
+                      lambda: prune_run(run, work / name / f"pruned_{fill}", keep=args.keep, layers=args.layers,
+                                        fill=fill, retune=retune, retune_epochs=args.retune_epochs,
                                         progress=False, overwrite=True),
                       needs="test_accuracy_pruned_retuned" if retune else "")
-            entry[baseline] = r
+            entry[fill] = r
         results[name] = entry
-        log.info("pruned %s: original %.3f, prompt-baseline %.3f, token-baseline %.3f", name,
+        log.info("pruned %s: original %.3f, prompt-slot fill %.3f, token-mean fill %.3f", name,
                  entry["prompt"]["test_accuracy_original"], entry["prompt"]["test_accuracy_pruned"],
                  entry["tokens"]["test_accuracy_pruned"])
     (out / "pruning.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -151,7 +151,7 @@ def transfer_seed(chosen: list, work: Path, out: Path, args, seed: int) -> tuple
         scratch[b] = scratch_accuracy(work / b / run, folders / f"scratch__{b}", steps=args.transfer_steps,
                                       test_rows=args.transfer_rows)
         scratch_file.write_text(json.dumps(scratch, indent=2) + "\n")
-        log.info("transfer baseline seed %d on %s: %d steps from scratch %.3f", seed, b, args.transfer_steps,
+        log.info("from-scratch reference seed %d on %s: %d steps %.3f", seed, b, args.transfer_steps,
                  scratch[b])
     keys = sorted(k for k in pairs if all(t in chosen for t in k.split("->")))
     return add_relative_metrics({k: pairs[k] for k in keys}, scratch), scratch

@@ -181,7 +181,8 @@ def main() -> int:
             info = ensure_run(run, name, settings_for(args, seed), args)
             ensure_scores(run, name)
             pert = ensure_perturb(run, args)
-            # mean ablation (a = baseline), the strongest of METHOD.md's modes, beside the gaussian default
+            # mean ablation (a = the threshold averaged over the prompt slots), the strongest of METHOD.md's modes,
+            # beside the gaussian default
             pert_mean = None if args.cached_only and not (run / "perturb_mean.json").exists() else \
                 ensure_perturb(run, args, tag="perturb_mean", mode="mean")
             pred = task_predictivity(run)

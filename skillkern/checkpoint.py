@@ -9,6 +9,13 @@ are bit-identical to an uninterrupted run.
 
 A checkpoint records a fingerprint of the job (model, task, splits and their sizes, settings); resuming a
 different job is refused rather than silently mixing statistics.
+
+The file holds the accumulator's state under the stats file's keys and layouts (``sums``, ``above``,
+``baseline_class_count``, ``eval_class_count`` and, after the baseline pass, ``threshold``: the module docstring
+of :mod:`skillkern.stats`), and in its header ``format = "skillkern-checkpoint"``, ``format_version`` (the stats
+format's), ``phase`` (``baseline`` or ``eval``), ``position``, ``fingerprint`` and ``skipped``. A checkpoint
+without ``format_version`` (skillkern 0.1.0) has the same keys and layouts and is read as it is; a newer
+version is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from .files import FileFormatError, is_leftover, load_safetensors, safetensors_header, save_safetensors
-from .stats import NeuronStats, ShardedNeuronStats, StatsFileError
+from .stats import FORMAT_VERSION, NeuronStats, ShardedNeuronStats, StatsFileError
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +101,10 @@ class Checkpoint:
     def _check_meta(self, meta: dict) -> tuple[str, int, dict]:
         if meta.get("format") != "skillkern-checkpoint":
             raise StatsFileError(f"{self.path} is not a skillkern checkpoint; delete it or run without --resume")
+        version = meta.get("format_version", str(FORMAT_VERSION))  # none: 0.1.0's, the same keys and layouts
+        if version != str(FORMAT_VERSION):
+            raise StatsFileError(f"checkpoint {self.path} has format version {version}, which this skillkern "
+                                 f"(format {FORMAT_VERSION}) cannot read; delete it or run without --resume")
         try:
             theirs = json.loads(meta.get("fingerprint", "{}"))
             skipped = json.loads(meta.get("skipped", "{}"))
@@ -107,7 +118,7 @@ class Checkpoint:
         return phase, position, skipped
 
     def _restore_tensors(self, stats, tensors: dict) -> None:
-        L, S, D, C = stats.shape
+        L, S, C, D = stats.shape
         expected = {"sums": (L, S, C, D), "above": (L, S, C, D), "baseline_class_count": (C,),
                     "eval_class_count": (C,)}
         if "threshold" in tensors:
@@ -127,8 +138,9 @@ class Checkpoint:
     def save(self, stats: NeuronStats, phase: str, position: int, skipped: Optional[dict] = None) -> None:
         """Write the checkpoint atomically (:func:`skillkern.files.atomic_write`: temporary file, fsync, rename)."""
         tensors = stats.state_tensors()
-        meta = {"format": "skillkern-checkpoint", "phase": phase, "position": str(position),
-                "fingerprint": json.dumps(self.fingerprint, sort_keys=True), "skipped": json.dumps(skipped or {})}
+        meta = {"format": "skillkern-checkpoint", "format_version": str(FORMAT_VERSION), "phase": phase,
+                "position": str(position), "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+                "skipped": json.dumps(skipped or {})}
         save_safetensors(self.path, tensors, meta)
         logger.debug("checkpoint: %s pass at example %d -> %s", phase, position, self.path)
 

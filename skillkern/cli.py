@@ -132,6 +132,18 @@ class _Given(argparse.Action):
         namespace.given = set(getattr(namespace, "given", ())) | {self.dest}
 
 
+class _Renamed(argparse.Action):
+    """A flag that was renamed: refused at once, in one line naming the new flag."""
+
+    def __init__(self, option_strings, dest, new: str, usage: str, **kwargs):
+        self.new, self.usage = new, usage
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        use = f"{self.new} {values}" if isinstance(values, str) else self.usage
+        parser.error(f"{option_string} was renamed to {self.new}; use {use}")
+
+
 def _add_score_parser(sub) -> None:
     p = sub.add_parser("score", help="score every FFN neuron's predictivity for a task",
                        description="Two streaming passes: thresholds on the baseline split, accuracy counts on the "
@@ -141,7 +153,7 @@ def _add_score_parser(sub) -> None:
                    help="'minilm' (embedded default), a hub id or a local path")
     p.add_argument("--task", default=None, action=_Given,
                    help="task name (folder under --data / SKILLKERN_DATA) or a task folder")
-    p.add_argument("--run", default=None, help="score the prompt slots of this tuned run (pool 'prompt') on the "
+    p.add_argument("--run", default=None, help="score the prompt slots of this tuned run (pool 'slots') on the "
                                                "train/dev split it was tuned on; the run fixes --model, --task, "
                                                "--pool, --max-length and --seed (refused with --run), and loads on "
                                                "one --device (no --device-map)")
@@ -392,14 +404,17 @@ def cmd_perturb(args) -> int:
 def _add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a run's model to its skill neurons (bias folding), save and evaluate",
                        description="Keeps the top --keep skill neurons of each pruned layer, freezes the others at "
-                                   "their baseline and folds them into the down-projection bias, slices W1/b1/W2. "
-                                   "OUT/model reloads with skillkern.load_model(OUT/model).")
+                                   "their fill value (--fill) and folds them into the down-projection bias, slices "
+                                   "W1/b1/W2. OUT/model reloads with skillkern.load_model(OUT/model).")
     p.add_argument("--run", required=True, help="a scored run folder")
     p.add_argument("--keep", type=float, default=0.02, help="per-layer fraction of neurons kept, in (0, 1] "
                                                             "(default 0.02)")
     p.add_argument("--layers", default="top:0.75", help="top:F (top F of layers), all, or indices (default top:0.75)")
-    p.add_argument("--baseline", default="prompt", choices=["prompt", "tokens"],
-                   help="value of pruned neurons: prompt-slot mean (paper) or mean over all tokens")
+    p.add_argument("--fill", default="prompt", choices=["prompt", "tokens"],
+                   help="fill value of the pruned neurons: prompt, their thresholds averaged over the prompt slots "
+                        "(the paper's), or tokens, their mean activation over every real token of the training rows")
+    p.add_argument("--baseline", nargs="?", action=_Renamed, new="--fill", usage="--fill prompt|tokens",
+                   help=argparse.SUPPRESS)
     p.add_argument("--retune", action="store_true", help="re-tune the prompt on the pruned model (OUT/retuned)")
     p.add_argument("--retune-epochs", type=float, default=None)
     p.add_argument("--data", default=None)
@@ -421,7 +436,7 @@ def cmd_prune(args) -> int:
         _number("--retune-epochs", args.retune_epochs, 0, low_open=True)
     _check_device(args.device)
     _check_data(args.data)
-    r = prune_run(args.run, args.out, keep=args.keep, layers=args.layers, baseline=args.baseline,
+    r = prune_run(args.run, args.out, keep=args.keep, layers=args.layers, fill=args.fill,
                   retune=args.retune, retune_epochs=args.retune_epochs, device=args.device, data=args.data,
                   progress=not args.no_progress, overwrite=args.overwrite)
     print(f"pruned layers {r['pruned_layers']} of {args.run} to widths {r['widths']} "

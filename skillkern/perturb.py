@@ -6,7 +6,7 @@ METHOD.md sections 4-6. The selected neurons are perturbed at every token positi
 - ``gaussian``: ``a += eps``, ``eps ~ N(0, sigma^2)``, one noise vector per sample shared by its positions, redrawn
   every forward pass (from a seeded generator, so a perturbation run is reproducible);
 - ``zero``: ``a = 0``;
-- ``mean``: ``a = baseline`` (the run's thresholds averaged over the prompt slots).
+- ``mean``: ``a = threshold`` averaged over the prompt slots (:func:`skillkern.runs.prompt_thresholds`).
 
 The control perturbs, in each layer, the same number of neurons drawn uniformly at random (seeded).
 """
@@ -22,7 +22,7 @@ import torch
 
 from .batching import take
 from .files import atomic_write, atomic_write_json
-from .runs import check_run, load_run, load_run_task, prompt_baseline, read_run, run_predictivity, skill_selection
+from .runs import check_run, load_run, load_run_task, prompt_thresholds, read_run, run_predictivity, skill_selection
 from .tune import TuneSettings, evaluate
 
 logger = logging.getLogger(__name__)
@@ -37,13 +37,15 @@ def random_selection(counts: Sequence[int], width: int, seed: int) -> list[torch
 
 
 def perturbation(selection: Sequence[torch.Tensor], mode: str = "gaussian", sigma: float = 0.1,
-                 baseline: Optional[torch.Tensor] = None, seed: int = 0) -> Callable[[int, torch.Tensor], torch.Tensor]:
+                 prompt_thresholds: Optional[torch.Tensor] = None, seed: int = 0
+                 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """An ``edit_neurons`` function perturbing ``selection[layer]`` at every position.
 
     Args:
         selection: per-layer int64 neuron indices (an empty tensor leaves that layer alone).
         mode: ``gaussian``, ``zero`` or ``mean``.
-        baseline: (L, D) values for ``mean`` mode.
+        prompt_thresholds: (L, D) the value ``mean`` mode sets: the thresholds averaged over the prompt slots
+            (:func:`skillkern.runs.prompt_thresholds`).
         seed: seeds the gaussian noise generator.
 
     Returns:
@@ -51,8 +53,8 @@ def perturbation(selection: Sequence[torch.Tensor], mode: str = "gaussian", sigm
     """
     if mode not in MODES:
         raise ValueError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
-    if mode == "mean" and baseline is None:
-        raise ValueError("mode='mean' needs the baseline (L, D) activations")
+    if mode == "mean" and prompt_thresholds is None:
+        raise ValueError("mode='mean' needs prompt_thresholds, the (L, D) thresholds averaged over the prompt slots")
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     gen = torch.Generator().manual_seed(int(seed))
@@ -74,7 +76,7 @@ def perturbation(selection: Sequence[torch.Tensor], mode: str = "gaussian", sigm
         elif mode == "zero":
             h[..., idx_d] = 0
         else:
-            h[..., idx_d] = baseline[layer, idx].to(h.device, h.dtype)
+            h[..., idx_d] = prompt_thresholds[layer, idx].to(h.device, h.dtype)
         return h
 
     return fn
@@ -135,7 +137,7 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
     source_info = info if neurons_from is None else read_run(source, "--neurons-from")
     preds = run_predictivity(source)
     skill_selection(preds, 0.0)  # scores that cannot give a selection fail now, not after loading the model
-    baseline = prompt_baseline(source) if mode == "mean" else None
+    values = prompt_thresholds(source) if mode == "mean" else None  # (L, D), for mode mean
     task = load_run_task(info, data)
     test = take(task.split(split), s.max_test if max_test is None else max_test)
     check_split_classes(test, task.label_names, f"the {split!r} split of {run}")
@@ -148,8 +150,8 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
                          f"of {run} has {len(widths)} layers of widths {sorted(set(widths))}; take the neurons "
                          "of a run on the same model")
     clean = evaluate(pm, test, batch_size, s.max_length)
-    rows = _curve(pm, test, preds, fractions, clean=clean, mode=mode, sigma=sigma, baseline=baseline, seed=seed,
-                  batch_size=batch_size, max_length=s.max_length, progress=progress)
+    rows = _curve(pm, test, preds, fractions, clean=clean, mode=mode, sigma=sigma, prompt_thresholds=values,
+                  seed=seed, batch_size=batch_size, max_length=s.max_length, progress=progress)
     return {
         "kind": PERTURB_KIND,
         "run": str(run), "task": info["task"], "subtask": info.get("subtask"),
@@ -163,7 +165,8 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
 
 
 def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean: float, mode: str, sigma: float,
-           baseline: Optional[torch.Tensor], seed: int, batch_size: int, max_length: int, progress: bool) -> list:
+           prompt_thresholds: Optional[torch.Tensor], seed: int, batch_size: int, max_length: int,
+           progress: bool) -> list:
     """Test accuracy with the skill neurons, then as many random ones, perturbed, for each fraction q."""
     from tqdm.auto import tqdm
 
@@ -177,9 +180,9 @@ def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean: fl
             continue
         control = random_selection(counts, width, seed=seed * 7919 + i)
         acc_skill = evaluate(pm, test, batch_size, max_length,
-                             edit=perturbation(skill, mode, sigma, baseline, seed=seed * 104729 + i))
+                             edit=perturbation(skill, mode, sigma, prompt_thresholds, seed=seed * 104729 + i))
         acc_random = evaluate(pm, test, batch_size, max_length,
-                              edit=perturbation(control, mode, sigma, baseline, seed=seed * 104729 + i))
+                              edit=perturbation(control, mode, sigma, prompt_thresholds, seed=seed * 104729 + i))
         rows.append({"fraction": q, "neurons_per_layer": counts, "skill": acc_skill, "random": acc_random})
         logger.info("q=%.2f: %d neurons, accuracy %.4f (skill) vs %.4f (random)", q, sum(counts), acc_skill,
                     acc_random)

@@ -1,9 +1,13 @@
 """Structured pruning to skill neurons, with bias folding, and pruned models that save and reload (METHOD.md 7).
 
-In each pruned layer only the kept neurons K remain; every other neuron is frozen at its baseline value ``m`` and
-folded into the down-projection's bias:
+In each pruned layer only the kept neurons K remain; every other neuron is frozen at its *fill value* and folded
+into the down-projection's bias:
 
-    b2' = b2 + W2[:, P] @ m[P]          (P = pruned neurons only; the released code adds W2 @ m over all: a bug)
+    b2' = b2 + W2[:, P] @ fill[P]       (P = pruned neurons only; the released code adds W2 @ fill over all: a bug)
+
+The fill value of a neuron is, as the paper has it, its threshold averaged over the prompt slots
+(:func:`skillkern.runs.prompt_thresholds`), or its mean activation over every real token position
+(:func:`token_means`).
 
 then W1, b1 (and W_gate) are sliced to the rows K and W2 to the columns K, so the layer really shrinks. Layers
 may end up with different widths; :func:`prune_model` records the modules it replaced in the model's config, and
@@ -92,40 +96,40 @@ def _up_like(layer: FFNLayer, module: nn.Module, keep: torch.Tensor) -> nn.Modul
     return _resized(module, w[keep], None if b is None else b[keep], False)
 
 
-def _folded_bias(layer: FFNLayer, keep: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
-    """``b2 + W2[:, P] @ baseline[P]`` over the pruned neurons P only, summed in float64 (hidden_out,)."""
+def _folded_bias(layer: FFNLayer, keep: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """``b2 + W2[:, P] @ fill[P]`` over the pruned neurons P only, summed in float64 (hidden_out,)."""
     pruned = torch.ones(layer.width, dtype=torch.bool)
     pruned[keep] = False
     w2 = layer.down.weight.detach()
     w2_lin = w2.t() if layer.spec.conv1d else w2                           # (hidden_out, D)
-    m = baseline.to(torch.float64)
+    m = fill.to(torch.float64)
     fold = (w2_lin.double()[:, pruned.to(w2.device)] @ m[pruned.to(m.device)].to(w2.device)).to(w2.dtype)
     b2 = layer.down.bias.detach() if getattr(layer.down, "bias", None) is not None else torch.zeros_like(fold)
     return b2 + fold
 
 
-def _checked_keep(layer: FFNLayer, keep, baseline: torch.Tensor) -> torch.Tensor:
-    """Sorted unique int64 indices on the CPU, after checking them and the baseline against the layer."""
+def _checked_keep(layer: FFNLayer, keep, fill: torch.Tensor) -> torch.Tensor:
+    """Sorted unique int64 indices on the CPU, after checking them and the fill values against the layer."""
     D = layer.width
     keep = torch.as_tensor(keep, dtype=torch.int64).unique(sorted=True).cpu()
     if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= D):
         raise ValueError(f"layer {layer.index}: kept neuron indices must be in [0, {D})")
-    if baseline.shape != (D,):
-        raise ValueError(f"layer {layer.index}: baseline must have shape ({D},), got {tuple(baseline.shape)}")
+    if fill.shape != (D,):
+        raise ValueError(f"layer {layer.index}: fill must have shape ({D},), got {tuple(fill.shape)}")
     return keep
 
 
 @torch.no_grad()
-def prune_layer(layer: FFNLayer, keep: torch.Tensor, baseline: torch.Tensor) -> None:
-    """Prune one FFN layer in place to the neurons ``keep``, folding the others at ``baseline`` into the bias.
+def prune_layer(layer: FFNLayer, keep: torch.Tensor, fill: torch.Tensor) -> None:
+    """Prune one FFN layer in place to the neurons ``keep``, folding the others at ``fill`` into the bias.
 
     Args:
         keep: (K,) int64 neuron indices to keep (any order; they are sorted).
-        baseline: (D,) value each pruned neuron is frozen at.
+        fill: (D,) fill values: the value each pruned neuron is frozen at.
     """
-    keep = _checked_keep(layer, keep, baseline)
+    keep = _checked_keep(layer, keep, fill)
     down = layer.down
-    b2 = _folded_bias(layer, keep, baseline)
+    b2 = _folded_bias(layer, keep, fill)
     new_w2 = down.weight.detach()[keep] if layer.spec.conv1d else down.weight.detach()[:, keep]
     spec, block = layer.spec, layer.block
     _set_path(block, spec.down, _resized(down, new_w2, b2, layer.spec.conv1d))
@@ -179,14 +183,14 @@ class MaskedFFNModel:
 
 
 @contextlib.contextmanager
-def masked_ffn_model(model: nn.Module, keep, baseline, *, backend: str = "auto", schedule: str = "auto",
+def masked_ffn_model(model: nn.Module, keep, fill, *, backend: str = "auto", schedule: str = "auto",
                      contiguous_w2: Optional[bool] = None) -> Iterator[MaskedFFNModel]:
     """Run ``model`` as the model :func:`prune_model` would make, from its dense weights, with ``masked_ffn``;
     or as several such models at once, one per batch row.
 
     Inside the block every layer in ``keep`` computes ``W2[:, K] @ act(W1[K] x + b1[K]) + b2'`` with the
     :func:`skillkern.ops.masked_ffn.masked_ffn` kernel (gated MLPs: the gated form), where ``b2'`` is the bias
-    with the pruned neurons folded in at ``baseline`` exactly as :func:`prune_layer` folds it. Nothing is sliced
+    with the pruned neurons folded in at ``fill`` exactly as :func:`prune_layer` folds them. Nothing is sliced
     or copied except the folded biases (and, with ``contiguous_w2``, a transposed copy of W2 per layer), so
     one set of weights serves the dense model outside the block and the pruned one inside it. On a GPU this is
     the fast path for few rows; on a CPU, slicing (:func:`prune_model`) is faster.
@@ -198,7 +202,7 @@ def masked_ffn_model(model: nn.Module, keep, baseline, *, backend: str = "auto",
     Args:
         keep: layer index -> (K_l,) int64 kept neuron indices (layers not in the dict run unchanged), or a list
             of such dicts, one per plan.
-        baseline: (L, D) values the pruned neurons are frozen at, or a list of them, one per plan.
+        fill: (L, D) fill values (what the pruned neurons are frozen at), or a list of them, one per plan.
         backend, schedule: passed to ``masked_ffn`` (``backend="torch"`` is the index_select reference).
         contiguous_w2: keep a transposed contiguous copy of each W2, so the kept neurons' output weights are
             contiguous rows (see the masked_ffn module docstring); default: on CUDA only.
@@ -212,15 +216,15 @@ def masked_ffn_model(model: nn.Module, keep, baseline, *, backend: str = "auto",
 
     many = isinstance(keep, (list, tuple))
     plans = list(keep) if many else [keep]
-    bases = list(baseline) if isinstance(baseline, (list, tuple)) else [baseline]
-    if len(bases) != len(plans):
-        raise ValueError(f"{len(plans)} keep plans but {len(bases)} baselines: give one baseline per plan")
+    fills = list(fill) if isinstance(fill, (list, tuple)) else [fill]
+    if len(fills) != len(plans):
+        raise ValueError(f"{len(plans)} keep plans but {len(fills)} fill tensors: give one (L, D) fill per plan")
     if not plans:
         raise ValueError("masked_ffn_model needs at least one pruning plan")
     layers = ffn_layers(model)
-    for base in bases:
-        if base.dim() != 2 or base.shape[0] != len(layers):
-            raise ValueError(f"baseline must be (layers={len(layers)}, neurons), got {tuple(base.shape)}")
+    for values in fills:
+        if values.dim() != 2 or values.shape[0] != len(layers):
+            raise ValueError(f"fill must be (layers={len(layers)}, neurons), got {tuple(values.shape)}")
     for plan in plans:
         for index in plan:
             if not 0 <= index < len(layers):
@@ -236,10 +240,10 @@ def masked_ffn_model(model: nn.Module, keep, baseline, *, backend: str = "auto",
             if contiguous_w2 if contiguous_w2 is not None else w2.is_cuda:
                 w2 = w2.t().contiguous().t() if w2.stride(0) != 1 else w2
             sets, biases = [], []
-            for plan, base in zip(plans, bases):
-                k = _checked_keep(layer, plan[index], base[index]) if index in plan else torch.arange(layer.width)
+            for plan, values in zip(plans, fills):
+                k = _checked_keep(layer, plan[index], values[index]) if index in plan else torch.arange(layer.width)
                 sets.append(k)
-                biases.append(_folded_bias(layer, k, base[index]))
+                biases.append(_folded_bias(layer, k, values[index]))
             if many:
                 table = torch.full((len(sets), max(len(k) for k in sets)), -1, dtype=torch.int64)
                 for g, k in enumerate(sets):
@@ -264,13 +268,13 @@ def masked_ffn_model(model: nn.Module, keep, baseline, *, backend: str = "auto",
         yield handle
 
 
-def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch.Tensor,
+def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], fill: torch.Tensor,
                 info: Optional[dict] = None) -> nn.Module:
     """Prune ``model`` in place.
 
     Args:
         keep: layer index -> (K_l,) kept neuron indices; layers not in the dict are left whole.
-        baseline: (L, D) values the pruned neurons are frozen at (folded into the down-projection bias).
+        fill: (L, D) fill values: what the pruned neurons are frozen at (folded into the down-projection bias).
         info: extra provenance recorded in ``config.skillkern_pruning``.
 
     Returns:
@@ -279,12 +283,12 @@ def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch
         ``config.skillkern_pruning``; save it with :func:`skillkern.pruned_format.save_pruned`.
     """
     layers = ffn_layers(model)
-    if baseline.dim() != 2 or baseline.shape[0] != len(layers):
-        raise ValueError(f"baseline must be (layers={len(layers)}, neurons), got {tuple(baseline.shape)}")
+    if fill.dim() != 2 or fill.shape[0] != len(layers):
+        raise ValueError(f"fill must be (layers={len(layers)}, neurons), got {tuple(fill.shape)}")
     for index, idx in keep.items():
         if not 0 <= index < len(layers):
             raise ValueError(f"layer {index} out of range for {len(layers)} layers")
-        prune_layer(layers[index], idx, baseline[index])
+        prune_layer(layers[index], idx, fill[index])
     layers = ffn_layers(model)
     changed = [mod for index in keep for mod in (layers[index].up, layers[index].down, layers[index].gate)
                if mod is not None]
@@ -295,9 +299,10 @@ def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], baseline: torch
 
 
 @torch.no_grad()
-def token_mean_baseline(model, examples: Sequence, *, batch_size: int = 32, max_length: int = 128,
-                        forward=None) -> torch.Tensor:
-    """(L, D) float64 mean activation over every real (non-padding) position of ``examples``.
+def token_means(model, examples: Sequence, *, batch_size: int = 32, max_length: int = 128,
+                forward=None) -> torch.Tensor:
+    """(L, D) float64 mean activation over every real (non-padding) position of ``examples``: the fill values of
+    ``prune --fill tokens``.
 
     ``forward(batch)`` runs the model (e.g. a PromptModel, whose prompt positions then count too).
     """
@@ -328,7 +333,7 @@ def token_mean_baseline(model, examples: Sequence, *, batch_size: int = 32, max_
 
 
 def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: str = "top:0.75",
-              baseline: str = "prompt", retune: bool = False, retune_epochs: Optional[float] = None,
+              fill: str = "prompt", retune: bool = False, retune_epochs: Optional[float] = None,
               device=None, data: Optional[str] = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Prune a tuned run's model to its skill neurons and evaluate it (``skillkern prune``).
 
@@ -343,8 +348,9 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
             pruned model, usable by score/perturb), ``out/prune.json`` (accuracies, widths, parameter counts).
         keep: per-layer fraction q of skill neurons kept, in (0, 1] (multi-class runs keep 2q by the union rule).
         layers: which layers are pruned (see :func:`parse_layers`).
-        baseline: value the pruned neurons are frozen at: ``prompt`` (the paper's: the run's thresholds averaged
-            over the prompt slots) or ``tokens`` (mean over all real positions of the training rows).
+        fill: the fill values, what the pruned neurons are frozen at: ``prompt`` (the paper's: the run's thresholds
+            averaged over the prompt slots, :func:`skillkern.runs.prompt_thresholds`) or ``tokens`` (the mean
+            activation over all real positions of the training rows, :func:`token_means`).
         retune: re-tune the prompt (starting from the run's) on the pruned model; written to ``out/retuned``.
         overwrite: replace an earlier prune output in ``out`` (otherwise refused).
     """
@@ -352,18 +358,14 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
     import time
 
     from .data import check_split_classes
-    from .files import atomic_write_json, check_out_dir, staged_dir
-    from .runs import (check_run, load_run, load_run_task, prompt_baseline, read_prompt, run_predictivity,
-                       run_splits, skill_selection, write_run)
+    from .files import atomic_write_json, staged_dir
+    from .runs import (load_run, load_run_task, prompt_thresholds, read_prompt, run_predictivity, run_splits,
+                       skill_selection, write_run)
     from .tune import TuneSettings, evaluate
 
-    _check_prune_args(keep, baseline, retune_epochs)
     out = Path(out)
-    info = check_run(run)
-    inputs = [("run folder", run), ("data folder", data), ("task folder", info.get("task_source") or None)]
-    if Path(info["model"]).expanduser().exists():
-        inputs.append(("model folder of the run", Path(info["model"]).expanduser()))
-    check_out_dir(out, kind="pruned", overwrite=overwrite, inputs=inputs)
+    info = _check_prune_job(run, out, keep=keep, fill=fill, retune_epochs=retune_epochs, data=data,
+                            overwrite=overwrite)
     preds = run_predictivity(run)
     num_layers, width = next(iter(preds.values())).shape
     chosen = parse_layers(layers, num_layers)
@@ -371,7 +373,7 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
     if any(selection[i].numel() == 0 for i in chosen):
         raise ValueError(f"--keep {keep} keeps no neuron of the {width} in each layer; use --keep >= "
                          f"{math.ceil(1e4 / width) / 1e4:g} (one neuron per layer)")
-    base = prompt_baseline(run) if baseline == "prompt" else None  # (L, D): mean over the prompt slots
+    values = prompt_thresholds(run) if fill == "prompt" else None  # (L, D): mean over the prompt slots
     s = TuneSettings(**info["settings"])
     task = load_run_task(info, data)
     train, _dev, test = run_splits(task, s)
@@ -381,20 +383,20 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
     if before != [width] * num_layers:
         raise ValueError(f"--run {run}: its scores cover {num_layers} layers x {width} neurons, but its model has "
                          f"FFN widths {before}; score the run again")
-    if baseline == "tokens":
-        base = token_mean_baseline(pm, train, batch_size=32, max_length=s.max_length)
+    if fill == "tokens":
+        values = token_means(pm, train, batch_size=32, max_length=s.max_length)
     params_before = sum(p.numel() for p in pm.backbone.parameters())
     acc_before = evaluate(pm, test, 32, s.max_length)
     started = time.perf_counter()
-    prune_model(pm.backbone, {i: selection[i] for i in chosen}, base,
-                info={"source_run": str(run), "keep": keep, "layers": layers, "baseline": baseline,
+    prune_model(pm.backbone, {i: selection[i] for i in chosen}, values,
+                info={"source_run": str(run), "keep": keep, "layers": layers, "fill": fill,
                       "task": info["task"], "subtask": info.get("subtask")})
     acc_after = evaluate(pm, test, 32, s.max_length)
     after = _ffn_widths(pm.backbone)
     final_model = str((out / "model").resolve())
     result = {
         "run": str(run), "task": info["task"], "subtask": info.get("subtask"), "keep": keep, "layers": layers,
-        "pruned_layers": chosen, "baseline": baseline, "test_rows": len(test),
+        "pruned_layers": chosen, "fill": fill, "test_rows": len(test),
         "test_accuracy_original": acc_before, "test_accuracy_pruned": acc_after, "widths": after,
         "ffn_neurons_before": sum(before), "ffn_neurons_after": sum(after),
         "params_before": params_before, "params_after": sum(p.numel() for p in pm.backbone.parameters()),
@@ -411,15 +413,27 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
     return result
 
 
-def _check_prune_args(keep: float, baseline: str, retune_epochs: Optional[float]) -> None:
+def _check_prune_job(run, out: Path, *, keep: float, fill: str, retune_epochs: Optional[float],
+                     data: Optional[str], overwrite: bool) -> dict:
+    """Check the arguments, the run and the output folder of :func:`prune_run` before anything is loaded.
+    Returns the run's run.json."""
     import math
 
-    if baseline not in ("prompt", "tokens"):
-        raise ValueError(f"--baseline must be 'prompt' or 'tokens', got {baseline!r}")
+    from .files import check_out_dir
+    from .runs import check_run
+
+    if fill not in ("prompt", "tokens"):
+        raise ValueError(f"--fill must be 'prompt' or 'tokens', got {fill!r}")
     if not (0 < keep <= 1):
         raise ValueError(f"--keep must be a fraction in (0, 1], got {keep}")
     if retune_epochs is not None and not (retune_epochs > 0 and math.isfinite(retune_epochs)):
         raise ValueError(f"--retune-epochs must be a positive number, got {retune_epochs}")
+    info = check_run(run)
+    inputs = [("run folder", run), ("data folder", data), ("task folder", info.get("task_source") or None)]
+    if Path(info["model"]).expanduser().exists():
+        inputs.append(("model folder of the run", Path(info["model"]).expanduser()))
+    check_out_dir(out, kind="pruned", overwrite=overwrite, inputs=inputs)
+    return info
 
 
 def _ffn_widths(model) -> list[int]:

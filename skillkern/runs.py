@@ -335,7 +335,7 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
               out: Optional[str | Path] = None, baseline_split: str = "train", eval_split: str = "dev",
               nonfinite: str = "raise", resume: bool = False, checkpoint_every: int = 50, overwrite: bool = False,
               top: int = 10) -> tuple[NeuronStats, Optional[dict]]:
-    """Score the P prompt slots of a tuned run (pool ``prompt``) on the split it was tuned on.
+    """Score the P prompt slots of a tuned run (pool ``slots``) on the split it was tuned on.
 
     Validate, then work, then publish, as :func:`skillkern.scoring.score_task`: the run folder, the output
     folder, the classes of both splits and, with ``resume``, the checkpoint are checked before the model is
@@ -358,7 +358,7 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
         top: how many top neurons ``summary.json`` lists.
 
     Returns:
-        ``(stats, summary)``: statistics of (L, P, D, C) and the content of ``summary.json`` (None in processes
+        ``(stats, summary)``: statistics of shape (L, P, C, D) and the content of ``summary.json`` (None in processes
         of rank > 0).
     """
     from .checkpoint import PARTIAL, Checkpoint
@@ -399,7 +399,7 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
     scorer = Scorer(pm.backbone, pm.tokenizer, task.num_classes, settings, progress=progress and procs.rank == 0,
                     forward=lambda _m, batch: pm(**batch.inputs), nonfinite=nonfinite)
     meta = {"subtask": subtask or info.get("subtask"), "split_seed": s.split_seed, "run": str(run),
-            "pool": "prompt" if pm.prompt_len else "cls", "prompt": info.get("prompt", "tuned"),
+            "pool": settings.pool, "prompt": info.get("prompt", "tuned"),
             "head": info["head_description"]}
     return score_and_publish(scorer, task, baseline, evaluation, folder, splits=(baseline_split, eval_split),
                              meta=meta, checkpoint=checkpoint, top=top, title=f"{task.name}: prompt slots of {run}",
@@ -444,10 +444,10 @@ def skill_selection(preds: dict[str, torch.Tensor], q: float) -> list[torch.Tens
     raise ValueError(f"cannot select neurons from scores {sorted(preds)}: need 'task', or both 'pn' and 'neu'")
 
 
-def prompt_baseline(run: str | Path) -> torch.Tensor:
-    """(L, D) float64: the run's thresholds (mean activations on its training rows) averaged over the prompt slots,
-    from its task scores (or, for a multi-class task, its ``pn`` scores). The value the paper freezes pruned
-    neurons at, and the ``mean`` perturbation's value."""
+def prompt_thresholds(run: str | Path) -> torch.Tensor:
+    """(L, D) float64: the run's thresholds (mean activations on its baseline split) averaged over the prompt
+    slots, from its task scores (or, for a multi-class task, its ``pn`` scores). The fill value the paper freezes
+    pruned neurons at (``prune --fill prompt``), and the value of the ``mean`` perturbation."""
     path = next((p for p in (scores_path(run), scores_path(run, "pn")) if p.is_file()), None)
     if path is None:
         raise FileNotFoundError(f"run {run} has no scores: run `skillkern score --run {run}` first")

@@ -264,6 +264,37 @@ class Scorer:
 
         return replace_neuron_computation(self.model, compute, which=s.which)
 
+    def _hooks(self, stats, current: dict, buffered: dict, desc: str):
+        """The context that scores through hooks: each layer's neurons are pooled to the tracked rows, checked
+        for NaN/Inf and added to ``stats`` (with ``nonfinite="skip"``, kept in ``buffered`` until every layer has
+        run: a sample is dropped if any layer misbehaves)."""
+        s = self.settings
+        skip = self.nonfinite == "skip"
+
+        def on_device(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+            """The batch's mask and labels on ``device`` (small; copied once per batch and device)."""
+            moved = current.setdefault("moved", {})
+            if device not in moved:
+                batch = current["batch"]
+                moved[device] = (batch.attention_mask.to(device), batch.labels.to(device))
+            return moved[device]
+
+        def on_layer(index: int, h: torch.Tensor) -> None:
+            mask, labels = on_device(h.device)
+            rows, slot, label = pool_rows(h, mask, labels, s)
+            if skip:
+                buffered[index] = (rows.clone(), slot, label)
+                return
+            if not bool(torch.isfinite(rows).all()):
+                bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten()[:5].tolist()
+                raise NonFiniteActivationError(
+                    f"layer {index}: NaN or Inf activations at tracked rows {bad} of the batch starting at "
+                    f"example {current['start']} ({desc}); pass nonfinite='skip' (--skip-nonfinite) to drop "
+                    f"such samples instead")
+            stats.add_rows(index, rows, slot, label, backend=s.backend, check=False)
+
+        return capture_neurons(self.model, on_layer, which=s.which)
+
     def _check_flags(self, flags: list, current: dict, desc: str) -> None:
         for index, rows, tracked, bad in flags:
             if bool(bad.any()):
@@ -295,29 +326,6 @@ class Scorer:
         current: dict = {}
         buffered: dict[int, tuple] = {}
         flags: list = []
-
-        def on_device(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-            """The batch's mask and labels on ``device`` (small; copied once per batch and device)."""
-            moved = current.setdefault("moved", {})
-            if device not in moved:
-                batch = current["batch"]
-                moved[device] = (batch.attention_mask.to(device), batch.labels.to(device))
-            return moved[device]
-
-        def on_layer(index: int, h: torch.Tensor) -> None:
-            mask, labels = on_device(h.device)
-            rows, slot, label = pool_rows(h, mask, labels, s)
-            if skip:  # wait for every layer: a sample is dropped if any layer misbehaves
-                buffered[index] = (rows.clone(), slot, label)
-                return
-            if not bool(torch.isfinite(rows).all()):
-                bad = (~torch.isfinite(rows)).any(dim=1).nonzero().flatten()[:5].tolist()
-                raise NonFiniteActivationError(
-                    f"layer {index}: NaN or Inf activations at tracked rows {bad} of the batch starting at "
-                    f"example {current['start']} ({desc}); pass nonfinite='skip' (--skip-nonfinite) to drop "
-                    f"such samples instead")
-            stats.add_rows(index, rows, slot, label, backend=s.backend, check=False)
-
         if not hasattr(examples, "__getitem__"):
             examples = list(examples)
         total = len(examples)
@@ -332,7 +340,7 @@ class Scorer:
             logger.debug("%s: fused FFN + statistics kernel (%d layers)", desc, len(weights))
         else:
             self.path = "hooks"
-            reading = capture_neurons(self.model, on_layer, which=s.which)
+            reading = self._hooks(stats, current, buffered, desc)
             if self.fused_backend() is not None:  # the fused kernel was asked for but cannot run here
                 (logger.warning if model_side and s.backend == "triton" else logger.info)(
                     "%s: not using the fused FFN kernel (%s); reading neurons with hooks", desc, reason)
@@ -419,7 +427,7 @@ class Scorer:
             if world > 1:
                 for part in parts:
                     _all_reduce(part.sums, part.baseline_class_count)
-            stats.finalize_baseline()
+            stats.finalize_thresholds()
             phase, position = "eval", 0
             if checkpoint is not None:  # the reduced thresholds are the point of no return: save them now
                 checkpoint.save(stats, phase, position, self.skipped)
@@ -518,7 +526,8 @@ def score(model, tokenizer, baseline: Sequence, evaluation: Sequence, num_classe
     Returns:
         :class:`NeuronStats` with thresholds (L, S, D) and counts (L, S, C, D).
     """
-    return Scorer(model, tokenizer, num_classes, ScoreSettings(**settings), progress=progress).score(baseline, evaluation)
+    scorer = Scorer(model, tokenizer, num_classes, ScoreSettings(**settings), progress=progress)
+    return scorer.score(baseline, evaluation)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -708,7 +717,7 @@ def score_task(model: str, task, out: str | Path, settings: Optional[ScoreSettin
         overwrite: replace an earlier score result in ``out`` (otherwise refused).
 
     Returns:
-        ``(stats, summary)``: statistics of (L, S, D, C) and the content of ``summary.json``; ``summary`` is
+        ``(stats, summary)``: statistics of shape (L, S, C, D) and the content of ``summary.json``; ``summary`` is
         None in processes of rank > 0.
     """
     from .checkpoint import PARTIAL, Checkpoint

@@ -2,14 +2,44 @@
 
 Two passes over data (METHOD.md section 4):
 
-1. baseline split: per-(layer, slot, class, neuron) float64 sums -> ``threshold = sum / rows`` (the mean).
+1. baseline split: per-(layer, slot, class, neuron) float64 sums -> ``threshold = sum / rows`` (the mean: METHOD.md's
+   baseline(N, p), called the *threshold* everywhere in skillkern).
 2. evaluation split: per-(layer, slot, class, neuron) int64 counts of ``activation > threshold``.
 
 Nothing here grows with the number of rows: :class:`NeuronStats` holds ``2 * L * S * C * D`` numbers plus the
-thresholds, and two of them merge by addition (batches, resumed jobs, processes).
+thresholds, and two of them merge by addition (batches, resumed jobs, processes). The class axis comes before the
+neuron axis (``(L, S, C, D)``) so that a row of activations is added to one contiguous line of memory; the stats
+file stores every tensor in the layout it has in memory.
 
-Internally the class axis comes before the neuron axis (``[L, S, C, D]``) so that a row of activations is added
-to one contiguous line of memory; the stats file stores the documented ``[L, S, D, C]`` layout.
+The stats file
+--------------
+``stats.safetensors`` (written by :meth:`NeuronStats.save`, read by :meth:`NeuronStats.load`): safetensors whose
+header metadata holds ``format = "skillkern-stats"``, ``format_version = "2"`` and ``settings`` (JSON: model,
+layers, width, task, splits and their sizes, scoring settings; :func:`skillkern.scoring.score_metadata`). ``L``
+layers, ``S`` tracked slots, ``C`` classes, ``D`` neurons per layer:
+
+========================  =======  ============  ===================================================================
+key                       dtype    shape         content
+========================  =======  ============  ===================================================================
+``sums``                  float64  (L, S, C, D)  per-class sums of activations over the baseline split's rows
+``baseline_class_count``  int64    (C,)          rows of each class in the baseline split
+``eval_class_count``      int64    (C,)          rows of each class in the evaluation split
+``threshold``             float64  (L, S, D)     ``sums.sum(classes) / baseline rows``: the mean activation on the
+                                                 baseline split (once the baseline pass is over)
+``above``                 int64    (L, S, C, D)  per-class counts of ``activation > threshold`` on the evaluation
+                                                 split (with ``threshold``)
+``accuracy``              float32  (L, S, C, D)  one-vs-rest accuracy of ``activation > threshold <=> class c``
+                                                 (:meth:`NeuronStats.accuracy`; when the evaluation split has rows)
+``predictivity``          float32  (L, D)        Pred(N) (:meth:`NeuronStats.predictivity`; likewise)
+``sign``                  int8     (L, D)        +1 excitatory, -1 inhibitory (:meth:`NeuronStats.sign`; likewise)
+========================  =======  ============  ===================================================================
+
+The first five are the accumulator's state (:meth:`NeuronStats.state_tensors`): a checkpoint of ``score --resume``
+(:mod:`skillkern.checkpoint`) holds exactly those keys, in the same layouts. The last three are derived, for
+readers of the file; loading does not read them.
+
+Version 1 (skillkern 0.1.0) named ``threshold`` ``baseline`` and stored ``sums``, ``above`` and ``accuracy`` as
+(L, S, D, C); :meth:`NeuronStats.load` reads such files and converts them.
 """
 
 from __future__ import annotations
@@ -17,18 +47,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from .files import FileFormatError, load_safetensors, safetensors_header, save_safetensors
+from .files import FileFormatError, load_safetensors, save_safetensors
 from .ops.stats_update import stats_update
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: the stats file's ``format_version`` (see the module docstring); version 1 is still read
+FORMAT_VERSION = 2
+#: the state tensors every stats file and checkpoint holds; ``threshold`` joins them once the baseline pass is over
+STATE_KEYS = ("sums", "above", "baseline_class_count", "eval_class_count")
 
 
 class StatsFileError(FileFormatError):
@@ -45,7 +77,7 @@ class NeuronStats:
     Attributes:
         sums: (L, S, C, D) float64 per-class sums of activations on the baseline split.
         baseline_class_count: (C,) int64 rows per class seen in the baseline pass.
-        threshold: (L, S, D) float64 mean activation on the baseline split, set by :meth:`finalize_baseline`.
+        threshold: (L, S, D) float64 mean activation on the baseline split, set by :meth:`finalize_thresholds`.
         above: (L, S, C, D) int64 per-class counts of ``activation > threshold`` on the evaluation split.
         eval_class_count: (C,) int64 rows per class seen in the evaluation pass.
     """
@@ -67,14 +99,14 @@ class NeuronStats:
     # ----------------------------------------------------------------------------------------- accumulate
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """(L, S, D, C): layers, slots, neurons, classes."""
-        return self.num_layers, self.num_slots, self.width, self.num_classes
+        """(L, S, C, D): layers, slots, classes, neurons: the shape of ``sums`` and ``above``."""
+        return self.num_layers, self.num_slots, self.num_classes, self.width
 
     def add_rows(self, layer: int, h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor,
                  backend: str = "auto", check: bool = True) -> None:
         """Add one batch of rows of one layer to the current pass.
 
-        Before :meth:`finalize_baseline` the rows go into the baseline sums, afterwards into the counts.
+        Before :meth:`finalize_thresholds` the rows go into the baseline sums, afterwards into the counts.
 
         Args:
             layer: layer index in ``[0, L)``.
@@ -89,7 +121,7 @@ class NeuronStats:
         """The current pass's state of ``layer``, to be updated in place (by ``stats_update`` or ``ffn_stats``).
 
         Returns:
-            before :meth:`finalize_baseline`: ``(sums[layer], None)``, (S, C, D) float64;
+            before :meth:`finalize_thresholds`: ``(sums[layer], None)``, (S, C, D) float64;
             after it: ``(above[layer], threshold[layer])``, (S, C, D) int64 and (S, D) float64.
         """
         if not 0 <= layer < self.num_layers:
@@ -106,8 +138,9 @@ class NeuronStats:
             raise ValueError(f"label {bad} out of range [0, {self.num_classes})")
         counts += torch.bincount(label.to(counts.device), minlength=self.num_classes)
 
-    def finalize_baseline(self) -> torch.Tensor:
-        """End the baseline pass: thresholds = mean activation over all baseline rows. Returns (L, S, D)."""
+    def finalize_thresholds(self) -> torch.Tensor:
+        """End the baseline pass: thresholds = mean activation over all rows of the baseline split. Returns
+        (L, S, D)."""
         rows = int(self.baseline_class_count.sum())
         if rows == 0:
             raise ValueError("the baseline split produced no rows: cannot compute thresholds")
@@ -141,7 +174,8 @@ class NeuronStats:
         return new
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The raw state, for checkpoints and all-reduce (internal [L, S, C, D] layout)."""
+        """The accumulator's state, for the stats file, checkpoints and all-reduce: ``sums``, ``above``, the two
+        class counts and, once the baseline pass is over, ``threshold`` (the layouts of the module docstring)."""
         state = {"sums": self.sums, "above": self.above, "baseline_class_count": self.baseline_class_count,
                  "eval_class_count": self.eval_class_count}
         if self.threshold is not None:
@@ -150,7 +184,7 @@ class NeuronStats:
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_tensors`: copy ``sums``, ``above``, the class counts and, when present,
-        ``threshold`` (internal [L, S, C, D] / [L, S, D] layouts, any device) into this object."""
+        ``threshold`` ((L, S, C, D) / (L, S, D) layouts, any device) into this object."""
         for key in ("sums", "above", "baseline_class_count", "eval_class_count"):
             getattr(self, key).copy_(tensors[key])
         if "threshold" in tensors:
@@ -159,7 +193,7 @@ class NeuronStats:
     # ----------------------------------------------------------------------------------- predictivity
     def _require_eval(self) -> torch.Tensor:
         if self.threshold is None:
-            raise ValueError("no thresholds yet: run the baseline pass and finalize_baseline() first")
+            raise ValueError("no thresholds yet: run the baseline pass and finalize_thresholds() first")
         n = self.eval_class_count
         if int(n.sum()) == 0:
             raise ValueError("the evaluation split produced no rows: no accuracy to compute")
@@ -169,17 +203,17 @@ class NeuronStats:
         """Per-neuron one-vs-rest accuracy of the rule ``activation > threshold  <=>  class c``.
 
         Returns:
-            (L, S, D, C) float64: ``Acc[..., c] = (above_c + sum_{c' != c} (n_c' - above_c')) / N``.
-            For a binary task, ``[..., 1]`` is METHOD.md's Acc(N, p) and ``[..., 0] = 1 - [..., 1]``.
+            (L, S, C, D) float64: ``Acc[:, :, c] = (above_c + sum_{c' != c} (n_c' - above_c')) / N``.
+            For a binary task, ``[:, :, 1]`` is METHOD.md's Acc(N, p) and ``[:, :, 0] = 1 - [:, :, 1]``.
         """
         n = self._require_eval().to(torch.float64)
         above = self.above.to(torch.float64)                     # (L, S, C, D)
         below = n.view(1, 1, -1, 1) - above                      # rows of class c at or under threshold
         correct = above + (below.sum(dim=2, keepdim=True) - below)
-        return (correct / n.sum()).permute(0, 1, 3, 2).contiguous()
+        return correct / n.sum()
 
     def slot_predictivity(self) -> torch.Tensor:
-        """(L, S, D, C) float64 ``max(Acc, 1 - Acc)`` per slot and one-vs-rest class."""
+        """(L, S, C, D) float64 ``max(Acc, 1 - Acc)`` per slot and one-vs-rest class."""
         acc = self.accuracy()
         return torch.maximum(acc, 1.0 - acc)
 
@@ -189,42 +223,33 @@ class NeuronStats:
         Returns:
             (L, D) float64.
         """
-        pred = self.slot_predictivity()
-        if self.num_classes == 2:
-            pred = pred[..., 1]
-        else:
-            pred = pred.amax(dim=-1)
+        pred = self.slot_predictivity()                          # (L, S, C, D)
+        pred = pred[:, :, 1] if self.num_classes == 2 else pred.amax(dim=2)
         return pred.amax(dim=1)
 
     def sign(self) -> torch.Tensor:
         """(L, D) int8: +1 if the neuron fires above threshold for the positive class (excitatory), -1 if
         it is inhibitory (Acc < 0.5 at its most predictive slot). Binary tasks; for C > 2 the class-c rule
         of the most predictive (slot, class) pair."""
-        acc = self.accuracy()
+        acc = self.accuracy()                                    # (L, S, C, D)
         if self.num_classes == 2:
-            acc = acc[..., 1]
+            acc = acc[:, :, 1]
         else:
-            best_class = torch.maximum(acc, 1 - acc).argmax(dim=-1, keepdim=True)
-            acc = acc.gather(-1, best_class).squeeze(-1)
+            best_class = torch.maximum(acc, 1 - acc).argmax(dim=2, keepdim=True)
+            acc = acc.gather(2, best_class).squeeze(2)
         best_slot = torch.maximum(acc, 1 - acc).argmax(dim=1, keepdim=True)
         best = acc.gather(1, best_slot).squeeze(1)
         return torch.where(best >= 0.5, 1, -1).to(torch.int8)
 
     # ------------------------------------------------------------------------------------------- files
     def to_file_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors written to ``stats.safetensors`` in the documented layout (see README)."""
-        out = {
-            "sums": self.sums.permute(0, 1, 3, 2).contiguous().cpu(),
-            "baseline_class_count": self.baseline_class_count.cpu(),
-            "eval_class_count": self.eval_class_count.cpu(),
-        }
-        if self.threshold is not None:
-            out["baseline"] = self.threshold.cpu()
-            out["above"] = self.above.permute(0, 1, 3, 2).contiguous().cpu()
-            if int(self.eval_class_count.sum()) > 0:
-                out["predictivity"] = self.predictivity().to(torch.float32).cpu()
-                out["accuracy"] = self.accuracy().to(torch.float32).cpu()
-                out["sign"] = self.sign().cpu()
+        """The tensors of the stats file, on the CPU: the state (:meth:`state_tensors`) and, when the evaluation
+        split has rows, ``accuracy``, ``predictivity`` and ``sign`` (the module docstring lists them)."""
+        out = {key: value.cpu() for key, value in self.state_tensors().items()}
+        if self.threshold is not None and int(self.eval_class_count.sum()) > 0:
+            out["accuracy"] = self.accuracy().to(torch.float32).cpu()
+            out["predictivity"] = self.predictivity().to(torch.float32).cpu()
+            out["sign"] = self.sign().cpu()
         return out
 
     def save(self, path: str | Path, metadata: Optional[dict] = None) -> None:
@@ -237,7 +262,8 @@ class NeuronStats:
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu",
              expect: Optional[dict] = None) -> tuple["NeuronStats", dict]:
-        """Read a stats file written by :meth:`save`. Returns ``(stats, settings)``.
+        """Read a stats file written by :meth:`save` (format version 2, or 1, converted). Returns
+        ``(stats, settings)``.
 
         ``expect``: settings the file must have (e.g. ``{"model": ..., "task": ...}``); a file that belongs to
         another model or task raises :class:`StatsFileError` naming the difference. A missing file raises
@@ -247,33 +273,63 @@ class NeuronStats:
         if not path.is_file():
             raise FileNotFoundError(f"stats file not found: {path}")
         try:
-            tensors, meta = load_safetensors(path, what="stats file",
+            tensors, meta = load_safetensors(path, what="stats file", keys=STATE_KEYS + ("threshold", "baseline"),
                                              hint="score again to rewrite it (with --overwrite)")
         except FileFormatError as err:
             raise StatsFileError(str(err).replace("is not a readable safetensors file",
                                                   "is not a readable safetensors stats file")) from err.__cause__
         if meta.get("format") != "skillkern-stats":
             raise StatsFileError(f"{path} is not a skillkern stats file (metadata format={meta.get('format')!r})")
-        for key in ("sums", "baseline_class_count", "eval_class_count"):
-            if key not in tensors:
-                raise StatsFileError(f"{path} lacks the tensor {key!r}")
-        if tensors["sums"].dim() != 4:
-            raise StatsFileError(f"{path}: 'sums' has shape {tuple(tensors['sums'].shape)}, expected 4 dimensions")
-        L, S, D, C = tensors["sums"].shape
+        version = meta.get("format_version", "1")
+        if version == "1":
+            tensors = _from_version_1(path, tensors)
+        elif version != str(FORMAT_VERSION):
+            raise StatsFileError(f"{path} has stats format version {version}, which this skillkern (format "
+                                 f"{FORMAT_VERSION}) cannot read; upgrade skillkern or score again")
+        L, S, C, D = _state_shape(path, tensors)
         stats = cls(L, S, D, C, device=device)
-        stats.sums.copy_(tensors["sums"].permute(0, 1, 3, 2))
-        stats.baseline_class_count.copy_(tensors["baseline_class_count"])
-        stats.eval_class_count.copy_(tensors["eval_class_count"])
-        if "baseline" in tensors:
-            if "above" not in tensors or tuple(tensors["above"].shape) != (L, S, D, C):
-                raise StatsFileError(f"{path}: 'above' missing or not of shape {(L, S, D, C)}")
-            stats.threshold = tensors["baseline"].to(device=device, dtype=torch.float64)
-            stats.above.copy_(tensors["above"].permute(0, 1, 3, 2))
+        stats.load_state({key: tensors[key] for key in STATE_KEYS + ("threshold",) if key in tensors})
         settings = _header_settings(path, meta)
         for key, want in (expect or {}).items():
             if settings.get(key) != want:
                 raise StatsFileError(f"{path} belongs to {key}={settings.get(key)!r}, not {want!r}")
         return stats, settings
+
+
+def _from_version_1(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a version-1 stats file in version 2's keys and layouts: ``baseline`` -> ``threshold``;
+    ``sums`` and ``above`` (L, S, D, C) -> (L, S, C, D); a file written before its baseline pass ended (no
+    ``baseline``) gets a zero ``above``. (The derived tensors are not read.)"""
+    out = dict(tensors)
+    if "baseline" in out:
+        out["threshold"] = out.pop("baseline")
+        if "above" not in out:
+            raise StatsFileError(f"{path}: version-1 stats file with 'baseline' but no 'above'")
+    for key in ("sums", "above"):
+        if key in out:
+            if out[key].dim() != 4:
+                raise StatsFileError(f"{path}: {key!r} has shape {tuple(out[key].shape)}, expected 4 dimensions")
+            out[key] = out[key].permute(0, 1, 3, 2).contiguous()
+    if "sums" in out and "above" not in out:
+        out["above"] = torch.zeros(out["sums"].shape, dtype=torch.int64)
+    return out
+
+
+def _state_shape(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
+    """(L, S, C, D) of a stats file's state tensors, after checking that they are all there and agree."""
+    for key in STATE_KEYS:
+        if key not in tensors:
+            raise StatsFileError(f"{path} lacks the tensor {key!r}")
+    if tensors["sums"].dim() != 4:
+        raise StatsFileError(f"{path}: 'sums' has shape {tuple(tensors['sums'].shape)}, expected 4 dimensions")
+    L, S, C, D = tensors["sums"].shape
+    expected = {"above": (L, S, C, D), "baseline_class_count": (C,), "eval_class_count": (C,)}
+    if "threshold" in tensors:
+        expected["threshold"] = (L, S, D)
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise StatsFileError(f"{path}: {key!r} has shape {tuple(tensors[key].shape)}, expected {shape}")
+    return L, S, C, D
 
 
 def _header_settings(path: Path, meta: dict) -> dict:
@@ -287,23 +343,6 @@ def _header_settings(path: Path, meta: dict) -> dict:
     return settings
 
 
-def read_stats_header(path: str | Path) -> tuple[tuple[int, int, int, int], dict]:
-    """``((L, S, D, C), settings)`` of a stats file without reading its tensors: a cheap check that the file is
-    a whole, readable skillkern stats file (raises FileNotFoundError or :class:`StatsFileError` naming it)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"stats file not found: {path}")
-    try:
-        meta, shapes = safetensors_header(path, what="stats file", hint="score again to rewrite it (with --overwrite)")
-    except FileFormatError as err:
-        raise StatsFileError(str(err)) from err.__cause__
-    if meta.get("format") != "skillkern-stats":
-        raise StatsFileError(f"{path} is not a skillkern stats file (metadata format={meta.get('format')!r})")
-    if len(shapes.get("sums", ())) != 4:
-        raise StatsFileError(f"{path} lacks a 4-D tensor 'sums'")
-    return shapes["sums"], _header_settings(path, meta)
-
-
 class ShardedNeuronStats:
     """:class:`NeuronStats` split by layer over devices, for models whose layers live on several devices
     (``device_map="auto"``): layer ``l``'s statistics are allocated, and updated, on ``layer_devices[l]``, so
@@ -312,7 +351,7 @@ class ShardedNeuronStats:
     One :class:`NeuronStats` per distinct device (:attr:`parts`, in order of first appearance) holds that
     device's layers in increasing order (:attr:`groups`); every part counts the class of every sample. It has
     the accumulating API of :class:`NeuronStats` (``add_rows``, ``accumulator``, ``count_rows``,
-    ``finalize_baseline``, ``threshold``, ``shape``, ``state_tensors``, ``load_state``); :meth:`gather` merges it
+    ``finalize_thresholds``, ``threshold``, ``shape``, ``state_tensors``, ``load_state``); :meth:`gather` merges it
     into one :class:`NeuronStats` (on the CPU by default) for everything else. The per-layer numbers are those of
     a single-device run exactly: the same op adds the same rows.
 
@@ -340,8 +379,8 @@ class ShardedNeuronStats:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """(L, S, D, C): layers, slots, neurons, classes."""
-        return self.num_layers, self.num_slots, self.width, self.num_classes
+        """(L, S, C, D): layers, slots, classes, neurons: the shape of ``sums`` and ``above``."""
+        return self.num_layers, self.num_slots, self.num_classes, self.width
 
     @property
     def layer_devices(self) -> list[torch.device]:
@@ -371,10 +410,10 @@ class ShardedNeuronStats:
         for part in self.parts:
             part.count_rows(label)
 
-    def finalize_baseline(self) -> torch.Tensor:
+    def finalize_thresholds(self) -> torch.Tensor:
         """Thresholds of every part; returns the (L, S, D) thresholds gathered on the CPU."""
         for part in self.parts:
-            part.finalize_baseline()
+            part.finalize_thresholds()
         return self.threshold
 
     def _gather_key(self, key: str, device: torch.device | str = "cpu") -> Optional[torch.Tensor]:
@@ -388,7 +427,7 @@ class ShardedNeuronStats:
 
     @property
     def threshold(self) -> Optional[torch.Tensor]:
-        """(L, S, D) float64 thresholds gathered on the CPU (a copy), or None before :meth:`finalize_baseline`."""
+        """(L, S, D) float64 thresholds gathered on the CPU (a copy), or None before :meth:`finalize_thresholds`."""
         return self._gather_key("threshold")
 
     @property
@@ -548,8 +587,3 @@ def top_neurons(pred: torch.Tensor, k: int = 10, sign: Optional[torch.Tensor] = 
             row["sign"] = int(sign[layer, neuron])
         rows.append(row)
     return rows
-
-
-def as_index_lists(selection: Iterable[torch.Tensor]) -> list[list[int]]:
-    """Per-layer index tensors -> plain lists (for JSON)."""
-    return [sel.tolist() for sel in selection]

@@ -199,13 +199,14 @@ def transfer_pair(run_a: str | Path, run_b: str | Path, out: str | Path, *, step
 
 def scratch_accuracy(run_b: str | Path, out: str | Path, *, steps: int = 20, test_rows: int = 200,
                      progress: bool = False) -> float:
-    """The transfer baseline: B's test accuracy after the same ``steps`` from its usual initialisation (B's
+    """The reference of transfer: B's test accuracy after the same ``steps`` from its usual initialisation (B's
     settings and seed, as :func:`transfer_pair` uses them); the run is written to ``out`` (replaced)."""
     from .runs import load_run_task, read_run, tune_run
 
     info_b = read_run(run_b)
     return tune_run(info_b["model"], load_run_task(info_b), transfer_settings(info_b, steps, test_rows), out,
-                    progress=progress, label="from scratch (transfer baseline)", overwrite=True)["test_accuracy"]
+                    progress=progress, label="from scratch (the reference of transfer)",
+                    overwrite=True)["test_accuracy"]
 
 
 def add_relative_metrics(pairs: Mapping[str, dict], scratch: Mapping[str, float]) -> dict:

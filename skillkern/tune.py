@@ -195,6 +195,34 @@ def _restore_checkpoint(saved: dict, model: PromptModel, opt, sched) -> dict:
     return loop
 
 
+def _train_step(model: PromptModel, rows: list, opt, max_length: int, device, step: int) -> float:
+    """One optimiser step of cross-entropy on ``rows`` (one batch); returns the loss summed over the rows."""
+    total = 0.0
+    for batch in iter_batches(model.tokenizer, rows, len(rows), max_length, pad_multiple=0, device=device):
+        logits = model(**batch.inputs)
+        loss = F.cross_entropy(logits.float(), batch.labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"tuning diverged at step {step}: loss is {float(loss)}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(rows)
+    return total
+
+
+def _dev_point(model: PromptModel, dev: Sequence, s: TuneSettings, state: dict, steps_per_epoch: int) -> float:
+    """Evaluate on ``dev`` at ``state["step"]``: append a point to the curve (the mean train loss since the last
+    point, reset here), keep the trained state if it is the best so far. Returns the dev accuracy."""
+    dev_acc = evaluate(model, dev, s.batch_size, s.max_length)
+    state["curve"].append({"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4),
+                           "train_loss": state["loss_sum"] / max(1, state["loss_n"]), "dev_accuracy": dev_acc})
+    state["loss_sum"], state["loss_n"] = 0.0, 0
+    if dev_acc > state["best_dev"]:
+        state["best_dev"], state["best_step"] = dev_acc, state["step"]
+        state["best_state"] = model.trained_state()
+    return dev_acc
+
+
 def tune(model: PromptModel, train: Sequence, dev: Sequence, settings: TuneSettings, *,
          checkpoint: Optional[str | Path] = None, resume: bool = False, progress: bool = True) -> dict:
     """Train ``model``'s trainable tensors with cross-entropy; keep and load the best dev state.
@@ -238,31 +266,16 @@ def tune(model: PromptModel, train: Sequence, dev: Sequence, settings: TuneSetti
         epoch, k = divmod(step, steps_per_epoch)
         order = _epoch_order(len(train), s.seed, epoch)
         rows = [train[int(i)] for i in order[k * s.batch_size: (k + 1) * s.batch_size]]
-        for batch in iter_batches(model.tokenizer, rows, len(rows), s.max_length, pad_multiple=0, device=device):
-            logits = model(**batch.inputs)
-            loss = F.cross_entropy(logits.float(), batch.labels)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"tuning diverged at step {step}: loss is {float(loss)}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["loss_sum"] += float(loss.detach()) * len(rows)
-            state["loss_n"] += len(rows)
+        state["loss_sum"] += _train_step(model, rows, opt, s.max_length, device, step)
+        state["loss_n"] += len(rows)
         sched.step()
         state["step"] = step + 1
         bar.update(1)
         if state["step"] % eval_every == 0 or state["step"] == total:
-            dev_acc = evaluate(model, dev, s.batch_size, s.max_length)
-            point = {"step": state["step"], "epoch": round(state["step"] / steps_per_epoch, 4),
-                     "train_loss": state["loss_sum"] / max(1, state["loss_n"]), "dev_accuracy": dev_acc}
-            state["curve"].append(point)
-            state["loss_sum"], state["loss_n"] = 0.0, 0
-            if dev_acc > state["best_dev"]:
-                state["best_dev"], state["best_step"] = dev_acc, state["step"]
-                state["best_state"] = model.trained_state()
+            dev_acc = _dev_point(model, dev, s, state, steps_per_epoch)
             bar.set_postfix(dev=f"{dev_acc:.3f}", best=f"{state['best_dev']:.3f}")
             logger.info("step %d/%d: train loss %.4f, dev accuracy %.4f", state["step"], total,
-                        point["train_loss"], dev_acc)
+                        state["curve"][-1]["train_loss"], dev_acc)
             if ckpt is not None:
                 _save_checkpoint(ckpt, s, [len(train), len(dev)], model, opt, sched, state)
     bar.close()

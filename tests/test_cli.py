@@ -27,17 +27,18 @@ def test_score_writes_documented_files(tmp_path, capsys):
         meta = f.metadata()
         t = {k: f.get_tensor(k) for k in f.keys()}
     L, S, D, C = 6, 1, 1536, 2
-    expected = {"baseline": (torch.float64, (L, S, D)), "above": (torch.int64, (L, S, D, C)),
+    expected = {"threshold": (torch.float64, (L, S, D)), "above": (torch.int64, (L, S, C, D)),
                 "eval_class_count": (torch.int64, (C,)), "baseline_class_count": (torch.int64, (C,)),
-                "predictivity": (torch.float32, (L, D)), "sums": (torch.float64, (L, S, D, C)),
-                "sign": (torch.int8, (L, D)), "accuracy": (torch.float32, (L, S, D, C))}
+                "predictivity": (torch.float32, (L, D)), "sums": (torch.float64, (L, S, C, D)),
+                "sign": (torch.int8, (L, D)), "accuracy": (torch.float32, (L, S, C, D))}
+    assert set(t) == set(expected)
     for key, (dtype, shape) in expected.items():
         assert t[key].dtype == dtype and tuple(t[key].shape) == shape, key
     assert int(t["baseline_class_count"].sum()) == 64 and int(t["eval_class_count"].sum()) == 48
-    assert int(t["above"].sum(-1).max()) <= 48
+    assert int(t["above"].sum(2).max()) <= 48
     assert float(t["predictivity"].min()) >= 0.5
     settings = json.loads(meta["settings"])
-    assert meta["format"] == "skillkern-stats"
+    assert meta["format"] == "skillkern-stats" and meta["format_version"] == "2"
     assert settings["task"] == "sst2" and settings["baseline_rows"] == 64 and settings["settings"]["pool"] == "cls"
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["top_neurons"]) == 5 and summary["layers"] == 6

@@ -354,6 +354,11 @@ CASES = [
     ("prune-truncated-prompt", PRO.replace("{W}/run", "{C}/run"), ["prompt.safetensors", "not a readable"],
      "truncprompt", None, False),
     ("prune-device-bogus", PRO + " --device bogus", ["--device 'bogus'"], None, None, False),
+    ("prune-baseline-renamed", PRO + " --baseline tokens", ["--baseline was renamed to --fill", "--fill tokens"],
+     None, None, False),
+    ("prune-baseline-renamed-bare", PRO + " --baseline", ["--baseline was renamed to --fill", "--fill prompt|tokens"],
+     None, None, False),
+    ("prune-fill-bogus", PRO + " --fill zero", ["--fill", "invalid choice: 'zero'"], None, None, False),
 ]
 
 

@@ -35,5 +35,5 @@ def test_two_process_gloo_equals_one_process(tmp_path):
         assert torch.equal(a[key], b[key]), key
     # Float64 sums of two shards added together differ from one sequential sum by rounding only.
     torch.testing.assert_close(a["sums"], b["sums"], rtol=1e-13, atol=1e-12)
-    torch.testing.assert_close(a["baseline"], b["baseline"], rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(a["threshold"], b["threshold"], rtol=1e-13, atol=1e-15)
     assert not list(two.glob("checkpoint*")), "per-rank checkpoints are removed at the end"

@@ -40,7 +40,6 @@ from tiny_models import (HEAD_CASES, HEADS, TINY_CONFIGS, TYPES, WIDTH, shared_t
                          tiny_model)
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModel  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
 # Written independently of the table: which config attribute names the activation / the FFN width.

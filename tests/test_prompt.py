@@ -267,9 +267,9 @@ def test_perturbation_modes():
     z = perturbation(sel, "zero")(0, h)
     assert torch.equal(z[..., [1, 4]], torch.zeros(3, 5, 2)) and torch.equal(z[..., 0], h[..., 0])
     base = torch.arange(14, dtype=torch.float32).view(2, 7)
-    m = perturbation(sel, "mean", baseline=base)(0, h)
+    m = perturbation(sel, "mean", prompt_thresholds=base)(0, h)
     assert torch.equal(m[..., [1, 4]], base[0, [1, 4]].expand(3, 5, 2))
-    with pytest.raises(ValueError, match="baseline"):
+    with pytest.raises(ValueError, match="needs prompt_thresholds"):
         perturbation(sel, "mean")
     with pytest.raises(ValueError, match="unknown perturbation mode"):
         perturbation(sel, "flip")
@@ -299,7 +299,8 @@ def test_run_folder_scoring_equals_brute_force(tokenizer, tiny_dir, tmp_path):
     assert (run / "curve.png").is_file() and (run / "prompt.safetensors").is_file()
     assert sorted(p.name for p in run.iterdir()) == ["curve.png", "prompt.safetensors", "run.json"]  # no checkpoint
     stats, meta = score_run(run, progress=False, batch_size=5)
-    assert meta["pool"] == "prompt" and meta["baseline_rows"] == 24 and meta["eval_rows"] == 20
+    assert meta["pool"] == meta["settings"]["pool"] == "slots"
+    assert meta["baseline_rows"] == 24 and meta["eval_rows"] == 20
 
     pm, _, _ = load_run(run)
     train, dev = take(task.split("train"), 24), take(task.split("dev"), 20)
@@ -372,6 +373,7 @@ def test_study_quick(tmp_path):
     prune = json.loads((out / "pruning.json").read_text())
     assert set(prune) == {"sst2", "rte", "tweet"} and "test_accuracy_pruned_retuned" in prune["sst2"]["prompt"]
     assert prune["sst2"]["prompt"]["widths"][-1] < prune["sst2"]["prompt"]["widths"][0]
+    assert prune["sst2"]["prompt"]["fill"] == "prompt" and prune["sst2"]["tokens"]["fill"] == "tokens"
     cross = json.loads((out / "cross_task.json").read_text())
     assert set(cross["rows"]["rte"]["skill_of"]) == {"sst2", "rte", "tweet"}
     transfer = json.loads((out / "transfer.json").read_text())

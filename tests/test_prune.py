@@ -50,9 +50,9 @@ def outputs(model, x) -> torch.Tensor:
 def plan(model):
     g = torch.Generator().manual_seed(7)
     L = len(ffn_layers(model))
-    baseline = torch.randn(L, WIDTH, generator=g, dtype=torch.float64) * 0.3
+    fill = torch.randn(L, WIDTH, generator=g, dtype=torch.float64) * 0.3
     keep = {1: torch.tensor([5, 0, 36]), 2: torch.randperm(WIDTH, generator=g)[:11]}  # layer 0 left whole
-    return keep, baseline
+    return keep, fill
 
 
 def projection_paths(model, layers) -> set[str]:
@@ -64,7 +64,7 @@ def projection_paths(model, layers) -> set[str]:
 
 def test_bias_folding_equals_clamping_pruned_neurons(model_type):
     model = tiny(model_type)
-    keep, baseline = plan(model)
+    keep, fill = plan(model)
 
     def clamp(layer, h):
         if layer not in keep:
@@ -72,13 +72,13 @@ def test_bias_folding_equals_clamping_pruned_neurons(model_type):
         h = h.clone()
         pruned = torch.ones(WIDTH, dtype=torch.bool)
         pruned[keep[layer]] = False
-        h[..., pruned] = baseline[layer, pruned].to(h.dtype)
+        h[..., pruned] = fill[layer, pruned].to(h.dtype)
         return h
 
     with torch.no_grad(), edit_neurons(model, clamp):
         want = model(**inputs()).last_hidden_state
     n_before = sum(p.numel() for p in model.parameters())
-    prune_model(model, keep, baseline)
+    prune_model(model, keep, fill)
     with torch.no_grad():
         got = model(**inputs()).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -88,14 +88,14 @@ def test_bias_folding_equals_clamping_pruned_neurons(model_type):
 
 
 def test_folding_uses_pruned_neurons_only():
-    """The released code's bug (b2 += W2 @ baseline over all neurons) must not come back."""
+    """The released code's bug (b2 += W2 @ fill over all neurons) must not come back."""
     model = tiny("bert")
     layer = ffn_layers(model)[1]
     w2, b2 = layer.down.weight.detach().clone(), layer.down.bias.detach().clone()
-    baseline = torch.zeros(3, WIDTH, dtype=torch.float64)
-    baseline[1, 4] = 2.0   # a kept neuron: must not be folded
-    baseline[1, 9] = -1.0  # a pruned one
-    prune_model(model, {1: torch.tensor([4, 5])}, baseline)
+    fill = torch.zeros(3, WIDTH, dtype=torch.float64)
+    fill[1, 4] = 2.0   # a kept neuron: must not be folded
+    fill[1, 9] = -1.0  # a pruned one
+    prune_model(model, {1: torch.tensor([4, 5])}, fill)
     torch.testing.assert_close(ffn_layers(model)[1].down.bias, b2 - w2[:, 9])
 
 
@@ -121,8 +121,8 @@ def pruned_folders(tmp_path_factory, one_thread):
     cases = {}
     for (model_type, head), name in zip(CASES, CASE_IDS):
         model = tiny(model_type, head)
-        keep, baseline = plan(model)
-        prune_model(model, keep, baseline, info={"source": "test"})
+        keep, fill = plan(model)
+        prune_model(model, keep, fill, info={"source": "test"})
         assert not hasattr(model.config, "auto_map")
         save_pruned(model, tokenizer, root / name)
         assert not hasattr(model.config, "auto_map")  # the loader entry is written to the folder, not the model
@@ -253,7 +253,7 @@ def test_parse_layers_and_bad_input():
         with pytest.raises(ValueError):
             parse_layers(bad, 6)
     model = tiny("bert")
-    with pytest.raises(ValueError, match="baseline"):
+    with pytest.raises(ValueError, match="fill must be"):
         prune_model(model, {0: torch.tensor([1])}, torch.zeros(2, WIDTH))
     with pytest.raises(ValueError, match="kept neuron indices"):
         prune_model(model, {0: torch.tensor([WIDTH])}, torch.zeros(3, WIDTH))
@@ -267,11 +267,11 @@ def test_masked_ffn_model_matches_the_sliced_model(model_type):
     from skillkern.prune import masked_ffn_model
 
     model = tiny(model_type)
-    keep, baseline = plan(model)
+    keep, fill = plan(model)
     with torch.no_grad():
         dense = model(**inputs()).last_hidden_state
-        sliced = prune_model(copy.deepcopy(model), keep, baseline)(**inputs()).last_hidden_state
-        with masked_ffn_model(model, keep, baseline, backend="torch"):
+        sliced = prune_model(copy.deepcopy(model), keep, fill)(**inputs()).last_hidden_state
+        with masked_ffn_model(model, keep, fill, backend="torch"):
             got = model(**inputs()).last_hidden_state
         again = model(**inputs()).last_hidden_state
     # the same index_select + F.linear products on the same sorted indices and the same folded bias
@@ -293,11 +293,11 @@ def test_masked_ffn_model_triton_kernel(model_type, monkeypatch):
     if not (HAVE_TRITON and triton_interpreted()):
         pytest.skip("needs triton with TRITON_INTERPRET=1")
     model = tiny(model_type)
-    keep, baseline = plan(model)
+    keep, fill = plan(model)
     with torch.no_grad():
-        sliced = prune_model(copy.deepcopy(model), keep, baseline)(**inputs()).last_hidden_state
+        sliced = prune_model(copy.deepcopy(model), keep, fill)(**inputs()).last_hidden_state
         for schedule in ("fused", "two_pass"):
-            with masked_ffn_model(model, keep, baseline, backend="triton", schedule=schedule,
+            with masked_ffn_model(model, keep, fill, backend="triton", schedule=schedule,
                                   contiguous_w2=schedule == "fused"):
                 got = model(**inputs()).last_hidden_state
             # fp32 products in another summation order: float rounding only
@@ -308,25 +308,25 @@ def test_masked_ffn_model_bad_input():
     from skillkern.prune import masked_ffn_model
 
     model = tiny("bert")
-    keep, baseline = plan(model)
-    with pytest.raises(ValueError, match="baseline must be"):
-        with masked_ffn_model(model, keep, baseline[:2]):
+    keep, fill = plan(model)
+    with pytest.raises(ValueError, match="fill must be"):
+        with masked_ffn_model(model, keep, fill[:2]):
             pass
     with pytest.raises(ValueError, match="out of range"):
-        with masked_ffn_model(model, {5: torch.tensor([0])}, baseline):
+        with masked_ffn_model(model, {5: torch.tensor([0])}, fill):
             pass
     with pytest.raises(ValueError, match=r"must be in \[0, 37\)"):
-        with masked_ffn_model(model, {1: torch.tensor([37])}, baseline):
+        with masked_ffn_model(model, {1: torch.tensor([37])}, fill):
             pass
-    with pytest.raises(ValueError, match="2 keep plans but 1 baselines"):
-        with masked_ffn_model(model, [keep, keep], [baseline]):
+    with pytest.raises(ValueError, match="2 keep plans but 1 fill tensors"):
+        with masked_ffn_model(model, [keep, keep], [fill]):
             pass
 
 
 @pytest.mark.parametrize("model_type,backend", [("bert", "torch"), ("gpt2", "torch"), ("llama", "torch"),
                                                 ("bert", "triton"), ("llama", "triton")])
 def test_masked_ffn_model_serves_several_plans_per_row(model_type, backend):
-    """Two pruning plans (different layers, kept sets and baselines) in one batch: each row computes what its own
+    """Two pruning plans (different layers, kept sets and fill values) in one batch: each row computes what its own
     sliced model computes."""
     import copy
 
@@ -337,15 +337,15 @@ def test_masked_ffn_model_serves_several_plans_per_row(model_type, backend):
     if backend == "triton" and not (HAVE_TRITON and triton_interpreted()):
         pytest.skip("needs triton with TRITON_INTERPRET=1")
     model = tiny(model_type)
-    keep_a, base_a = plan(model)
+    keep_a, fill_a = plan(model)
     g = torch.Generator().manual_seed(11)
     keep_b = {0: torch.randperm(WIDTH, generator=g)[:4], 1: torch.arange(20, 29)}  # layer 2 whole, layer 0 pruned
-    base_b = torch.randn(base_a.shape, generator=g, dtype=torch.float64)
+    fill_b = torch.randn(fill_a.shape, generator=g, dtype=torch.float64)
     x = inputs()
     with torch.no_grad():
-        want_a = prune_model(copy.deepcopy(model), keep_a, base_a)(**x).last_hidden_state
-        want_b = prune_model(copy.deepcopy(model), keep_b, base_b)(**x).last_hidden_state
-        with masked_ffn_model(model, [keep_a, keep_b], [base_a, base_b], backend=backend) as served:
+        want_a = prune_model(copy.deepcopy(model), keep_a, fill_a)(**x).last_hidden_state
+        want_b = prune_model(copy.deepcopy(model), keep_b, fill_b)(**x).last_hidden_state
+        with masked_ffn_model(model, [keep_a, keep_b], [fill_a, fill_b], backend=backend) as served:
             got = served(**x, task_ids=[1, 0, 1]).last_hidden_state
             with pytest.raises(ValueError, match="task_ids"):
                 served(**x)
@@ -369,15 +369,15 @@ def test_gpu_masked_ffn_model_float16(model_type):
     from skillkern.prune import masked_ffn_model
 
     model = tiny(model_type)
-    keep, baseline = plan(model)
+    keep, fill = plan(model)
     x = inputs()
     with torch.no_grad():
-        want = prune_model(copy.deepcopy(model), keep, baseline)(**x).last_hidden_state
+        want = prune_model(copy.deepcopy(model), keep, fill)(**x).last_hidden_state
         xc = {k: v.cuda() for k, v in x.items()}
         half = copy.deepcopy(model).half().cuda()
-        sliced16 = prune_model(copy.deepcopy(half), keep, baseline)(**xc).last_hidden_state.float().cpu()
+        sliced16 = prune_model(copy.deepcopy(half), keep, fill)(**xc).last_hidden_state.float().cpu()
         for schedule in ("fused", "two_pass"):
-            with masked_ffn_model(half, keep, baseline, backend="triton", schedule=schedule):
+            with masked_ffn_model(half, keep, fill, backend="triton", schedule=schedule):
                 got = half(**xc).last_hidden_state.float().cpu()
             err, ref_err = (got - want).abs().max().item(), (sliced16 - want).abs().max().item()
             assert err <= 2 * ref_err + 2e-3, (schedule, err, ref_err)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -113,6 +112,44 @@ def test_resume_refuses_another_job(tmp_path, monkeypatch):
     other = [a if a != "96" else "80" for a in ARGS]  # another --max-baseline: another job
     with pytest.raises(StatsFileError, match="another job"):
         main(["-v"] + other + ["--resume", "--out", str(tmp_path)])  # -v: raise instead of exit code 2
+
+
+@requires_data
+def test_resume_reads_a_checkpoint_of_0_1_0(tmp_path, uninterrupted, monkeypatch):
+    """A checkpoint written before checkpoints had a format_version (skillkern 0.1.0) holds the same keys in the
+    same layouts: resuming from it gives the uninterrupted result."""
+    from safetensors.torch import save_file
+
+    saves = {"n": 0}
+    real_save = Checkpoint.save
+
+    def crashing_save(self, *a, **k):
+        real_save(self, *a, **k)
+        saves["n"] += 1
+        if saves["n"] == 15:  # in the evaluation pass: the checkpoint holds the thresholds
+            raise _Crash()
+
+    monkeypatch.setattr(Checkpoint, "save", crashing_save)
+    with pytest.raises(_Crash):
+        main(ARGS + ["--out", str(tmp_path)])
+    monkeypatch.setattr(Checkpoint, "save", real_save)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    meta, tensors = _read(ckpt)
+    assert meta.pop("format_version") == "2" and "threshold" in tensors
+    save_file(tensors, str(ckpt), metadata=meta)
+    assert main(ARGS + ["--resume", "--out", str(tmp_path)]) == 0
+    _assert_same_file(tmp_path / "stats.safetensors", uninterrupted)
+
+
+def test_resume_refuses_a_newer_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "checkpoint.safetensors"
+    save_file({"sums": torch.zeros(1)}, str(path), metadata={
+        "format": "skillkern-checkpoint", "format_version": "3", "phase": "baseline", "position": "0",
+        "fingerprint": "{}", "skipped": "{}"})
+    with pytest.raises(StatsFileError, match="format version 3.*delete it or run without --resume"):
+        Checkpoint(path, {}, resume=True).check()
 
 
 # --------------------------------------------------------------------------------- score --run: the same mechanism

@@ -1,4 +1,5 @@
-"""skillkern.runs: the run folder's layout, run.json and the prompt file, a run's scores, selection and baseline.
+"""skillkern.runs: the run folder's layout, run.json and the prompt file, a run's scores, selection and prompt
+thresholds.
 
 No model is loaded here: the run folders are written with :func:`skillkern.runs.write_run` and synthetic
 statistics. Tuning, scoring and perturbing real runs are tested in test_prompt.py, test_cli*.py, test_resume.py.
@@ -38,7 +39,7 @@ def _stats(seed: int) -> NeuronStats:
         for layer in range(L):
             stats.add_rows(layer, torch.randn(6 * S, D, generator=g), slot, label, backend="torch")
         if phase == 0:
-            stats.finalize_baseline()
+            stats.finalize_thresholds()
     return stats
 
 
@@ -87,11 +88,11 @@ def test_run_splits_are_the_first_rows_of_each_split():
     assert (train, dev, test) == (rows["train"][:5], rows["dev"][:3], rows["test"])
 
 
-def test_a_runs_scores_selection_and_prompt_baseline(tmp_path):
+def test_a_runs_scores_selection_and_prompt_thresholds(tmp_path):
     with pytest.raises(FileNotFoundError, match="has not been scored"):
         runs.run_predictivity(tmp_path)
     with pytest.raises(FileNotFoundError, match="has no scores"):
-        runs.prompt_baseline(tmp_path)
+        runs.prompt_thresholds(tmp_path)
     pn, neu = _stats(1), _stats(2)
     for name, stats in (("pn", pn), ("neu", neu)):
         runs.scores_path(tmp_path, name).parent.mkdir(parents=True)
@@ -100,13 +101,13 @@ def test_a_runs_scores_selection_and_prompt_baseline(tmp_path):
     assert set(preds) == {"pn", "neu"} and torch.equal(preds["pn"], pn.predictivity())
     want = select_multiclass(pn.predictivity(), neu.predictivity(), 0.2)
     assert all(torch.equal(a, b) for a, b in zip(runs.skill_selection(preds, 0.2), want))
-    torch.testing.assert_close(runs.prompt_baseline(tmp_path), pn.threshold.mean(dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(runs.prompt_thresholds(tmp_path), pn.threshold.mean(dim=1), rtol=0, atol=0)
 
     task = _stats(3)  # a binary task's own scores come first
     runs.scores_path(tmp_path).parent.mkdir(parents=True)
     task.save(runs.scores_path(tmp_path))
-    assert runs.prompt_baseline(tmp_path).shape == (L, D)
-    torch.testing.assert_close(runs.prompt_baseline(tmp_path), task.threshold.mean(dim=1), rtol=0, atol=0)
+    assert runs.prompt_thresholds(tmp_path).shape == (L, D)
+    torch.testing.assert_close(runs.prompt_thresholds(tmp_path), task.threshold.mean(dim=1), rtol=0, atol=0)
     only_task = {"task": runs.run_predictivity(tmp_path)["task"]}
     assert all(torch.equal(a, b) for a, b in zip(runs.skill_selection(only_task, 0.1),
                                                  select_per_layer(task.predictivity(), 0.1)))

@@ -74,7 +74,7 @@ def _brute_force_stats(base_act, eval_act, base_labels, eval_labels):
     threshold = base_act.numpy().mean(axis=0)  # numpy float64 mean, (L, S, D)
     above = eval_act.numpy() > threshold[None]
     y = np.asarray(eval_labels)
-    counts = np.stack([above[y == c].sum(axis=0) for c in range(2)], axis=-1)  # (L, S, D, C)
+    counts = np.stack([above[y == c].sum(axis=0) for c in range(2)], axis=2)  # (L, S, C, D)
     acc = ((above == (y[:, None, None, None] == 1))).mean(axis=0)
     return threshold, counts, acc
 
@@ -93,11 +93,11 @@ def test_streaming_equals_brute_force(minilm, sst2, brute_force, pool):
         settings["slots"] = (0, 2)
     stats = score(model, tokenizer, base, ev, 2, **settings)
     files = stats.to_file_tensors()
-    np.testing.assert_allclose(files["baseline"].numpy(), threshold, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(files["threshold"].numpy(), threshold, rtol=1e-12, atol=1e-15)
     got = files["above"].numpy()
     mismatch = np.argwhere(got != counts)
     assert mismatch.size == 0, f"{len(mismatch)} count mismatches, first at {mismatch[:5].tolist()}"
-    np.testing.assert_allclose(stats.accuracy()[..., 1].numpy(), acc, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(stats.accuracy()[:, :, 1].numpy(), acc, rtol=0, atol=1e-12)
     assert files["eval_class_count"].tolist() == np.bincount([e.label for e in ev], minlength=2).tolist()
     # Predictivity: max over slots of max(Acc, 1 - Acc).
     expected_pred = np.maximum(acc, 1 - acc).max(axis=1)
@@ -304,7 +304,7 @@ def test_device_map_over_two_gpus_keeps_each_layers_stats_there(tmp_path, minilm
         stats = scorer.new_stats()
         assert isinstance(stats, ShardedNeuronStats)
         scorer.run_pass(stats, base)
-        stats.finalize_baseline()
+        stats.finalize_thresholds()
         scorer.run_pass(stats, ev)
         assert [p.above.device for p in stats.parts] == [cuda0, cuda1]
         assert [p.threshold.device for p in stats.parts] == [cuda0, cuda1]

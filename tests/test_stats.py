@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -32,17 +34,17 @@ def test_accuracy_matches_brute_force(classes):
     ye = torch.randint(0, classes, (N,), generator=g)
     stats = NeuronStats(L, S, D, classes)
     _feed(stats, base, yb)
-    stats.finalize_baseline()
+    stats.finalize_thresholds()
     _feed(stats, ev, ye)
 
     thr = np.stack([b.double().numpy().mean(0) for b in base])                 # (L, S, D)
     fired = np.stack([e.double().numpy() for e in ev], axis=1) > thr[None]       # (N, L, S, D)
     y = ye.numpy()
-    acc = np.stack([(fired == (y == c)[:, None, None, None]).mean(0) for c in range(classes)], axis=-1)
+    acc = np.stack([(fired == (y == c)[:, None, None, None]).mean(0) for c in range(classes)], axis=2)
     np.testing.assert_allclose(stats.threshold.numpy(), thr, rtol=1e-13)
     np.testing.assert_allclose(stats.accuracy().numpy(), acc, atol=1e-12)
     pred = np.maximum(acc, 1 - acc)
-    expected = pred[..., 1].max(1) if classes == 2 else pred.max(-1).max(1)
+    expected = pred[:, :, 1].max(1) if classes == 2 else pred.max(2).max(1)
     np.testing.assert_allclose(stats.predictivity().numpy(), expected, atol=1e-12)
     assert stats.sign().shape == (L, D)
 
@@ -62,7 +64,7 @@ def test_sharded_stats_equal_one_device():
     for stats in (one, sharded):
         _feed(stats, base, yb)
         assert stats.threshold is None
-        stats.finalize_baseline()
+        stats.finalize_thresholds()
     assert torch.equal(sharded.threshold, one.threshold)
     state = sharded.state_tensors()  # mid-run checkpoint of the evaluation pass
     for stats in (one, sharded):
@@ -88,7 +90,7 @@ def test_sign_marks_inhibitory_neurons():
         stats.add_rows(0, h, torch.zeros(2, dtype=torch.long), y)
         stats.count_rows(y)
         if stats.threshold is None:
-            stats.finalize_baseline()
+            stats.finalize_thresholds()
     assert stats.predictivity().tolist() == [[1.0, 1.0]]
     assert stats.sign().tolist() == [[1, -1]]
 
@@ -101,7 +103,7 @@ def test_merge_rejects_mismatch():
 
 def test_no_baseline_rows():
     with pytest.raises(ValueError, match="no rows"):
-        NeuronStats(1, 1, 3, 2).finalize_baseline()
+        NeuronStats(1, 1, 3, 2).finalize_thresholds()
 
 
 def test_select_per_layer_counts_and_order():
@@ -160,3 +162,92 @@ def test_stats_file_of_another_model_or_task(tmp_path):
     NeuronStats.load(tmp_path / "s.safetensors", expect={"model": "minilm", "task": "sst2"})
     with pytest.raises(StatsFileError, match="task='sst2', not 'imdb'"):
         NeuronStats.load(tmp_path / "s.safetensors", expect={"model": "minilm", "task": "imdb"})
+
+
+# ------------------------------------------------------------------------------------------------ the stats file
+def _scored(L=3, S=2, D=7, C=3, seed=0, evaluate=True):
+    g = torch.Generator().manual_seed(seed)
+    stats = NeuronStats(L, S, D, C)
+    _feed(stats, [torch.randn(20, S, D, generator=g) for _ in range(L)], torch.randint(0, C, (20,), generator=g))
+    if evaluate:
+        stats.finalize_thresholds()
+        _feed(stats, [torch.randn(17, S, D, generator=g) for _ in range(L)], torch.randint(0, C, (17,), generator=g))
+    return stats
+
+
+def _write_version_1(stats, path, settings):
+    """A stats file as skillkern 0.1.0 wrote it (format_version 1): the thresholds under ``baseline``; ``sums``,
+    ``above`` and ``accuracy`` as (L, S, D, C); ``above`` only once the thresholds exist."""
+    from safetensors.torch import save_file
+
+    t = {"sums": stats.sums.permute(0, 1, 3, 2).contiguous(), "baseline_class_count": stats.baseline_class_count,
+         "eval_class_count": stats.eval_class_count}
+    if stats.threshold is not None:
+        t["baseline"] = stats.threshold
+        t["above"] = stats.above.permute(0, 1, 3, 2).contiguous()
+        t["predictivity"] = stats.predictivity().float()
+        t["accuracy"] = stats.accuracy().permute(0, 1, 3, 2).contiguous().float()
+        t["sign"] = stats.sign()
+    save_file(t, str(path), metadata={"format": "skillkern-stats", "format_version": "1",
+                                      "settings": json.dumps(settings)})
+
+
+def _assert_same_stats(got, want):
+    assert got.shape == want.shape
+    for key in ("sums", "above", "baseline_class_count", "eval_class_count", "threshold"):
+        a, b = getattr(got, key), getattr(want, key)
+        assert (a is None and b is None) or torch.equal(a, b), key
+
+
+def test_shape_is_the_shape_of_the_tensors():
+    stats = NeuronStats(4, 3, 11, 2)
+    assert stats.shape == (4, 3, 2, 11) == tuple(stats.sums.shape) == tuple(stats.above.shape)
+    sharded = ShardedNeuronStats(4, 3, 11, 2, ["cpu", torch.device("cpu", 0), "cpu", "cpu"])
+    assert sharded.shape == stats.shape == tuple(sharded.sums.shape)
+
+
+@pytest.mark.parametrize("evaluate", [True, False])
+def test_stats_file_holds_the_state_in_memory_layout(tmp_path, evaluate):
+    from safetensors import safe_open
+
+    stats = _scored(evaluate=evaluate)
+    stats.save(tmp_path / "s.safetensors", {"task": "t"})
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format_version"] == "2"
+    state = {"sums", "above", "baseline_class_count", "eval_class_count"}
+    assert set(t) == (state | {"threshold", "accuracy", "predictivity", "sign"} if evaluate else state)
+    for key in ("sums", "above") + (("accuracy",) if evaluate else ()):
+        assert tuple(t[key].shape) == stats.shape, key
+    if evaluate:
+        assert torch.equal(t["accuracy"], stats.accuracy().float())
+        assert torch.equal(t["threshold"], stats.threshold)
+    again, settings = NeuronStats.load(tmp_path / "s.safetensors")
+    assert settings == {"task": "t"}
+    _assert_same_stats(again, stats)
+
+
+@pytest.mark.parametrize("evaluate", [True, False])
+def test_reads_a_version_1_file(tmp_path, evaluate):
+    stats = _scored(evaluate=evaluate)
+    _write_version_1(stats, tmp_path / "v1.safetensors", {"model": "m"})
+    again, settings = NeuronStats.load(tmp_path / "v1.safetensors", expect={"model": "m"})
+    assert settings == {"model": "m"}
+    _assert_same_stats(again, stats)
+    if evaluate:
+        assert torch.equal(again.predictivity(), stats.predictivity())
+        assert torch.equal(again.accuracy(), stats.accuracy())
+
+
+def test_refuses_a_newer_format_and_bad_shapes(tmp_path):
+    from safetensors.torch import save_file
+
+    stats = _scored()
+    tensors = stats.to_file_tensors()
+    save_file(tensors, str(tmp_path / "v3.safetensors"), metadata={"format": "skillkern-stats", "format_version": "3"})
+    with pytest.raises(StatsFileError, match="format version 3"):
+        NeuronStats.load(tmp_path / "v3.safetensors")
+    tensors["above"] = tensors["above"].permute(0, 1, 3, 2).contiguous()  # a version-1 layout in a version-2 file
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"format": "skillkern-stats", "format_version": "2"})
+    with pytest.raises(StatsFileError, match="'above' has shape"):
+        NeuronStats.load(tmp_path / "bad.safetensors")

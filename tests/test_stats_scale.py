@@ -32,7 +32,7 @@ def test_huge_models_state_size_and_update(L, D):
     for layer in range(L):
         stats.add_rows(layer, h, slot, label)
     stats.count_rows(label)
-    stats.finalize_baseline()
+    stats.finalize_thresholds()
     assert sum(t.numel() * t.element_size() for t in stats.state_tensors().values()) == state_bytes_formula(L, S, D, C)
     # every layer saw the same rows: its thresholds are the column means (R = 16: dividing fsum's correctly
     # rounded sum by it is exact)

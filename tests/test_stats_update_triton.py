@@ -118,7 +118,7 @@ def test_neuron_stats_with_triton_backend():
         for layer in range(2):
             stats.add_rows(layer, h * (layer + 1), slot, label, backend=backend)
         stats.count_rows(label[slot >= 0])
-        stats.finalize_baseline()
+        stats.finalize_thresholds()
         for layer in range(2):
             stats.add_rows(layer, h.flip(0) * (layer + 1), slot, label, backend=backend)
         runs[backend] = stats

@@ -35,7 +35,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -103,69 +103,87 @@ def cases(gpu: GPU, grid: dict = GRID, shapes: dict = SHAPES) -> Iterator[Case]:
     point with the first activation and the launches of the others are those with ``ACT`` replaced; at the
     first row count of the grid every activation is run for real and must agree (an AssertionError otherwise).
     """
-    from .activations import act_id
-    from .ffn_stats import ffn_stats_triton
-    from .masked_ffn import masked_ffn_triton
-    from .stats_update import stats_update_triton
-
     with dispatch.capturing(gpu.sms) as launches:
-        def run(fn, args, kwargs):
-            launches.clear()
-            fn(*args, **kwargs)
-            return list(launches)
-
-        def per_act(op, params, auto, fn, args, kwargs, verify):
-            first = run(fn, args, dict(kwargs, act=grid["acts"][0]))
-            for act in grid["acts"]:
-                derived = [dispatch.Launch(l.kernel, l.grid, l.args, dict(l.kwargs, ACT=act_id(act)) if "ACT" in
-                                           l.kwargs else l.kwargs) for l in first]
-                if verify and act != grid["acts"][0]:
-                    real = run(fn, args, dict(kwargs, act=act))
-                    assert [(l.kernel, l.grid, l.kwargs) for l in real] == \
-                        [(l.kernel, l.grid, l.kwargs) for l in derived], f"{op} {params}: act {act} launches differ"
-                yield Case(op, dict(params, act=act), auto, derived)
-
         for (name, (hidden, width)), gated, dtype, rows in itertools.product(
                 shapes.items(), grid["gated"], grid["dtypes"], grid["rows"]):
-            verify = rows == grid["rows"][0]
-            x = _meta(rows, hidden, dtype=dtype)
-            w1 = _meta(width, hidden, dtype=dtype)
-            wg = _meta(width, hidden, dtype=dtype) if gated else None
-            b1 = None if gated else _meta(width, dtype=dtype)  # gated MLPs (Llama) have no biases
-            base = dict(shape=name, hidden=hidden, width=width, rows=rows, dtype=str(dtype).split(".")[-1],
-                        gated=gated)
-            slot = label = _meta(rows, dtype=torch.int64)
-            for mode in grid["modes"]:
-                out = thr = None
-                if mode != "none":
-                    out = _meta(4, 2, width, dtype=torch.float64 if mode == "sums" else torch.int64)
-                    thr = _meta(4, width, dtype=torch.float64) if mode == "counts" else None
-                yield from per_act("ffn_stats", dict(base, mode=mode), True, ffn_stats_triton, (x, w1, b1),
-                                   dict(w_gate=wg, slot=slot, label=label, out=out, threshold=thr, mode=mode), verify)
-            w2 = _meta(width, hidden, dtype=dtype).t()  # stored transposed (the prune path's layout)
-            b2 = None if gated else _meta(hidden, dtype=dtype)
-            for kept_spec, sets, schedule in itertools.product(grid["kept"], grid["sets"], grid["schedules"]):
-                kept = _kept(kept_spec, width)
-                if sets == 1:
-                    keep = None if kept_spec == "all" else _meta(kept, dtype=torch.int64)
-                    row_set = None
-                else:
-                    keep = _meta(sets, kept, dtype=torch.int64)
-                    row_set = _meta(rows, dtype=torch.int64)
-                params = dict(base, kept=kept, sets=sets, schedule=schedule)
-                yield from per_act("masked_ffn", params, schedule == "auto", masked_ffn_triton,
-                                   (x, w1, b1, w2, b2, keep), dict(w_gate=wg, row_set=row_set, schedule=schedule),
-                                   verify)
-        # stats_update: h of any float dtype (float64 too), both passes
-        for rows, width, dtype, mode in itertools.product(
-                grid["rows"], sorted({w for _, w in shapes.values()}),
-                grid["dtypes"] + (torch.float64,), ("sums", "counts")):
-            h = _meta(rows, width, dtype=dtype)
+            point = dict(shape=name, hidden=hidden, width=width, rows=rows, dtype=str(dtype).split(".")[-1],
+                         gated=gated)
+            yield from _ffn_cases(launches, grid, point, dtype)
+        yield from _stats_update_cases(launches, grid, shapes)
+
+
+def _captured(launches: list, fn, args, kwargs) -> list:
+    """The launches ``fn(*args, **kwargs)`` issues (``launches``: the list :func:`dispatch.capturing` fills)."""
+    launches.clear()
+    fn(*args, **kwargs)
+    return list(launches)
+
+
+def _per_act(launches: list, acts: Sequence[str], op: str, params: dict, auto: bool, fn, args, kwargs,
+             verify: bool) -> Iterator[Case]:
+    """One case per activation of ``acts`` from one captured call (see :func:`cases`); ``verify`` runs every
+    activation for real and checks that its launches are the derived ones."""
+    from .activations import act_id
+
+    first = _captured(launches, fn, args, dict(kwargs, act=acts[0]))
+    for act in acts:
+        derived = [dispatch.Launch(l.kernel, l.grid, l.args, dict(l.kwargs, ACT=act_id(act)) if "ACT" in
+                                   l.kwargs else l.kwargs) for l in first]
+        if verify and act != acts[0]:
+            real = _captured(launches, fn, args, dict(kwargs, act=act))
+            assert [(l.kernel, l.grid, l.kwargs) for l in real] == \
+                [(l.kernel, l.grid, l.kwargs) for l in derived], f"{op} {params}: act {act} launches differ"
+        yield Case(op, dict(params, act=act), auto, derived)
+
+
+def _ffn_cases(launches: list, grid: dict, point: dict, dtype: torch.dtype) -> Iterator[Case]:
+    """The ffn_stats and masked_ffn cases of one (shape, gated, dtype, rows) grid ``point``."""
+    from .ffn_stats import ffn_stats_triton
+    from .masked_ffn import masked_ffn_triton
+
+    rows, hidden, width, gated = point["rows"], point["hidden"], point["width"], point["gated"]
+    verify = rows == grid["rows"][0]
+    x = _meta(rows, hidden, dtype=dtype)
+    w1 = _meta(width, hidden, dtype=dtype)
+    wg = _meta(width, hidden, dtype=dtype) if gated else None
+    b1 = None if gated else _meta(width, dtype=dtype)  # gated MLPs (Llama) have no biases
+    slot = label = _meta(rows, dtype=torch.int64)
+    for mode in grid["modes"]:
+        out = thr = None
+        if mode != "none":
             out = _meta(4, 2, width, dtype=torch.float64 if mode == "sums" else torch.int64)
             thr = _meta(4, width, dtype=torch.float64) if mode == "counts" else None
-            idx = _meta(rows, dtype=torch.int64)
-            yield Case("stats_update", dict(rows=rows, width=width, dtype=str(dtype).split(".")[-1], mode=mode),
-                       True, run(stats_update_triton, (h, idx, idx, out, thr), {}))
+        yield from _per_act(launches, grid["acts"], "ffn_stats", dict(point, mode=mode), True, ffn_stats_triton,
+                            (x, w1, b1), dict(w_gate=wg, slot=slot, label=label, out=out, threshold=thr, mode=mode),
+                            verify)
+    w2 = _meta(width, hidden, dtype=dtype).t()  # stored transposed (the prune path's layout)
+    b2 = None if gated else _meta(hidden, dtype=dtype)
+    for kept_spec, sets, schedule in itertools.product(grid["kept"], grid["sets"], grid["schedules"]):
+        kept = _kept(kept_spec, width)
+        if sets == 1:
+            keep = None if kept_spec == "all" else _meta(kept, dtype=torch.int64)
+            row_set = None
+        else:
+            keep = _meta(sets, kept, dtype=torch.int64)
+            row_set = _meta(rows, dtype=torch.int64)
+        params = dict(point, kept=kept, sets=sets, schedule=schedule)
+        yield from _per_act(launches, grid["acts"], "masked_ffn", params, schedule == "auto", masked_ffn_triton,
+                            (x, w1, b1, w2, b2, keep), dict(w_gate=wg, row_set=row_set, schedule=schedule), verify)
+
+
+def _stats_update_cases(launches: list, grid: dict, shapes: dict) -> Iterator[Case]:
+    """stats_update: h of any float dtype (float64 too), both passes."""
+    from .stats_update import stats_update_triton
+
+    for rows, width, dtype, mode in itertools.product(
+            grid["rows"], sorted({w for _, w in shapes.values()}),
+            grid["dtypes"] + (torch.float64,), ("sums", "counts")):
+        h = _meta(rows, width, dtype=dtype)
+        out = _meta(4, 2, width, dtype=torch.float64 if mode == "sums" else torch.int64)
+        thr = _meta(4, width, dtype=torch.float64) if mode == "counts" else None
+        idx = _meta(rows, dtype=torch.int64)
+        yield Case("stats_update", dict(rows=rows, width=width, dtype=str(dtype).split(".")[-1], mode=mode),
+                   True, _captured(launches, stats_update_triton, (h, idx, idx, out, thr), {}))
 
 
 # ------------------------------------------------------------------------------------------------ binding

@@ -49,7 +49,11 @@ if HAVE_TRITON:
                           UPCAST: tl.constexpr, IEEE: tl.constexpr, RNE_BF16: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr):
-        """One BLOCK_M x BLOCK_N tile of h = act(x @ w.T + b) [* or gated], then the statistics epilogue."""
+        """One BLOCK_M x BLOCK_N tile of h = act(x @ w.T + b) [* or gated], then the statistics epilogue.
+
+        One function, about 60 lines, on purpose: the tile must stay in registers from the K loop through the
+        epilogue, and the K loop's gated and upcast branches are constexpr switches that compile away; a Triton
+        helper per branch would only move the same lines apart."""
         # Grouped launch order: GROUP_M row tiles walk the neuron tiles together, so a weight tile is
         # reused from L2 by GROUP_M programs instead of being fetched once per row tile.
         pid = tl.program_id(0).to(tl.int64)

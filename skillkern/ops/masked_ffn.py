@@ -4,8 +4,8 @@
     gated:  y = W2[:, K] @ (act(Wg[K] x) * (W1[K] x + b1[K])) + b2        (Llama MLPs: w1 = W_up, w_gate = W_gate)
 
 ``b2`` is the output bias the caller has already folded (METHOD.md section 7: ``b2' = b2 + W2[:, pruned] @
-baseline[pruned]``). With a (G, Kmax) table of index sets and a per-row ``row_set``, one batch runs several
-tasks' pruned models from one copy of the weights.
+fill[pruned]``, ``fill`` the values the pruned neurons are frozen at). With a (G, Kmax) table of index sets and a
+per-row ``row_set``, one batch runs several tasks' pruned models from one copy of the weights.
 
 Memory traffic (R rows, K kept neurons, H in, H_out out, e bytes per element)
 ------------------------------------------------------------------------------
@@ -414,14 +414,42 @@ def _configs(rows: int, kept: int, out: int, dtype: torch.dtype, gated: bool, ta
     return dict(fused=fused, up=up, down=down)
 
 
-def _row_layout(row_set: torch.Tensor, sets: int):
-    """Rows sorted by set and the first sorted position of each set (sets + 1,), on the device, no host sync."""
-    rows_idx = torch.argsort(row_set, stable=True)
-    counts = torch.zeros(sets, dtype=torch.int64, device=row_set.device)
-    counts.index_add_(0, row_set, torch.ones_like(row_set))  # bincount without a data-dependent size
-    set_rows = torch.zeros(sets + 1, dtype=torch.int64, device=row_set.device)
-    torch.cumsum(counts, 0, out=set_rows[1:])
-    return rows_idx, counts, set_rows
+class _RowSets:
+    """The rows of one call grouped by index set, as the kernels read them, built on the device with no host sync.
+
+    Attributes:
+        count: G, the number of index sets (1 without ``row_set``).
+        keep: the (K,) or (G, Kmax) index table (``keep=None``, every neuron: an explicit 0..D-1 list, so the
+            kernels have one code path).
+        rows: the rows sorted by set; ``first``: the first sorted position of each set (G + 1,).
+        extra_tiles: row tiles added to the grid (each set starts a new tile: at most G more).
+    Without ``row_set`` the pointers are placeholders of constexpr-off branches, never read.
+    """
+
+    def __init__(self, keep: Optional[torch.Tensor], row_set: Optional[torch.Tensor], kept: int, device):
+        self._dummy = torch.empty(1, dtype=torch.int64, device=device)
+        self._counts = None
+        if row_set is None:
+            self.count, self.extra_tiles = 1, 0
+            self.keep = keep if keep is not None else torch.arange(kept, device=device)
+            self.rows = self.first = self._dummy
+            return
+        self.count = self.extra_tiles = keep.shape[0]
+        self.keep = keep
+        self.rows = torch.argsort(row_set, stable=True)
+        self._counts = torch.zeros(self.count, dtype=torch.int64, device=device)
+        self._counts.index_add_(0, row_set, torch.ones_like(row_set))  # bincount without a data-dependent size
+        self.first = torch.zeros(self.count + 1, dtype=torch.int64, device=device)
+        torch.cumsum(self._counts, 0, out=self.first[1:])
+
+    def tiles(self, block_m: int) -> torch.Tensor:
+        """(G + 1,) the first row tile of each set when each set's rows are laid out in whole tiles of
+        ``block_m`` rows."""
+        if self._counts is None:
+            return self._dummy
+        tiles = torch.zeros(self.count + 1, dtype=torch.int64, device=self._counts.device)
+        torch.cumsum((self._counts + block_m - 1) // block_m, 0, out=tiles[1:])
+        return tiles
 
 
 @dispatch.register("masked_ffn", "triton")
@@ -443,35 +471,16 @@ def masked_ffn_triton(x, w1, b1, w2, b2, keep, *, act: str = "gelu", w_gate=None
     cfg = _configs(rows, kept, out, x.dtype, w_gate is not None, target)
     if schedule == "auto":
         schedule = _pick_schedule(rows, kept, out, x.element_size(), cfg["fused"]["BLOCK_K"])
-    idx_dummy = torch.empty(1, dtype=torch.int64, device=dev)  # pointers of constexpr-off branches, never read
-    if row_set is None:
-        sets = 1
-        # keep=None keeps every neuron: an explicit 0..D-1 list, so the kernels have one code path
-        keep_t = keep if keep is not None else torch.arange(kept, device=dev)
-        rows_idx = set_rows = idx_dummy
-        extra_tiles = 0
-    else:
-        sets = keep.shape[0]
-        keep_t = keep
-        # Sort rows by set on the device and lay each set's rows out in whole row tiles.
-        rows_idx, counts, set_rows = _row_layout(row_set, sets)
-        extra_tiles = sets
-    block_g = triton.next_power_of_2(sets)
+    sets = _RowSets(keep, row_set, kept, dev)
+    block_g = triton.next_power_of_2(sets.count)
     gate = w_gate if w_gate is not None else w1
     common = dict(ACT=act_id(act), GATED=w_gate is not None, HAS_B1=b1 is not None,
                   HAS_SETS=row_set is not None, UPCAST=interpreted and x.dtype != torch.float32,
                   IEEE=x.dtype == torch.float32 or interpreted,
                   RNE_BF16=interpreted and x.dtype == torch.bfloat16, BLOCK_G=block_g)
     bias1 = b1 if b1 is not None else x
-    stride_keep = keep_t.stride(0) if (keep is not None and keep.dim() == 2) else 0
+    stride_keep = keep.stride(0) if (keep is not None and keep.dim() == 2) else 0
     x_strides = (x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), gate.stride(0), gate.stride(1))
-
-    def set_tiles(block_m):
-        if row_set is None:
-            return idx_dummy
-        tiles = torch.zeros(sets + 1, dtype=torch.int64, device=dev)
-        torch.cumsum((counts + block_m - 1) // block_m, 0, out=tiles[1:])
-        return tiles
 
     with dispatch.device_guard(dev):
         if schedule == "fused":
@@ -479,27 +488,27 @@ def masked_ffn_triton(x, w1, b1, w2, b2, keep, *, act: str = "gelu", w_gate=None
             acc = torch.zeros((rows, out), dtype=torch.float32, device=dev)
             if b2 is not None:
                 acc.add_(b2)
-            grid = (triton.cdiv(rows, c["BLOCK_M"]) + extra_tiles, triton.cdiv(kept, c["BLOCK_K"]))
+            grid = (triton.cdiv(rows, c["BLOCK_M"]) + sets.extra_tiles, triton.cdiv(kept, c["BLOCK_K"]))
             dispatch.launch(
                 _masked_ffn_kernel, grid,
-                x, w1, bias1, gate, w2, keep_t, rows_idx, set_rows, set_tiles(c["BLOCK_M"]), acc,
-                rows, hidden, out, kept, sets, *x_strides, w2.stride(0), w2.stride(1), stride_keep,
+                x, w1, bias1, gate, w2, sets.keep, sets.rows, sets.first, sets.tiles(c["BLOCK_M"]), acc,
+                rows, hidden, out, kept, sets.count, *x_strides, w2.stride(0), w2.stride(1), stride_keep,
                 **common, **c)
             return acc.to(x.dtype)
         cu, cd = cfg["up"], cfg["down"]
         # Rows padded to 64 elements: the row stride is then divisible by 16, which lets Triton vectorise.
         hid = torch.empty((rows, triton.cdiv(kept, 64) * 64), dtype=x.dtype, device=dev)
-        grid = (triton.cdiv(rows, cu["BLOCK_M"]) + extra_tiles, triton.cdiv(kept, cu["BLOCK_K"]))
+        grid = (triton.cdiv(rows, cu["BLOCK_M"]) + sets.extra_tiles, triton.cdiv(kept, cu["BLOCK_K"]))
         dispatch.launch(
             _masked_up_kernel, grid,
-            x, w1, bias1, gate, keep_t, rows_idx, set_rows, set_tiles(cu["BLOCK_M"]), hid,
-            rows, hidden, kept, sets, *x_strides, stride_keep, hid.stride(0), **common, **cu)
+            x, w1, bias1, gate, sets.keep, sets.rows, sets.first, sets.tiles(cu["BLOCK_M"]), hid,
+            rows, hidden, kept, sets.count, *x_strides, stride_keep, hid.stride(0), **common, **cu)
         y = torch.empty((rows, out), dtype=x.dtype, device=dev)
-        grid = (triton.cdiv(rows, cd["BLOCK_M"]) + extra_tiles, triton.cdiv(out, cd["BLOCK_N"]))
+        grid = (triton.cdiv(rows, cd["BLOCK_M"]) + sets.extra_tiles, triton.cdiv(out, cd["BLOCK_N"]))
         dispatch.launch(
             _masked_down_kernel, grid,
-            hid, w2, b2 if b2 is not None else x, keep_t, rows_idx, set_rows, set_tiles(cd["BLOCK_M"]), y,
-            rows, out, kept, sets, w2.stride(0), w2.stride(1), stride_keep, hid.stride(0),
+            hid, w2, b2 if b2 is not None else x, sets.keep, sets.rows, sets.first, sets.tiles(cd["BLOCK_M"]), y,
+            rows, out, kept, sets.count, w2.stride(0), w2.stride(1), stride_keep, hid.stride(0),
             HAS_B2=b2 is not None, HAS_SETS=row_set is not None,
             UPCAST=common["UPCAST"], IEEE=common["IEEE"], RNE_BF16=common["RNE_BF16"], BLOCK_G=block_g, **cd)
         return y
