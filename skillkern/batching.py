@@ -159,7 +159,7 @@ def rows_differ(tokenizer, examples: Sequence, max_length: int, chunk: int = 256
 
 def check_rows_differ(tokenizer, examples: Sequence, max_length: int, what: str, *, required: bool,
                       hint: str = "") -> None:
-    """README "Errors and safety": rows that are all identical after truncation give every neuron one value, so
+    """docs/errors.md: rows that are all identical after truncation give every neuron one value, so
     no neuron can tell the classes apart. An error (:class:`~skillkern.data.DegenerateDataError`) when
     ``required`` (the evaluation split), else a logged warning."""
     from .data import DegenerateDataError

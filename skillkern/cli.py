@@ -2,7 +2,7 @@
 
 Every command validates, then works, then publishes: all options and inputs are checked before a model is
 loaded (where the check needs the data, before the model at least), the work runs, and the result is written to
-a temporary place and moved into place at the end (README "Errors and safety"). Every error ends in one line on
+a temporary place and moved into place at the end (docs/errors.md). Every error ends in one line on
 stderr, ``skillkern <command>: error: <what> [<what to do>]``, exit status 2; ``--verbose`` or
 ``SKILLKERN_DEBUG=1`` raises it with its traceback instead.
 """

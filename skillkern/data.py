@@ -642,8 +642,8 @@ class DegenerateDataError(ValueError):
 
 def check_split_classes(rows: Sequence[Example], label_names: Sequence[str], what: str, *, require_two: bool = False,
                         why: str = "the result is undefined", hint: str = "") -> list[int]:
-    """Check the classes present in ``rows`` (one split, after its row cap) by the rules of README "Errors and
-    safety": fewer than two classes present is a :class:`DegenerateDataError` when ``require_two`` (an evaluation
+    """Check the classes present in ``rows`` (one split, after its row cap) by the rules of docs/errors.md:
+    fewer than two classes present is a :class:`DegenerateDataError` when ``require_two`` (an evaluation
     split, where predictivity would be undefined, or a training split, where there is nothing to learn), and
     otherwise a logged warning, as is any class without rows (fewer rows than classes included).
 

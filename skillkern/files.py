@@ -181,6 +181,16 @@ def load_safetensors(path: str | Path, *, what: str = "file", hint: str = "", ke
     corrupt one (or a pickle, or any other file) :class:`FileFormatError`, both naming ``what`` and the path and
     ending with ``hint`` (what to do).
     """
+    def read(f):
+        names = list(f.keys()) if keys is None else [k for k in keys if k in set(f.keys())]
+        return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
+
+    return _read_safetensors(path, what, hint, read)
+
+
+def _read_safetensors(path: str | Path, what: str, hint: str, read):
+    """``read(handle)`` of an opened safetensors file; a missing, folder, truncated or corrupt file (or a pickle)
+    becomes the one-line errors of :func:`load_safetensors`."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -190,33 +200,18 @@ def load_safetensors(path: str | Path, *, what: str = "file", hint: str = "", ke
         raise FileFormatError(f"{what} {path} is a folder, not a file" + (f"; {hint}" if hint else ""))
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            names = list(f.keys()) if keys is None else [k for k in keys if k in set(f.keys())]
-            tensors = {k: f.get_tensor(k) for k in names}
+            return read(f)
     except Exception as err:  # SafetensorError (its own type), OSError, ...
         reason = " ".join(str(err).split()) or type(err).__name__
         raise FileFormatError(f"{what} {path} is not a readable safetensors file ({reason}): it is truncated, "
                               f"corrupt or of another kind" + (f"; {hint}" if hint else "")) from err
-    return tensors, metadata
 
 
 def safetensors_header(path: str | Path, *, what: str = "file", hint: str = "") -> tuple[dict[str, str], dict]:
     """``(metadata, {key: shape})`` of a safetensors file, reading no tensor data. The whole header is validated
     (a truncated file is caught here), with the errors of :func:`load_safetensors`."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise _missing(path, what, hint)
-    if path.is_dir():
-        raise FileFormatError(f"{what} {path} is a folder, not a file" + (f"; {hint}" if hint else ""))
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise FileFormatError(f"{what} {path} is not a readable safetensors file ({reason}): it is truncated, "
-                              f"corrupt or of another kind" + (f"; {hint}" if hint else "")) from err
+    return _read_safetensors(path, what, hint, lambda f: (
+        dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}))
 
 
 def read_json(path: str | Path, *, what: str = "file", hint: str = "") -> Any:

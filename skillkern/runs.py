@@ -207,8 +207,8 @@ def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, 
              init_state: Optional[dict] = None, overwrite: bool = False, record_model: Optional[str] = None) -> dict:
     """Tune a prompt (or BitFit) for ``task`` and write the run folder ``out``. Returns run.json's content.
 
-    Validate, then work, then publish: the output folder, the classes of the splits (README "Errors and
-    safety") and, with ``resume``, the checkpoint are checked before the model is loaded; the checkpoint
+    Validate, then work, then publish: the output folder, the classes of the splits (docs/errors.md) and, with
+    ``resume``, the checkpoint are checked before the model is loaded; the checkpoint
     (:func:`tune_checkpoint`) is written atomically at every dev evaluation; the finished run is written to a
     temporary sibling folder and moved into place (the checkpoint goes with the old folder).
 

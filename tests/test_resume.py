@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -48,22 +49,29 @@ class _Crash(Exception):
     pass
 
 
-@requires_data
-@pytest.mark.parametrize("crash_after", [3, 15])  # saves: 12 baseline chunks, 1 after the reduction, 8 eval
-def test_exception_mid_run_then_resume(tmp_path, uninterrupted, monkeypatch, crash_after):
+@contextlib.contextmanager
+def crash_after_saves(monkeypatch, n: int):
+    """The block must raise _Crash right after the n-th checkpoint save (the save itself completes)."""
     saves = {"n": 0}
     real_save = Checkpoint.save
 
     def crashing_save(self, *a, **k):
         real_save(self, *a, **k)
         saves["n"] += 1
-        if saves["n"] == crash_after:
+        if saves["n"] == n:
             raise _Crash()
 
     monkeypatch.setattr(Checkpoint, "save", crashing_save)
     with pytest.raises(_Crash):
-        main(ARGS + ["--out", str(tmp_path)])
+        yield
     monkeypatch.setattr(Checkpoint, "save", real_save)
+
+
+@requires_data
+@pytest.mark.parametrize("crash_after", [3, 15])  # saves: 12 baseline chunks, 1 after the reduction, 8 eval
+def test_exception_mid_run_then_resume(tmp_path, uninterrupted, monkeypatch, crash_after):
+    with crash_after_saves(monkeypatch, crash_after):
+        main(ARGS + ["--out", str(tmp_path)])
     meta, _ = _read(tmp_path / "checkpoint.safetensors")
     assert meta["phase"] == ("baseline" if crash_after < 13 else "eval")
     assert main(ARGS + ["--resume", "--out", str(tmp_path)]) == 0
@@ -181,19 +189,8 @@ RUN_ARGS = ["score", "--batch-size", "8", "--no-progress", "--checkpoint-every",
 def test_score_run_resumes_bit_identical(tuned_run, tmp_path, monkeypatch, crash_after):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main(RUN_ARGS + ["--run", str(tuned_run), "--out", str(whole)]) == 0
-    saves = {"n": 0}
-    real_save = Checkpoint.save
-
-    def crashing_save(self, *a, **k):
-        real_save(self, *a, **k)
-        saves["n"] += 1
-        if saves["n"] == crash_after:
-            raise _Crash()
-
-    monkeypatch.setattr(Checkpoint, "save", crashing_save)
-    with pytest.raises(_Crash):
+    with crash_after_saves(monkeypatch, crash_after):
         main(RUN_ARGS + ["--run", str(tuned_run), "--out", str(cut)])
-    monkeypatch.setattr(Checkpoint, "save", real_save)
     assert [p.name for p in cut.iterdir()] == ["checkpoint.safetensors"]
     meta, _ = _read(cut / "checkpoint.safetensors")
     assert meta["phase"] == ("baseline" if crash_after < 7 else "eval")
