@@ -188,16 +188,22 @@ def load_safetensors(path: str | Path, *, what: str = "file", hint: str = "", ke
     return _read_safetensors(path, what, hint, read)
 
 
-def _read_safetensors(path: str | Path, what: str, hint: str, read):
-    """``read(handle)`` of an opened safetensors file; a missing, folder, truncated or corrupt file (or a pickle)
-    becomes the one-line errors of :func:`load_safetensors`."""
-    from safetensors import safe_open
-
+def _existing_file(path: str | Path, what: str, hint: str) -> Path:
+    """``path`` as a Path; a missing file or a folder raises the one-line error naming it."""
     path = Path(path)
     if not path.exists():
         raise _missing(path, what, hint)
     if path.is_dir():
         raise FileFormatError(f"{what} {path} is a folder, not a file" + (f"; {hint}" if hint else ""))
+    return path
+
+
+def _read_safetensors(path: str | Path, what: str, hint: str, read):
+    """``read(handle)`` of an opened safetensors file; a missing, folder, truncated or corrupt file (or a pickle)
+    becomes the one-line errors of :func:`load_safetensors`."""
+    from safetensors import safe_open
+
+    path = _existing_file(path, what, hint)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return read(f)
@@ -216,11 +222,7 @@ def safetensors_header(path: str | Path, *, what: str = "file", hint: str = "") 
 
 def read_json(path: str | Path, *, what: str = "file", hint: str = "") -> Any:
     """Parse a JSON file; a missing, unreadable, truncated or malformed one raises an error naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise _missing(path, what, hint)
-    if path.is_dir():
-        raise FileFormatError(f"{what} {path} is a folder, not a file" + (f"; {hint}" if hint else ""))
+    path = _existing_file(path, what, hint)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

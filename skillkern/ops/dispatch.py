@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .. import _ext
+from .activations import HAVE_TRITON, triton
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +46,14 @@ BACKENDS = ("auto", "torch", "ext", "triton")
 #: the auto policy: preference order per device type (anything else: the "cpu" row)
 AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
 
-try:  # Triton is optional: the PyTorch references work without it.
-    import triton
+if HAVE_TRITON:  # (imported once, in activations.py: Triton is optional, the PyTorch references work without it)
 
     @triton.jit
     def _probe():
         pass
 
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
+else:  # pragma: no cover - exercised only where triton is absent
     _probe = None
-    HAVE_TRITON = False
 
 
 class BackendUnavailable(RuntimeError):
