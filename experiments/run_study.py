@@ -1,12 +1,18 @@
 """The paper's study on real data with the embedded MiniLM: tune, score, perturb; correlations; controls; BitFit.
 
-    python experiments/run_study.py                      # the full study (hours on 2 CPU cores; resumable)
-    python experiments/run_study.py --seeds 0,1,2        # more seeds (finished runs are reused)
+    python experiments/run_study.py                      # the full study (many hours on 2 CPU cores; resumable)
+    python experiments/run_study.py --tasks sst2 --seeds 0,1,2 --heads verbalizer
+    python experiments/run_study.py --cached-only        # rewrite RESULTS.md from finished runs or, with none,
+                                                         # byte for byte from experiments/study/results.json
     python experiments/run_study.py --quick --out /tmp/q # minutes-scale smoke version (used by a CI test)
 
-Every step writes its output under ``--work`` (run folders: prompt, scores, perturbation JSON) and is skipped when
-that output exists, so an interrupted study continues where it stopped. The small results (JSON, CSV, PNG) and
-``RESULTS.md`` go to ``--out``; numbers in RESULTS.md are read from those files, never typed in.
+Every task is tuned with each head of ``--heads`` (``verbalizer``: the frozen class-word head, the closest analogue
+of the paper's masked-LM head; ``linear``: a linear head trained with the prompt) and each seed, then scored and
+perturbed three ways (gaussian noise at a fixed sigma, gaussian noise in units of each neuron's own std, mean
+ablation) beside ``--draws`` random controls, on at least 800 test rows where the split has them. Runs live in
+``--work/<task>/<head>/seed<k>``. Every step writes its output there and is skipped when that output exists, so an
+interrupted study continues where it stopped. The small results (JSON, CSV, PNG) and ``RESULTS.md`` go to
+``--out``; numbers in RESULTS.md are read from those files, never typed in.
 """
 
 from __future__ import annotations
@@ -24,8 +30,7 @@ import numpy as np
 import torch
 
 from skillkern.data import binary_subtask, load_task
-from skillkern.perturb import perturb_run
-from skillkern.plotting import plot_perturbation
+from skillkern.perturb import decode_outcomes, paired_difference, perturb_run, save_perturbation
 from skillkern.stats import combine_runs
 from skillkern.transfer import spearman
 from skillkern.transfer import task_predictivity as combined_predictivity
@@ -44,6 +49,8 @@ TASKS = {
 }
 MULTICLASS = ("tweet", "mnli")  # 3 classes: skill neurons from the pn / neu sub-tasks (union rule)
 PAPER_TASKS = ("sst2", "imdb", "tweet", "mnli", "qnli", "ag_news", "dbpedia")
+#: the tasks whose prompt leaves chance at the first study's budget; the others are run with --tasks
+LEARNING_TASKS = ("sst2", "imdb", "tweet", "ag_news", "dbpedia")
 HANDWRITTEN = {
     "sst2": "Is the sentiment of this movie review positive or negative?",
     "imdb": "Is the sentiment of this movie review positive or negative?",
@@ -57,12 +64,17 @@ HANDWRITTEN = {
     "mrpc": "Do these two sentences mean the same thing?",
     "cola": "Is this sentence grammatically acceptable?",
 }
-FRACTIONS = (0.0, 0.01, 0.05, 0.1, 0.2)
+FRACTIONS = (0.0, 0.05, 0.1, 0.2)
 BITFIT_TASKS = ("sst2", "qnli")
+HEADS = ("verbalizer", "linear")
+#: perturbation key -> (mode, noise, sigma): the paper's gaussian at a fixed sigma, gaussian in units of each
+#: neuron's own activation std (a fixed sigma ignores the model's activation scale), and mean ablation
+PERTURBATIONS = {"gaussian": ("gaussian", "fixed", 0.1), "gaussian_neuron": ("gaussian", "neuron", 1.0),
+                 "mean": ("mean", "fixed", 0.1)}
 
 
-def settings_for(args, seed: int, **over) -> TuneSettings:
-    base = dict(prompt_len=args.prompt_len, head="linear", epochs=args.epochs, lr=args.lr, batch_size=16,
+def settings_for(args, seed: int, head: str = "verbalizer", **over) -> TuneSettings:
+    base = dict(prompt_len=args.prompt_len, head=head, epochs=args.epochs, lr=args.lr, batch_size=16,
                 max_length=args.max_length, max_train=args.max_train, max_dev=args.max_dev, max_test=args.max_test,
                 eval_every=args.eval_every, seed=seed, split_seed=0)
     base.update(over)
@@ -94,20 +106,66 @@ def ensure_scores(run: Path, name: str) -> None:
             score_run(run, subtask=sub, progress=False)
 
 
-def ensure_perturb(run: Path, args, neurons_from: Path | None = None, tag: str = "perturb_gaussian",
-                   mode: str = "gaussian") -> dict:
-    out = run / f"{tag}.json"
+def perturb_file(run: Path, key: str, neurons_from: Path | None = None) -> Path:
+    return run / (f"perturb_{key}.json" if neurons_from is None else f"perturb_{key}_prompt_neurons.json")
+
+
+def ensure_perturb(run: Path, args, key: str = "gaussian", neurons_from: Path | None = None,
+                   cached_only: bool = False) -> dict | None:
+    """The run's perturbation result ``key`` (:data:`PERTURBATIONS`), computed and saved when missing."""
+    out = perturb_file(run, key, neurons_from)
     if not done(out):
-        result = perturb_run(run, mode=mode, fractions=args.fractions, neurons_from=neurons_from, seed=0,
-                             progress=False)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        plot_perturbation(result, out.with_suffix(".png"))
+        if cached_only:
+            return None
+        mode, noise, sigma = PERTURBATIONS[key]
+        t = time.perf_counter()
+        result = perturb_run(run, mode=mode, noise=noise, sigma=sigma, fractions=args.fractions,
+                             neurons_from=neurons_from, draws=args.draws, seed=0, progress=False)
+        save_perturbation(result, out)
+        log.info("perturbed %s (%s) in %.0fs", run, key, time.perf_counter() - t)
     return json.loads(out.read_text())
+
+
+def summary(pert: dict | None) -> dict | None:
+    """A perturbation result without its per-row outcomes (results.json keeps the summaries only)."""
+    return None if pert is None else {k: v for k, v in pert.items() if k != "outcomes"}
+
+
+def pooled_test(perts: list, seed: int = 0) -> dict:
+    """Skill - random over the seeds of one task and head, per fraction: the paired bootstrap over seeds, test rows
+    and random draws (:func:`skillkern.perturb.paired_difference`) on the per-row outcomes the runs stored."""
+    out = {"fractions": perts[0]["fractions"], "difference": [], "ci": [], "skill": [], "random": []}
+    for i in range(len(out["fractions"])):
+        skill = torch.stack([decode_outcomes(p["outcomes"]["skill"][i]) for p in perts])
+        random = torch.stack([torch.stack([decode_outcomes(t) for t in p["outcomes"]["random"][i]]) for p in perts])
+        test = paired_difference(skill, random, seed=seed + i)
+        out["difference"].append(test["difference"])
+        out["ci"].append(test["ci"])
+        out["skill"].append(float(skill.double().mean()))
+        out["random"].append(float(random.double().mean()))
+    return out
 
 
 def task_predictivity(run: Path) -> torch.Tensor:
     """(L, D) predictivity of one run: the task's, or for 3-class tasks the max of its pn and neu sub-tasks."""
     return combined_predictivity(run_predictivity(run))
+
+
+def layer_profile(pred: torch.Tensor, frac: float = 0.01) -> list:
+    """Share of each layer among the model's top ``frac`` neurons by predictivity (where skill neurons live)."""
+    flat = pred.flatten()
+    k = max(1, int(frac * flat.numel()))
+    top = flat.topk(k).indices // pred.shape[1]
+    return (torch.bincount(top, minlength=pred.shape[0]).double() / k).tolist()
+
+
+def plateau(curve: list, batch_size: int, tol: float = 0.01) -> dict:
+    """Training rows seen when dev accuracy first came within ``tol`` of its best (accuracy against rows)."""
+    rows = [c["step"] * batch_size for c in curve]
+    dev = [c["dev_accuracy"] for c in curve]
+    best = max(dev)
+    first = next(r for r, d in zip(rows, dev) if d >= best - tol)
+    return {"rows_seen": rows, "dev_accuracy": dev, "plateau_rows": first, "total_rows": rows[-1]}
 
 
 def handwritten_init(model_name: str, text: str, prompt_len: int) -> torch.Tensor:
@@ -120,13 +178,32 @@ def handwritten_init(model_name: str, text: str, prompt_len: int) -> torch.Tenso
     return backbone.get_input_embeddings().weight[ids].detach().clone()
 
 
+def study_run(work: Path, name: str, head: str, seed: int, args) -> dict | None:
+    """Tune, score and perturb one (task, head, seed); its record for results.json (None with --cached-only when
+    the run is not finished)."""
+    run = work / name / head / f"seed{seed}"
+    if args.cached_only and not all(perturb_file(run, k).exists() for k in PERTURBATIONS):
+        return None
+    settings = settings_for(args, seed, head)
+    info = ensure_run(run, name, settings, args)
+    ensure_scores(run, name)
+    perts = {k: ensure_perturb(run, args, k) for k in PERTURBATIONS}
+    pred = task_predictivity(run)
+    return {"seed": seed, "dev_accuracy": info["dev_accuracy"], "test_accuracy": info["test_accuracy"],
+            "best_predictivity": float(pred.max()), "layer_profile": layer_profile(pred),
+            "curve": plateau(info["curve"], settings.batch_size) if info["curve"] else None,
+            "perturbation": {k: summary(v) for k, v in perts.items()}, "seconds": info["seconds"],
+            "_outcomes": perts}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny smoke version (CI)")
     p.add_argument("--model", default="minilm")
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--seeds", default="0", help="comma-separated seeds for every task")
-    p.add_argument("--extra-seeds", default="", help="task=seeds;... extra seeds for some tasks, e.g. sst2=1,2")
+    p.add_argument("--tasks", default=",".join(LEARNING_TASKS))
+    p.add_argument("--heads", default=",".join(HEADS), help="comma-separated heads (verbalizer, linear)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for every task")
+    p.add_argument("--extra-seeds", default="", help="task=seeds;... extra seeds for some tasks, e.g. sst2=3,4")
     p.add_argument("--work", default="runs/study", help="run folders (large; not committed)")
     p.add_argument("--out", default="experiments/study", help="small results + RESULTS.md")
     p.add_argument("--threads", type=int, default=0)
@@ -134,13 +211,15 @@ def main() -> int:
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--max-train", type=int, default=1000)
+    p.add_argument("--max-train", type=int, default=2000)
     p.add_argument("--max-dev", type=int, default=400)
-    p.add_argument("--max-test", type=int, default=400)
+    p.add_argument("--max-test", type=int, default=800)
     p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--draws", type=int, default=3, help="random controls per fraction")
     p.add_argument("--skip-extras", action="store_true", help="only tune/score/perturb")
     p.add_argument("--cached-only", action="store_true",
-                   help="compute nothing: report what earlier invocations finished (missing parts are left out)")
+                   help="compute nothing: report what earlier invocations finished (missing parts are left out); "
+                        "with no finished run, rewrite RESULTS.md from --out's results.json")
     p.add_argument("--control-tasks", default=None, help="tasks for the random/hand-written prompt controls "
                                                           "(default: all)")
     p.add_argument("--bitfit-tasks", default=",".join(BITFIT_TASKS), help="tasks for BitFit (default sst2,qnli)")
@@ -149,17 +228,21 @@ def main() -> int:
     for noisy in ("skillkern.models", "skillkern.data", "skillkern.tune", "skillkern.perturb", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quick:
-        args.tasks = "sst2,rte,tweet" if args.tasks == ",".join(TASKS) else args.tasks
+        args.tasks = "sst2,rte,tweet" if args.tasks == ",".join(LEARNING_TASKS) else args.tasks
+        args.seeds = "0" if args.seeds == "0,1,2" else args.seeds
         args.prompt_len, args.epochs, args.max_length = 4, 1, 32
-        args.max_train, args.max_dev, args.max_test, args.eval_every = 32, 16, 16, 1
+        args.max_train, args.max_dev, args.max_test, args.eval_every, args.draws = 32, 16, 16, 1, 2
         args.bitfit_tasks = "sst2"
     if args.threads:
         torch.set_num_threads(args.threads)
     args.fractions = FRACTIONS
     tasks = [t for t in args.tasks.split(",") if t]
+    heads = [h for h in args.heads.split(",") if h]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; the study knows {list(TASKS)}")
+        raise SystemExit(f"--tasks: unknown task(s) {unknown}; the study knows {list(TASKS)}")
+    if not heads or any(h not in HEADS for h in heads):
+        raise SystemExit(f"--heads: choose from {list(HEADS)}, got {args.heads!r}")
     seeds = {t: [int(s) for s in args.seeds.split(",")] for t in tasks}
     for part in filter(None, args.extra_seeds.split(";")):
         name, vals = part.split("=")
@@ -170,30 +253,20 @@ def main() -> int:
     (out / "perturbation").mkdir(exist_ok=True)
     started = time.perf_counter()
 
-    # 1. tune, score, perturb every task and seed
-    rows = {}
-    for name in tasks:
-        per_seed = []
-        for seed in seeds[name]:
-            run = work / name / f"seed{seed}"
-            if args.cached_only and not (run / "perturb_gaussian.json").exists():
-                continue
-            info = ensure_run(run, name, settings_for(args, seed), args)
-            ensure_scores(run, name)
-            pert = ensure_perturb(run, args)
-            # mean ablation (a = the threshold averaged over the prompt slots), the strongest of METHOD.md's modes,
-            # beside the gaussian default
-            pert_mean = None if args.cached_only and not (run / "perturb_mean.json").exists() else \
-                ensure_perturb(run, args, tag="perturb_mean", mode="mean")
-            pred = task_predictivity(run)
-            per_seed.append({"seed": seed, "dev_accuracy": info["dev_accuracy"], "test_accuracy": info["test_accuracy"],
-                             "best_predictivity": float(pred.max()), "perturbation": pert,
-                             "perturbation_mean": pert_mean, "seconds": info["seconds"]})
-            shutil.copy(run / "perturb_gaussian.png", out / "perturbation" / f"{name}_seed{seed}.png")
-        if not per_seed:
-            continue
-        rows[name] = per_seed
-        log.info("%s: test accuracy %s", name, [r["test_accuracy"] for r in per_seed])
+    # 1. tune, score, perturb every task, head and seed: seed-major, so an interrupted study has every task
+    rows = {h: {} for h in heads}
+    for seed in sorted({s for v in seeds.values() for s in v}):
+        for name in tasks:
+            for head in heads:
+                if seed not in seeds[name]:
+                    continue
+                rec = study_run(work, name, head, seed, args)
+                if rec is not None:
+                    rows[head].setdefault(name, []).append(rec)
+                    shutil.copy(perturb_file(work / name / head / f"seed{seed}", "mean").with_suffix(".png"),
+                                out / "perturbation" / f"{name}_{head}_seed{seed}.png")
+    rows = {h: {t: rows[h][t] for t in tasks if t in rows[h]} for h in heads}
+    rows = {h: v for h, v in rows.items() if v}
 
     if not rows:  # only with --cached-only: nothing finished under --work (a fresh clone has no run folders)
         if not (out / "results.json").is_file():
@@ -203,66 +276,75 @@ def main() -> int:
 
         return results_md_main(["--out", str(out)])
 
-    # 2. task-level aggregates and the correlation of predictivity between tasks
-    tasks = [t for t in tasks if t in rows]
-    seeds = {t: [r["seed"] for r in rows[t]] for t in tasks}
-    preds = {n: combine_runs([task_predictivity(work / n / f"seed{s}") for s in seeds[n]]) for n in tasks}
-    L = next(iter(preds.values())).shape[0]
-    corr_whole = np.full((len(tasks), len(tasks)), np.nan)
-    corr_layer = np.full((L, len(tasks), len(tasks)), np.nan)
-    for i, a in enumerate(tasks):
-        for j, b in enumerate(tasks):
-            corr_whole[i, j] = spearman(preds[a].flatten().numpy(), preds[b].flatten().numpy())
-            for layer in range(L):
-                corr_layer[layer, i, j] = spearman(preds[a][layer].numpy(), preds[b][layer].numpy())
-    plot_correlations(tasks, corr_whole, corr_layer, out / "correlation.png")
+    # 2. per head: the paired test pooled over seeds, and the correlation of predictivity between tasks
+    pooled, correlation = {}, {}
+    for head, per_task in rows.items():
+        pooled[head] = {t: {k: pooled_test([r["_outcomes"][k] for r in recs]) for k in PERTURBATIONS}
+                        for t, recs in per_task.items()}
+        names = list(per_task)
+        preds = {n: combine_runs([task_predictivity(work / n / head / f"seed{r['seed']}") for r in per_task[n]])
+                 for n in names}
+        L = next(iter(preds.values())).shape[0]
+        whole = np.full((len(names), len(names)), np.nan)
+        layer = np.full((L, len(names), len(names)), np.nan)
+        for i, a in enumerate(names):
+            for j, b in enumerate(names):
+                whole[i, j] = spearman(preds[a].flatten().numpy(), preds[b].flatten().numpy())
+                for k in range(L):
+                    layer[k, i, j] = spearman(preds[a][k].numpy(), preds[b][k].numpy())
+        correlation[head] = {"tasks": names, "whole_model": whole.tolist(), "per_layer": layer.tolist()}
+        plot_correlations(names, whole, layer, out / f"correlation_{head}.png")
+        for recs in per_task.values():
+            for r in recs:
+                r.pop("_outcomes")
 
-    # 3. controls: untrained random prompt and a hand-written prompt (predictivity only), seed 0
-    controls = {}
-    bitfit = {}
-    control_tasks = tasks if args.control_tasks is None else [t for t in args.control_tasks.split(",") if t in tasks]
+    # 3. controls: untrained random prompt and a hand-written prompt (predictivity only), seed 0, first head
+    controls, bitfit = {}, {}
+    head0 = heads[0]
+    control_tasks = list(rows[head0]) if args.control_tasks is None else \
+        [t for t in args.control_tasks.split(",") if t in rows[head0]]
     bitfit_tasks = tuple(t for t in args.bitfit_tasks.split(",") if t)
     if not args.skip_extras:
         for name in control_tasks:
             entry = {}
-            if args.cached_only and not all(scores_path(work / name / f"{k}_prompt", s).is_file()
+            if args.cached_only and not all(scores_path(work / name / head0 / f"{k}_prompt", s).is_file()
                                             for k in ("random", "handwritten")
                                             for s in (("pn", "neu") if name in MULTICLASS else (None,))):
                 continue
             for kind in ("random", "handwritten"):
-                run = work / name / f"{kind}_prompt"
+                run = work / name / head0 / f"{kind}_prompt"
                 init = handwritten_init(args.model, HANDWRITTEN[name], args.prompt_len) if kind == "handwritten" \
                     else None
-                ensure_run(run, name, settings_for(args, 0, epochs=0), args, prompt_init=init, label=kind)
+                ensure_run(run, name, settings_for(args, 0, head0, epochs=0), args, prompt_init=init, label=kind)
                 ensure_scores(run, name)
                 entry[kind] = float(task_predictivity(run).max())
                 entry[kind + "_mean_top1pct"] = top_mean(task_predictivity(run))
-            # the controls are seed 0 only, so they stand beside the seed-0 tuned prompt, not the seed mean
-            tuned = task_predictivity(work / name / "seed0") if 0 in seeds[name] else preds[name]
+            tuned = task_predictivity(work / name / head0 / f"seed{rows[head0][name][0]['seed']}")
             entry["tuned"] = float(tuned.max())
             entry["tuned_mean_top1pct"] = top_mean(tuned)
             controls[name] = entry
         # 4. BitFit: biases only, no prompt; perturb the prompt-found skill neurons there
         for name in bitfit_tasks:
-            if name not in tasks:
+            if name not in rows[head0]:
                 continue
-            run = work / name / "bitfit"
-            if args.cached_only and not (run / "perturb_gaussian_prompt_neurons.json").exists():
+            run = work / name / head0 / "bitfit"
+            if args.cached_only and not perturb_file(run, "mean", run).exists():
                 continue
-            info = ensure_run(run, name, settings_for(args, 0, method="bitfit", lr=args.lr / 10), args)
-            pert = ensure_perturb(run, args, neurons_from=work / name / f"seed{seeds[name][0]}",
-                                  tag="perturb_gaussian_prompt_neurons")
-            shutil.copy(run / "perturb_gaussian_prompt_neurons.png", out / "perturbation" / f"{name}_bitfit.png")
+            info = ensure_run(run, name, settings_for(args, 0, head0, method="bitfit", lr=args.lr / 10), args)
+            source = work / name / head0 / f"seed{rows[head0][name][0]['seed']}"
+            pert = {k: summary(ensure_perturb(run, args, k, neurons_from=source)) for k in ("gaussian_neuron", "mean")}
             bitfit[name] = {"test_accuracy": info["test_accuracy"], "dev_accuracy": info["dev_accuracy"],
                             "perturbation": pert}
 
     results = {
-        "model": args.model, "quick": args.quick,
+        "model": args.model, "quick": args.quick, "heads": list(rows),
         "settings": {k: getattr(args, k) for k in ("prompt_len", "epochs", "lr", "max_length", "max_train",
-                                                    "max_dev", "max_test", "eval_every")},
-        "fractions": list(FRACTIONS), "seeds": seeds, "tasks": rows,
-        "correlation": {"tasks": tasks, "whole_model": corr_whole.tolist(), "per_layer": corr_layer.tolist()},
-        "controls": controls, "bitfit": bitfit, "threads": torch.get_num_threads(),
+                                                    "max_dev", "max_test", "eval_every", "draws")},
+        "perturbations": {k: dict(zip(("mode", "noise", "sigma"), v)) for k, v in PERTURBATIONS.items()},
+        "fractions": list(FRACTIONS), "seeds": {h: {t: [r["seed"] for r in v] for t, v in per.items()}
+                                                for h, per in rows.items()},
+        "tasks": rows, "pooled": pooled, "correlation": correlation,
+        "controls": controls, "controls_head": head0, "bitfit": bitfit, "threads": torch.get_num_threads(),
         "majority": {n: majority_rate(n, settings_for(args, 0)) for n in tasks},
         "seconds_this_invocation": round(time.perf_counter() - started, 1),
     }
@@ -290,17 +372,20 @@ def top_mean(pred: torch.Tensor, frac: float = 0.01) -> float:
 
 
 def write_table_csv(results: dict, path: Path) -> None:
-    from results_md import _acc_at  # one definition of "accuracy at fraction q"
-
-    lines = ["task,seeds,test_accuracy,best_predictivity," +
-             ",".join(f"{w}_{int(q * 100)}pct" for q in results["fractions"][1:] for w in ("skill", "random"))]
-    for name, per_seed in results["tasks"].items():
-        cells = [name, len(per_seed), np.mean([r["test_accuracy"] for r in per_seed]),
-                 np.mean([r["best_predictivity"] for r in per_seed])]
-        for q in results["fractions"][1:]:
-            for w in ("skill", "random"):
-                cells.append(np.mean([_acc_at(r["perturbation"], q, w) for r in per_seed]))
-        lines.append(",".join(str(round(c, 4)) if isinstance(c, float) else str(c) for c in cells))
+    """One line per (head, task, perturbation, fraction): seed-mean accuracies and the pooled paired test."""
+    lines = ["head,task,seeds,test_accuracy,best_predictivity,perturbation,fraction,skill,random,difference,"
+             "ci_low,ci_high"]
+    for head, per_task in results["tasks"].items():
+        for name, per_seed in per_task.items():
+            acc = np.mean([r["test_accuracy"] for r in per_seed])
+            pred = np.mean([r["best_predictivity"] for r in per_seed])
+            for key, pool in results["pooled"][head][name].items():
+                for i, q in enumerate(pool["fractions"]):
+                    if q == 0:
+                        continue
+                    cells = [head, name, len(per_seed), acc, pred, key, q, pool["skill"][i], pool["random"][i],
+                             pool["difference"][i], *pool["ci"][i]]
+                    lines.append(",".join(str(round(c, 4)) if isinstance(c, float) else str(c) for c in cells))
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -337,23 +422,34 @@ def plot_correlations(tasks, whole, per_layer, path: Path) -> None:
 
 
 def plot_overview(results: dict, path: Path) -> None:
+    """Rows: perturbations; columns: tasks; per head the pooled skill (solid) and random (dashed) accuracy with
+    the 95% interval of their difference drawn around the random curve."""
     plt = _plt()
-    names = list(results["tasks"])
-    cols = min(4, len(names))
-    rows_n = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.6 * rows_n), squeeze=False)
-    x = [100 * q for q in results["fractions"]]
-    for ax, name in zip(axes.flat, names):
-        per_seed = results["tasks"][name]
-        for w, style in (("skill", "o-"), ("random", "s--")):
-            ys = np.array([r["perturbation"][w] for r in per_seed])
-            ax.plot(x, ys.mean(0), style, label=w, color="tab:red" if w == "skill" else "tab:grey")
-        ax.set_title(f"{name} ({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})", fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes[0, 0].legend(fontsize=7)
-    fig.supxlabel("perturbed neurons per layer (%)", fontsize=9)
+    keys = list(results["perturbations"])
+    names = list(dict.fromkeys(t for per in results["tasks"].values() for t in per))
+    fig, axes = plt.subplots(len(keys), len(names), figsize=(2.9 * len(names), 2.4 * len(keys)), squeeze=False)
+    colors = {"verbalizer": "tab:red", "linear": "tab:blue"}
+    for row, key in enumerate(keys):
+        for col, name in enumerate(names):
+            ax = axes[row, col]
+            for head, per in results["pooled"].items():
+                if name not in per:
+                    continue
+                pool = per[name][key]
+                x = [100 * q for q in pool["fractions"]]
+                c = colors.get(head, "tab:grey")
+                ax.plot(x, pool["skill"], "o-", color=c, label=f"{head}: skill", ms=3)
+                ax.plot(x, pool["random"], "s--", color=c, alpha=0.6, label=f"{head}: random", ms=3)
+                low = [r + ci[0] for r, ci in zip(pool["random"], pool["ci"])]
+                high = [r + ci[1] for r, ci in zip(pool["random"], pool["ci"])]
+                ax.fill_between(x, low, high, color=c, alpha=0.12, lw=0)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(name, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(key.replace("_", " "), fontsize=8)
+    axes[0, 0].legend(fontsize=6)
+    fig.supxlabel("perturbed neurons per layer (%)  (band: random + 95% CI of skill - random)", fontsize=9)
     fig.supylabel("test accuracy", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -62,11 +62,14 @@ class Batch:
             each (B, T) int64.
         labels: (B,) int64 class of each sample.
         attention_mask: (B, T), the same tensor as ``inputs["attention_mask"]`` (1 = real token).
+        index: (B,) int64 (on the CPU): each sample's position among the examples given to :func:`iter_batches`
+            (length bucketing reorders the samples of a batch).
     """
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
     attention_mask: torch.Tensor = field(repr=False, default=None)
+    index: torch.Tensor = field(repr=False, default=None)
 
 
 def _example_fields(ex) -> tuple[str, Optional[str], int]:
@@ -99,16 +102,18 @@ def iter_batches(tokenizer, examples: Iterable, batch_size: int, max_length: int
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token; load it with skillkern.load_model or set pad_token")
     chunk: list = []
+    start = 0
     for ex in examples:
         chunk.append(_example_fields(ex))
         if len(chunk) == batch_size:
-            yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device)
+            yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device, start)
+            start += len(chunk)
             chunk = []
     if chunk:
-        yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device)
+        yield from _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device, start)
 
 
-def _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device) -> Iterator[Batch]:
+def _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device, start=0) -> Iterator[Batch]:
     texts = [c[0] for c in chunk]
     pairs = [c[1] for c in chunk]
     has_pair = [p is not None for p in pairs]
@@ -137,7 +142,8 @@ def _encode_chunk(tokenizer, chunk, max_length, pad_multiple, pad_id, device) ->
                 mask[j, : lengths[i]] = 1
             inputs["attention_mask"] = mask.to(device)
         labels = torch.tensor([chunk[i][2] for i in rows], dtype=torch.long, device=device)
-        yield Batch(inputs=inputs, labels=labels, attention_mask=inputs["attention_mask"])
+        yield Batch(inputs=inputs, labels=labels, attention_mask=inputs["attention_mask"],
+                    index=torch.tensor(rows, dtype=torch.long) + start)
 
 
 def rows_differ(tokenizer, examples: Sequence, max_length: int, chunk: int = 256) -> bool:

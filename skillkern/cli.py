@@ -273,8 +273,10 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--subtask", default=None, help="binary sub-task: pn, neu, ovr:<c>, pair:<a>,<b>")
     p.add_argument("--method", default="prompt", choices=["prompt", "bitfit"])
     p.add_argument("--prompt-len", type=int, default=16, help="P prompt slots, slot 0 included (>= 2)")
-    p.add_argument("--head", default="auto", choices=["auto", "mlm", "linear"],
-                   help="auto: masked-LM verbalizer when the model has an MLM head, else a linear head on slot 0")
+    p.add_argument("--head", default="auto", choices=["auto", "mlm", "verbalizer", "linear"],
+                   help="auto: masked-LM verbalizer when the model has an MLM head, else a linear head on slot 0; "
+                        "verbalizer: temperature x cosine with the frozen class-word embeddings (the paper-like head "
+                        "for a model without an MLM head)")
     p.add_argument("--epochs", type=float, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=0.006, help="fraction of the steps that warm up, in [0, 1]")
@@ -353,7 +355,12 @@ def _add_perturb_parser(sub) -> None:
     p.add_argument("--fractions", type=_fractions, default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2],
                    help="comma-separated per-layer fractions q (default 0,0.01,0.02,0.05,0.1,0.15,0.2)")
     p.add_argument("--neurons-from", default=None, help="use the skill neurons of this other run (cross-task)")
-    p.add_argument("--sigma", type=float, default=0.1, help="gaussian noise standard deviation")
+    p.add_argument("--sigma", type=float, default=0.1,
+                   help="gaussian noise standard deviation (with --noise neuron: in units of each neuron's own std)")
+    p.add_argument("--noise", default="fixed", choices=["fixed", "neuron"],
+                   help="gaussian noise scale: fixed sigma, or sigma x each neuron's activation std over the run's "
+                        "first 256 training rows")
+    p.add_argument("--draws", type=int, default=3, help="independent random controls per fraction (default 3)")
     p.add_argument("--seed", type=int, default=0, help="noise and random-control seed")
     p.add_argument("--max-test", type=int, default=None, help="first N test rows (default: the run's cap)")
     p.add_argument("--split", default="test")
@@ -367,9 +374,11 @@ def _add_perturb_parser(sub) -> None:
 
 
 def cmd_perturb(args) -> int:
-    for flag, low in (("--seed", 0), ("--max-test", 1), ("--batch-size", 1)):
+    for flag, low in (("--seed", 0), ("--max-test", 1), ("--batch-size", 1), ("--draws", 1)):
         _at_least(flag, getattr(args, flag[2:].replace("-", "_")), low)
     _number("--sigma", args.sigma, 0)
+    if args.noise != "fixed" and args.mode != "gaussian":
+        raise UsageError(f"--noise {args.noise} scales gaussian noise; it does nothing with --mode {args.mode}")
     _check_device(args.device)
     _check_data(args.data)
     from .files import check_out_file
@@ -379,7 +388,7 @@ def cmd_perturb(args) -> int:
     read_run(args.run)
     if args.neurons_from is not None:
         read_run(args.neurons_from, "--neurons-from")
-    out = Path(args.out) if args.out else default_perturb_out(args.run, args.mode, args.neurons_from)
+    out = Path(args.out) if args.out else default_perturb_out(args.run, args.mode, args.neurons_from, args.noise)
     inputs = [("run description", run_file(args.run)), ("prompt file", prompt_file(args.run)),
               ("scores folder", scores_dir(args.run).parent)]
     check_out_file(out, flag="--out" if args.out else "the default output", overwrite=args.overwrite,
@@ -388,15 +397,17 @@ def cmd_perturb(args) -> int:
         raise UsageError(f"--out {out}: its picture {out.with_suffix('.png')} would replace a folder; choose "
                          "another path")
     result = perturb_run(args.run, mode=args.mode, fractions=args.fractions, neurons_from=args.neurons_from,
-                         sigma=args.sigma, seed=args.seed, max_test=args.max_test, split=args.split,
-                         batch_size=args.batch_size, device=args.device, data=args.data,
-                         progress=not args.no_progress)
+                         sigma=args.sigma, noise=args.noise, draws=args.draws, seed=args.seed,
+                         max_test=args.max_test, split=args.split, batch_size=args.batch_size, device=args.device,
+                         data=args.data, progress=not args.no_progress)
     save_perturbation(result, out)
     print(f"{result['task']}: {args.mode} perturbation of the skill neurons of {result['neurons_task']} "
           f"({result['test_rows']} {args.split} rows, clean accuracy {result['clean_accuracy']:.4f})")
-    print(f"{'q':>6} {'neurons':>8} {'skill':>7} {'random':>7}")
-    for q, n, a, b in zip(result["fractions"], result["neurons_per_layer"], result["skill"], result["random"]):
-        print(f"{q:>6.2f} {sum(n):>8d} {a:>7.4f} {b:>7.4f}")
+    print(f"{'q':>6} {'neurons':>8} {'skill':>7} {'random':>7}  {'skill - random [95% CI]':<26} {'McNemar p':>9}")
+    for q, n, a, b, d, ci, pv in zip(result["fractions"], result["neurons_per_layer"], result["skill"],
+                                     result["random"], result["difference"], result["difference_ci"],
+                                     result["mcnemar_p"]):
+        print(f"{q:>6.2f} {sum(n):>8d} {a:>7.4f} {b:>7.4f}  {d:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]  {max(pv):>9.3g}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

@@ -4,11 +4,17 @@
 METHOD.md sections 4-6. The selected neurons are perturbed at every token position of the chosen layers:
 
 - ``gaussian``: ``a += eps``, ``eps ~ N(0, sigma^2)``, one noise vector per sample shared by its positions, redrawn
-  every forward pass (from a seeded generator, so a perturbation run is reproducible);
+  every forward pass (from a seeded generator, so a perturbation run is reproducible). With ``noise="neuron"``
+  neuron i's noise is ``N(0, (sigma * std_i)^2)``, ``std_i`` its own activation standard deviation over the real
+  token positions of the run's first training rows (:func:`neuron_std`): a fixed sigma ignores each model's
+  activation scale;
 - ``zero``: ``a = 0``;
 - ``mean``: ``a = threshold`` averaged over the prompt slots (:func:`skillkern.runs.prompt_thresholds`).
 
-The control perturbs, in each layer, the same number of neurons drawn uniformly at random (seeded).
+The control perturbs, in each layer, the same number of neurons drawn uniformly at random, ``draws`` times
+(independent seeded draws). Skill and control are judged on the same test rows by a paired test
+(:func:`paired_difference`): a bootstrap over rows (and draws, and runs) gives a confidence interval on the accuracy
+difference, and McNemar's exact test compares the skill perturbation with each random draw.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -23,11 +30,12 @@ import torch
 from .batching import take
 from .files import atomic_write, atomic_write_json
 from .runs import check_run, load_run, load_run_task, prompt_thresholds, read_run, run_predictivity, skill_selection
-from .tune import TuneSettings, evaluate
+from .tune import TuneSettings, correct_rows
 
 logger = logging.getLogger(__name__)
 
 MODES = ("gaussian", "zero", "mean")
+NOISE_SCALES = ("fixed", "neuron")
 
 
 def random_selection(counts: Sequence[int], width: int, seed: int) -> list[torch.Tensor]:
@@ -37,8 +45,8 @@ def random_selection(counts: Sequence[int], width: int, seed: int) -> list[torch
 
 
 def perturbation(selection: Sequence[torch.Tensor], mode: str = "gaussian", sigma: float = 0.1,
-                 prompt_thresholds: Optional[torch.Tensor] = None, seed: int = 0
-                 ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+                 prompt_thresholds: Optional[torch.Tensor] = None, seed: int = 0,
+                 scale: Optional[torch.Tensor] = None) -> Callable[[int, torch.Tensor], torch.Tensor]:
     """An ``edit_neurons`` function perturbing ``selection[layer]`` at every position.
 
     Args:
@@ -47,6 +55,8 @@ def perturbation(selection: Sequence[torch.Tensor], mode: str = "gaussian", sigm
         prompt_thresholds: (L, D) the value ``mean`` mode sets: the thresholds averaged over the prompt slots
             (:func:`skillkern.runs.prompt_thresholds`).
         seed: seeds the gaussian noise generator.
+        scale: optional (L, D) per-neuron factor of the gaussian noise (``noise="neuron"``: each neuron's
+            activation standard deviation); the noise of neuron i is then ``N(0, (sigma * scale_i)^2)``.
 
     Returns:
         ``fn(layer, h) -> h`` for :func:`skillkern.models.edit_neurons`; h is (B, T, D).
@@ -72,6 +82,8 @@ def perturbation(selection: Sequence[torch.Tensor], mode: str = "gaussian", sigm
         if mode == "gaussian":
             # one noise vector per sample, shared by its positions; drawn on the CPU for reproducibility
             noise = torch.randn(h.shape[0], 1, idx.numel(), generator=gen) * sigma
+            if scale is not None:
+                noise = noise * scale[layer, idx].to(noise.dtype)
             h[..., idx_d] += noise.to(h.device, h.dtype)
         elif mode == "zero":
             h[..., idx_d] = 0
@@ -108,9 +120,10 @@ def save_perturbation(result: dict, out: str | Path) -> tuple[Path, Path]:
 
 
 def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[float] = (0.0, 0.01, 0.05, 0.1, 0.2),
-                neurons_from: Optional[str | Path] = None, sigma: float = 0.1, seed: int = 0,
-                max_test: Optional[int] = None, split: str = "test", batch_size: int = 32, device=None,
-                data: Optional[str] = None, progress: bool = True) -> dict:
+                neurons_from: Optional[str | Path] = None, sigma: float = 0.1, noise: str = "fixed",
+                draws: int = 3, seed: int = 0, max_test: Optional[int] = None, split: str = "test",
+                batch_size: int = 32, device=None, data: Optional[str] = None, std_rows: int = 256,
+                progress: bool = True) -> dict:
     """Accuracy of a run's model with its (or another run's) skill neurons perturbed, beside the random control.
 
     The run, the scores the neurons come from and the split are checked before the model is loaded.
@@ -119,18 +132,29 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
         run: the run whose model and task are evaluated.
         neurons_from: take the skill neurons from this run's scores instead (cross-task perturbation).
         fractions: values of q (per-layer fraction; multi-class tasks perturb 2q per layer by the union rule).
+        noise: ``fixed`` (gaussian sigma) or ``neuron`` (sigma times each neuron's activation std,
+            :func:`neuron_std` over the first ``std_rows`` training rows).
+        draws: independent random controls per fraction.
         max_test: first N rows of the test split (default: the run's ``max_test``).
 
     Returns:
-        JSON-ready dict with ``accuracy`` lists for ``skill`` and ``random`` per fraction, neuron counts, settings.
+        JSON-ready dict: per fraction the ``skill`` accuracy, the mean ``random`` accuracy and each draw's
+        (``random_draws``), the paired difference skill - random with its 95% bootstrap interval
+        (``difference``, ``difference_ci``), McNemar's exact p-value against each draw (``mcnemar_p``), neuron
+        counts, settings, and the per-row outcomes (``outcomes``: :func:`encode_outcomes` strings) that let
+        later analyses pool runs.
     """
     from .data import check_split_classes
     from .models import ffn_layers
 
     if mode not in MODES:
         raise ValueError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
+    if noise not in NOISE_SCALES:
+        raise ValueError(f"unknown noise scale {noise!r}; choose one of {NOISE_SCALES}")
     if any(not 0 <= q <= 1 for q in fractions):
         raise ValueError(f"fractions must be in [0, 1], got {list(fractions)}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws must be a positive integer, got {draws!r}")
     info = check_run(run)
     s = TuneSettings(**info["settings"])
     source = Path(neurons_from) if neurons_from is not None else Path(run)
@@ -149,25 +173,39 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
         raise ValueError(f"{flag} {source}: its scores cover {shape[0]} layers x {shape[1]} neurons, but the model "
                          f"of {run} has {len(widths)} layers of widths {sorted(set(widths))}; take the neurons "
                          "of a run on the same model")
-    clean = evaluate(pm, test, batch_size, s.max_length)
-    rows = _curve(pm, test, preds, fractions, clean=clean, mode=mode, sigma=sigma, prompt_thresholds=values,
-                  seed=seed, batch_size=batch_size, max_length=s.max_length, progress=progress)
+    scale = None
+    if mode == "gaussian" and noise == "neuron":
+        from .runs import run_splits
+
+        scale = neuron_std(pm, take(run_splits(task, s)[0], std_rows), batch_size, s.max_length)
+    clean_rows = correct_rows(pm, test, batch_size, s.max_length)
+    rows = _curve(pm, test, preds, fractions, clean_rows=clean_rows, mode=mode, sigma=sigma, scale=scale,
+                  prompt_thresholds=values, draws=draws, seed=seed, batch_size=batch_size,
+                  max_length=s.max_length, progress=progress)
     return {
         "kind": PERTURB_KIND,
         "run": str(run), "task": info["task"], "subtask": info.get("subtask"),
         "neurons_from": str(source), "neurons_task": source_info["task"],
         "selection": "union of pn/neu (METHOD.md 5)" if "pn" in preds and "neu" in preds else "per-layer top q",
-        "mode": mode, "sigma": sigma if mode == "gaussian" else None, "seed": seed, "split": split,
-        "test_rows": len(test), "clean_accuracy": clean, "head": info["head_description"],
+        "mode": mode, "sigma": sigma if mode == "gaussian" else None,
+        "noise": noise if mode == "gaussian" else None,
+        "noise_std_rows": min(std_rows, info["rows"]["train"]) if scale is not None else None,
+        "draws": draws, "seed": seed, "split": split,
+        "test_rows": len(test), "clean_accuracy": float(clean_rows.double().mean()), "head": info["head_description"],
         "fractions": [r["fraction"] for r in rows], "skill": [r["skill"] for r in rows],
-        "random": [r["random"] for r in rows], "neurons_per_layer": [r["neurons_per_layer"] for r in rows],
+        "random": [r["random"] for r in rows], "random_draws": [r["random_draws"] for r in rows],
+        "difference": [r["difference"] for r in rows], "difference_ci": [r["difference_ci"] for r in rows],
+        "mcnemar_p": [r["mcnemar_p"] for r in rows],
+        "neurons_per_layer": [r["neurons_per_layer"] for r in rows],
+        "outcomes": {"clean": encode_outcomes(clean_rows), "skill": [r["outcomes"][0] for r in rows],
+                     "random": [r["outcomes"][1] for r in rows]},
     }
 
 
-def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean: float, mode: str, sigma: float,
-           prompt_thresholds: Optional[torch.Tensor], seed: int, batch_size: int, max_length: int,
-           progress: bool) -> list:
-    """Test accuracy with the skill neurons, then as many random ones, perturbed, for each fraction q."""
+def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean_rows: torch.Tensor, mode: str,
+           sigma: float, scale: Optional[torch.Tensor], prompt_thresholds: Optional[torch.Tensor], draws: int,
+           seed: int, batch_size: int, max_length: int, progress: bool) -> list:
+    """Per-row outcomes with the skill neurons, then ``draws`` times as many random ones, perturbed, for each q."""
     from tqdm.auto import tqdm
 
     width = next(iter(preds.values())).shape[1]
@@ -175,15 +213,125 @@ def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean: fl
     for i, q in enumerate(tqdm(list(fractions), desc=f"perturb ({mode})", disable=not progress, leave=False)):
         skill = skill_selection(preds, q)
         counts = [int(t.numel()) for t in skill]
-        if sum(counts) == 0:
-            rows.append({"fraction": q, "neurons_per_layer": counts, "skill": clean, "random": clean})
-            continue
-        control = random_selection(counts, width, seed=seed * 7919 + i)
-        acc_skill = evaluate(pm, test, batch_size, max_length,
-                             edit=perturbation(skill, mode, sigma, prompt_thresholds, seed=seed * 104729 + i))
-        acc_random = evaluate(pm, test, batch_size, max_length,
-                              edit=perturbation(control, mode, sigma, prompt_thresholds, seed=seed * 104729 + i))
-        rows.append({"fraction": q, "neurons_per_layer": counts, "skill": acc_skill, "random": acc_random})
-        logger.info("q=%.2f: %d neurons, accuracy %.4f (skill) vs %.4f (random)", q, sum(counts), acc_skill,
-                    acc_random)
+
+        def run(selection, k):  # k = 0: the skill pass; k = d + 1: random draw d (each its own noise seed)
+            if sum(counts) == 0:
+                return clean_rows
+            edit = perturbation(selection, mode, sigma, prompt_thresholds, seed=seed * 104729 + i * 1009 + k,
+                                scale=scale)
+            return correct_rows(pm, test, batch_size, max_length, edit=edit)
+
+        skill_rows = run(skill, 0)
+        # draw 0 keeps the single control of earlier versions (seed * 7919 + i); later draws get their own seeds
+        random_rows = torch.stack([run(random_selection(counts, width, seed=seed * 7919 + i + 1_000_003 * d), d + 1)
+                                   for d in range(draws)])
+        test_ = paired_difference(skill_rows[None], random_rows[None], seed=seed * 31 + i)
+        acc_random = [float(r.double().mean()) for r in random_rows]
+        rows.append({"fraction": q, "neurons_per_layer": counts, "skill": float(skill_rows.double().mean()),
+                     "random": float(sum(acc_random) / draws), "random_draws": acc_random,
+                     "difference": test_["difference"], "difference_ci": test_["ci"],
+                     "mcnemar_p": [mcnemar_p(skill_rows, r) for r in random_rows],
+                     "outcomes": (encode_outcomes(skill_rows), [encode_outcomes(r) for r in random_rows])})
+        logger.info("q=%.2f: %d neurons, accuracy %.4f (skill) vs %.4f (random, %d draws); difference %+.4f "
+                    "[%+.4f, %+.4f]", q, sum(counts), rows[-1]["skill"], rows[-1]["random"], draws,
+                    test_["difference"], *test_["ci"])
     return rows
+
+
+@torch.no_grad()
+def neuron_std(pm, examples: Sequence, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+    """(L, D) float64: each neuron's activation standard deviation over every real token position (prompt slots
+    included) of ``examples``, through the clean prompted model; float64 sums, so one pass is exact enough
+    (variance = E[a^2] - E[a]^2 of float32 activations loses nothing float64 cannot hold at these sizes)."""
+    from .batching import iter_batches
+    from .models import edit_neurons, ffn_layers
+
+    layers = ffn_layers(pm.backbone)
+    sums = torch.zeros(len(layers), layers[0].width, dtype=torch.float64)
+    sumsq = torch.zeros_like(sums)
+    count = torch.zeros((), dtype=torch.float64)
+    mask_now: dict = {}
+
+    def read(layer: int, h: torch.Tensor) -> torch.Tensor:
+        mask = mask_now["mask"].to(h.device)
+        pad = h.shape[1] - mask.shape[1]  # the prompt slots prepended to the text
+        full = torch.cat([torch.ones(mask.shape[0], pad, dtype=mask.dtype, device=mask.device), mask], 1).bool()
+        a = h[full].double()                                                            # (tokens, D)
+        sums[layer] += a.sum(0).cpu()
+        sumsq[layer] += (a * a).sum(0).cpu()
+        if layer == 0:
+            count.add_(a.shape[0])
+        return h
+
+    device = next(pm.backbone.parameters()).device
+    with edit_neurons(pm.backbone, read):
+        for batch in iter_batches(pm.tokenizer, examples, batch_size, max_length, device=device):
+            mask_now["mask"] = batch.attention_mask
+            pm(**batch.inputs)
+    if count <= 1:
+        raise ValueError("neuron_std needs at least two token positions")
+    mean = sums / count
+    return ((sumsq / count - mean * mean).clamp_min(0) * count / (count - 1)).sqrt()
+
+
+def encode_outcomes(correct: torch.Tensor) -> str:
+    """(N,) bool -> a compact string (hex digits of the bits, 4 rows each, first row in the highest bit), so a
+    result file keeps every row's outcome in N/4 characters; :func:`decode_outcomes` inverts it."""
+    bits = correct.to(torch.uint8).tolist()
+    bits += [0] * (-len(bits) % 4)
+    return f"{len(correct)}:" + "".join(f"{b[0] * 8 + b[1] * 4 + b[2] * 2 + b[3]:x}"
+                                        for b in zip(*(iter(bits),) * 4))
+
+
+def decode_outcomes(text: str) -> torch.Tensor:
+    """Inverse of :func:`encode_outcomes`: (N,) bool."""
+    n, digits = text.split(":")
+    bits = [(int(c, 16) >> k) & 1 for c in digits for k in (3, 2, 1, 0)]
+    return torch.tensor(bits[: int(n)], dtype=torch.bool)
+
+
+def paired_difference(skill: torch.Tensor, random: torch.Tensor, n_boot: int = 2000, level: float = 0.95,
+                      seed: int = 0) -> dict:
+    """Accuracy difference skill - random on the same test rows, with a paired bootstrap interval.
+
+    Args:
+        skill: (K, N) bool: K runs (seeds) x N test rows, the outcome with the skill neurons perturbed.
+        random: (K, R, N) bool: the same runs and rows under R random draws.
+        n_boot: bootstrap resamples; each draws K runs, N rows (the same rows for every run: they share the test
+            split) and R draws with replacement, so the interval covers the spread of runs, rows and draws.
+
+    Returns:
+        ``{"difference": mean(skill) - mean(random), "ci": [low, high], "level": level, "n_boot": n_boot}``.
+    """
+    skill = skill.to(torch.float64)
+    random = random.to(torch.float64)
+    if skill.dim() != 2 or random.dim() != 3 or random.shape[0] != skill.shape[0] or random.shape[2] != skill.shape[1]:
+        raise ValueError(f"skill must be (K, N) and random (K, R, N), got {tuple(skill.shape)} and "
+                         f"{tuple(random.shape)}")
+    K, R, N = random.shape
+    gen = torch.Generator().manual_seed(int(seed))
+    diff = float(skill.mean() - random.mean())
+    per_row = skill[:, None, :] - random                                                # (K, R, N)
+    out = torch.empty(n_boot, dtype=torch.float64)
+    for b in range(n_boot):
+        k = torch.randint(K, (K,), generator=gen)
+        r = torch.randint(R, (R,), generator=gen)
+        n = torch.randint(N, (N,), generator=gen)
+        out[b] = per_row[k][:, r][:, :, n].mean()
+    alpha = (1 - level) / 2
+    low, high = torch.quantile(out, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return {"difference": diff, "ci": [low, high], "level": level, "n_boot": n_boot}
+
+
+def mcnemar_p(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sided exact McNemar p-value for paired (N,) bool outcomes: the discordant rows (right under one, wrong
+    under the other) are Binomial(n_discordant, 1/2) when both conditions are equally accurate."""
+    a, b = a.bool(), b.bool()
+    n01 = int((a & ~b).sum())
+    n10 = int((~a & b).sum())
+    n = n01 + n10
+    if n == 0:
+        return 1.0
+    k = min(n01, n10)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2 * tail)

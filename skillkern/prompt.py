@@ -2,10 +2,17 @@
 
 Input layout (encoders): ``[slot 0 ; p_1 .. p_{P-1} ; <s> text </s>]``. Slot 0 holds the tokenizer's mask-token
 embedding and is frozen; the P-1 prompt vectors are trained (init ``randn / 30``). The prediction is read at
-slot 0: the masked-LM logits restricted to verbalizer tokens when the model has a masked-LM head, otherwise a
-linear head on slot 0's last hidden state, trained with the prompt (a documented deviation: the embedded
-all-MiniLM-L6-v2 has no masked-LM head). Causal decoders cannot read slot 0 (it sees only itself), so they use
-the linear head on the last real token.
+slot 0 by one of three heads:
+
+- ``mlm``: the masked-LM logits restricted to verbalizer tokens (the paper's head; needs a masked-LM head);
+- ``verbalizer``: ``logits_c = s * cos(h_slot0, E[verbalizer_c])``, the cosine of slot 0's last hidden state with
+  the frozen input embedding of each class word, times one trained scalar temperature ``s``. For a model without a
+  masked-LM head (the embedded all-MiniLM-L6-v2) this is the closest analogue of the paper's head: nothing but the
+  prompt (and one scalar) learns, so only the prompt can put the skill into the model;
+- ``linear``: a linear head on slot 0's last hidden state, trained with the prompt (a documented deviation: it can
+  read the label from features the frozen model computes anyway, so the prompt need carry little skill).
+
+Causal decoders cannot read slot 0 (it sees only itself), so their heads read the last real token.
 
 The backbone's weights never get gradients (``requires_grad=False``); backpropagation runs through the
 activations only, as far as the prompt needs.
@@ -78,6 +85,28 @@ def verbalizer_ids(tokenizer, words: Sequence[str]) -> list[int]:
     return ids
 
 
+HEADS = ("auto", "mlm", "verbalizer", "linear")
+
+
+class VerbalizerHead(nn.Module):
+    """``logits = exp(log_scale) * cos(h, E[ids])``: frozen class-word embeddings, one trained temperature.
+
+    Args:
+        anchors: (C, H) input embeddings of the class words (copied, frozen).
+        scale: initial temperature ``s`` (trained as ``log s`` so it stays positive).
+    """
+
+    def __init__(self, anchors: torch.Tensor, scale: float = 10.0):
+        super().__init__()
+        self.register_buffer("anchors", nn.functional.normalize(anchors.detach().float(), dim=-1).to(anchors.dtype))
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(scale), device=anchors.device, dtype=anchors.dtype))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, H) hidden states -> (B, C) logits."""
+        h = nn.functional.normalize(hidden, dim=-1)
+        return self.log_scale.exp() * (h @ self.anchors.to(h.dtype).T)
+
+
 class PromptModel(nn.Module):
     """A frozen backbone with a trainable soft prompt (and, without a masked-LM head, a linear head).
 
@@ -86,8 +115,10 @@ class PromptModel(nn.Module):
         tokenizer: its tokenizer.
         num_classes: number of classes.
         prompt_len: P, the number of prompt slots including the frozen slot 0; 0 means no prompt (BitFit).
-        head: ``auto`` (masked-LM verbalizer if the model has an MLM head, else linear), ``mlm`` or ``linear``.
-        verbalizer: class words for the MLM head (default: negative/positive, negative/neutral/positive).
+        head: ``auto`` (masked-LM verbalizer if the model has an MLM head, else linear), ``mlm``, ``verbalizer``
+            (frozen class-word embeddings and a trained temperature; see the module docstring) or ``linear``.
+        verbalizer: class words for the mlm and verbalizer heads (default: negative/positive,
+            negative/neutral/positive).
         seed: seeds the prompt init (``randn / 30``) and the linear head init.
         prompt_init: optional (P-1, H) tensor to start from instead of ``randn / 30``.
     """
@@ -100,8 +131,8 @@ class PromptModel(nn.Module):
             raise ValueError(f"prompt_len must be 0 (no prompt) or >= 2 (slot 0 + trained slots), got {prompt_len}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if head not in ("auto", "mlm", "linear"):
-            raise ValueError(f"head must be auto, mlm or linear, got {head!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         ffn_layers(backbone)  # unknown architecture: fail here
         self.backbone = backbone
         for p in backbone.parameters():
@@ -119,14 +150,24 @@ class PromptModel(nn.Module):
         if head == "mlm" and not has_mlm:
             raise ValueError("head='mlm' but the model has no masked-LM head (load it with masked_lm=True, or use "
                              "head='linear')")
-        self.head_kind = "mlm" if (head == "mlm" or (head == "auto" and has_mlm and not self.causal)) else "linear"
-        if self.head_kind == "mlm":
+        if head == "verbalizer":
+            self.head_kind = "verbalizer"
+        else:
+            self.head_kind = "mlm" if (head == "mlm" or (head == "auto" and has_mlm and not self.causal)) else "linear"
+        if self.head_kind in ("mlm", "verbalizer"):
             words = list(verbalizer or DEFAULT_VERBALIZERS.get(num_classes, []))
             if len(words) != num_classes:
                 raise ValueError(f"{num_classes} classes need {num_classes} verbalizer words, got {words}")
             self.verbalizer = words
-            self.register_buffer("verbalizer_ids", torch.tensor(verbalizer_ids(tokenizer, words), device=device))
+            ids = verbalizer_ids(tokenizer, words)
+            self.register_buffer("verbalizer_ids", torch.tensor(ids, device=device))
             self.head = None
+            if self.head_kind == "verbalizer":
+                width = _output_width(backbone, emb.weight)
+                if width != hidden:
+                    raise ValueError(f"head='verbalizer' compares the last hidden state ({width} wide) with input "
+                                     f"embeddings ({hidden} wide); this model's differ: use head='linear'")
+                self.head = VerbalizerHead(emb.weight[ids])
         else:
             self.verbalizer = None
             width = _output_width(backbone, emb.weight)
@@ -183,7 +224,7 @@ class PromptModel(nn.Module):
         kwargs = {"inputs_embeds": emb, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        if self.head_kind == "linear" and self.backbone.get_output_embeddings() is not None:
+        if self.head_kind != "mlm" and self.backbone.get_output_embeddings() is not None:
             kwargs["output_hidden_states"] = True  # a model with an LM head returns logits, not the hidden state
         out = self.backbone(**kwargs)
         if self.head_kind == "mlm":
@@ -209,8 +250,8 @@ class PromptModel(nn.Module):
             state["prompt"] = self.prompt.detach().clone()
             state["slot0"] = self.slot0.detach().clone()
         if self.head is not None:
-            state["head.weight"] = self.head.weight.detach().clone()
-            state["head.bias"] = self.head.bias.detach().clone()
+            for name, p in self.head.named_parameters():
+                state["head." + name] = p.detach().clone()
         for name, p in self.backbone.named_parameters():
             if p.requires_grad:
                 state["backbone." + name] = p.detach().clone()
@@ -226,9 +267,10 @@ class PromptModel(nn.Module):
                 elif key == "slot0":
                     target = self.slot0
                 elif key.startswith("head."):
-                    if self.head is None:
-                        raise ValueError(f"state has {key!r} but this model uses the masked-LM head")
-                    target = getattr(self.head, key[5:])
+                    target = dict(self.head.named_parameters()).get(key[5:]) if self.head is not None else None
+                    if target is None:
+                        raise ValueError(f"state has {key!r} but this model's head ({self.head_kind}) has no such "
+                                         "tensor")
                 elif key.startswith("backbone."):
                     target = params.get(key[9:])
                 else:
@@ -245,6 +287,11 @@ def describe_head(model: PromptModel) -> str:
     """One line for outputs: which head produced the predictions."""
     if model.head_kind == "mlm":
         return f"masked-LM logits at slot 0 restricted to verbalizer {model.verbalizer}"
+    if model.head_kind == "verbalizer":
+        where = "the last real token" if model.causal else "slot 0"
+        return (f"frozen verbalizer head: a trained temperature times the cosine of {where}'s last hidden state with "
+                f"the input embeddings of {model.verbalizer} (the closest analogue of the paper's masked-LM head "
+                "for a model without one)")
     where = "the last real token" if model.causal else ("slot 0" if model.prompt_len else "the first token")
     return (f"linear head on {where} trained with the {'prompt' if model.prompt_len else 'biases'} "
             "(the model has no masked-LM head: a documented deviation from the paper)")

@@ -79,9 +79,12 @@ def scores_path(run: str | Path, subtask: Optional[str] = None) -> Path:
     return scores_dir(run, subtask) / "stats.safetensors"
 
 
-def default_perturb_out(run: str | Path, mode: str, neurons_from: Optional[str | Path] = None) -> Path:
-    """``RUN/perturb_<mode>[_from_<other run>].json``."""
-    suffix = f"_from_{Path(neurons_from).name}" if neurons_from else ""
+def default_perturb_out(run: str | Path, mode: str, neurons_from: Optional[str | Path] = None,
+                        noise: str = "fixed") -> Path:
+    """``RUN/perturb_<mode>[_neuron][_from_<other run>].json`` (``_neuron``: gaussian noise in units of each
+    neuron's std)."""
+    suffix = ("_neuron" if mode == "gaussian" and noise == "neuron" else "") + \
+        (f"_from_{Path(neurons_from).name}" if neurons_from else "")
     return Path(run) / f"perturb_{mode}{suffix}.json"
 
 
@@ -235,7 +238,7 @@ def tune_run(model_name: str, task, settings: TuneSettings, out: str | Path, *, 
     elif ckpt.exists():
         logger.warning("%s holds the checkpoint of an unfinished run; starting afresh (pass --resume to continue "
                        "it)", out)
-    backbone, tokenizer = load_model(model_name, masked_lm=settings.head != "linear", device=device)
+    backbone, tokenizer = load_model(model_name, masked_lm=settings.head in ("auto", "mlm"), device=device)
     pm = PromptModel(backbone, tokenizer, task.num_classes, settings.prompt_len, head=settings.head,
                      seed=settings.seed, prompt_init=prompt_init)
     if settings.method == "bitfit":

@@ -87,20 +87,27 @@ def evaluate(model: PromptModel, examples: Sequence, batch_size: int = 32, max_l
         edit: optional ``fn(layer, h) -> h`` applied to the neurons during the pass
             (:func:`skillkern.models.edit_neurons`), e.g. a perturbation.
     """
+    return float(correct_rows(model, examples, batch_size, max_length, edit, layers).double().mean())
+
+
+def correct_rows(model: PromptModel, examples: Sequence, batch_size: int = 32, max_length: int = 128,
+                 edit: Optional[Callable] = None, layers=None) -> torch.Tensor:
+    """(N,) bool: whether ``model`` predicts each of ``examples`` right, in their order (the per-row outcomes
+    a paired test compares); ``edit`` as in :func:`evaluate`."""
     import contextlib
 
     from .models import edit_neurons
 
     if not len(examples):
         raise ValueError("cannot evaluate on an empty split")
-    correct = 0
+    out = torch.zeros(len(examples), dtype=torch.bool)
     ctx = edit_neurons(model.backbone, edit, layers) if edit is not None else contextlib.nullcontext()
     with torch.inference_mode(), ctx:
         for batch in iter_batches(model.tokenizer, examples, batch_size, max_length, pad_multiple=32,
                                   device=_device(model)):
             logits = model(**batch.inputs)
-            correct += int((logits.argmax(-1) == batch.labels).sum())
-    return correct / len(examples)
+            out[batch.index] = (logits.argmax(-1) == batch.labels).cpu()
+    return out
 
 
 def _device(model: PromptModel) -> torch.device:
