@@ -40,22 +40,9 @@ def _p(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p {p:.3f}" if p < 0.01 else f"p {p:.2f}"
 
 
-def _acc_at(pert: dict, q: float, which: str) -> float:
-    for f, v in zip(pert["fractions"], pert[which]):
-        if abs(f - q) < 1e-9:
-            return v
-    return float("nan")
-
-
 def _mean(values) -> float:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(values)) if values else float("nan")
-
-
-def _gap(pert: dict) -> float:
-    """Two standard errors of the difference of two accuracies measured on the same number of test rows."""
-    p, n = pert["clean_accuracy"], max(1, pert["test_rows"])
-    return 2 * math.sqrt(2 * max(p * (1 - p), 1e-4) / n)
 
 
 def _sd(values) -> float:
@@ -68,15 +55,90 @@ def _acc_cell(values) -> str:
     return _f(_mean(values)) + (f" ± {_f(_sd(values))}" if len(values) > 1 else "")
 
 
-def _significant(per_seed: list, key: str, q: float) -> tuple[float, float, bool]:
-    """Seed-mean skill and random accuracy at q, and whether skill hurts more by two standard errors.
+def _acc_at(pert: dict, q: float, which: str) -> float:
+    for f, v in zip(pert["fractions"], pert[which]):
+        if abs(f - q) < 1e-9:
+            return v
+    return float("nan")
 
-    The seeds share the test rows, so averaging them does not shrink the test-sampling error: the two-SE gap
-    of one seed is kept, and with several seeds the gap must also point the same way in every seed."""
-    a = [_acc_at(r[key], q, "skill") for r in per_seed]
-    b = [_acc_at(r[key], q, "random") for r in per_seed]
-    ok = _mean(b) - _mean(a) >= _gap(per_seed[0][key]) and all(y > x for x, y in zip(a, b))
-    return _mean(a), _mean(b), ok
+
+#: perturbation key -> how RESULTS.md names it
+PERTURBATION_NAMES = {"gaussian": "gaussian noise, sigma 0.1 (the paper's)",
+                      "gaussian_neuron": "gaussian noise, sigma = each neuron's own std",
+                      "mean": "mean ablation (set to the prompt-slot threshold)"}
+
+
+def verdict(ci) -> str:
+    """``more`` when perturbing skill neurons costs more than random ones (the 95% interval of skill - random
+    lies below 0), ``less`` when it costs less (above 0), ``tie`` when the interval holds 0."""
+    return "more" if ci[1] < 0 else "less" if ci[0] > 0 else "tie"
+
+
+def _pt(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def _cell(pool: dict, i: int) -> str:
+    ci = pool["ci"][i]
+    text = f"{_f(pool['skill'][i])} / {_f(pool['random'][i])} ({_pt(pool['difference'][i])} [{_pt(ci[0])}, {_pt(ci[1])}])"
+    return f"**{text}**" if verdict(ci) == "more" else f"_{text}_" if verdict(ci) == "less" else text
+
+
+def learned(results: dict, head: str, task: str) -> bool:
+    """The prompt left chance: mean test accuracy more than 3 points above the test rows' majority rate."""
+    accs = [r["test_accuracy"] for r in results["tasks"][head][task]]
+    return _mean(accs) > results["majority"][task] + 0.03
+
+
+def summary_lines(results: dict) -> list[str]:
+    """The "what holds, what does not" section: computed statements, no typed numbers."""
+    q = max(results["fractions"])
+    lines = ["## What holds, what does not", "",
+             "- **The pipeline can see the effect when it is there.** The positive control "
+             "(`tests/test_positive_control.py`, run in CI) builds a small BERT in which one planted neuron per layer "
+             "carries the label, and runs it through tune, score and perturb: the planted neurons come out at the top "
+             "of every layer, and perturbing them (mean ablation, and gaussian noise in units of their std) drops "
+             "accuracy far below three random controls, with a paired 95% interval far from zero. The control passes."]
+    for head in results["tasks"]:
+        tasks = [t for t in results["tasks"][head] if learned(results, head, t)]
+        at_chance = [t for t in results["tasks"][head] if t not in tasks]
+        parts = []
+        for key in results["perturbations"]:
+            by = {"more": [], "less": [], "tie": []}
+            for t in tasks:
+                pool = results["pooled"][head][t][key]
+                by[verdict(pool["ci"][pool["fractions"].index(q)])].append(t)
+            parts.append(f"{PERTURBATION_NAMES[key].split(' (')[0]}: costs more on {len(by['more'])} of {len(tasks)}"
+                         + (f" ({', '.join(by['more'])})" if by["more"] else "")
+                         + (f", less on {', '.join(by['less'])}" if by["less"] else "")
+                         + (f", no significant difference on {', '.join(by['tie'])}" if by["tie"] else ""))
+        lines.append(f"- **{head} head**, {int(q * 100)}% of each layer's neurons perturbed, skill vs random (95% "
+                     "paired interval over seeds, test rows and random draws; tasks whose prompt left chance): "
+                     + "; ".join(parts) + "."
+                     + (f" At chance, not counted: {', '.join(at_chance)}." if at_chance else ""))
+    gaps = {}
+    for head in results["tasks"]:
+        for t, per_seed in results["tasks"][head].items():
+            gaps.setdefault(head, []).append(_mean([r["test_accuracy"] for r in per_seed])
+                                             - _mean([r["best_predictivity"] for r in per_seed]))
+    lines.append("- **Prompt accuracy vs best predictivity** (the paper finds them close): test accuracy minus best "
+                 "predictivity averages " + "; ".join(f"{_pt(_mean(v))} points with the {h} head (range "
+                                                      f"{_pt(min(v))} to {_pt(max(v))})" for h, v in gaps.items())
+                 + ".")
+    corr = results["correlation"]
+    pairs = []
+    for head, c in corr.items():
+        names, whole = c["tasks"], np.array(c["whole_model"])
+        got = [f"{a}-{b} {_f(whole[names.index(a), names.index(b)], 2)}" for a, b in (("sst2", "imdb"),
+                                                                                      ("sst2", "ag_news"))
+               if a in names and b in names]
+        if got:
+            pairs.append(f"{head} head: " + ", ".join(got))
+    if pairs:
+        lines.append("- **Task specificity** (Spearman correlation of predictivity; the paper: about "
+                     f"{PAPER['sst2_imdb_corr']} for sst2-imdb, about {PAPER['sst2_ag_news_corr']} for sst2-ag_news): "
+                     + "; ".join(pairs) + ".")
+    return lines + [""]
 
 
 def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BENCHMARK_RESULTS) -> None:
@@ -85,123 +147,109 @@ def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BE
     rel = os.path.relpath(out, path.parent)
     s = results["settings"]
     fr = [q for q in results["fractions"] if q > 0]
+    heads = list(results["tasks"])
+    seeds = sorted({len(v) for per in results["seeds"].values() for v in per.values()})
     lines = [
         "# Results: skill neurons of all-MiniLM-L6-v2, reproduced on real data",
         "",
-        "Generated by `python experiments/run_study.py` (the numbers below are read from "
-        f"`{rel}/results.json`; regenerate them with the same command). Model: the embedded "
-        "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers x 1536 FFN neurons), on the 2-core CPU machine "
-        "(1 or 2 torch threads; two study processes shared the cores for the later seeds).",
+        "Generated by `python experiments/run_study.py` from "
+        f"`{rel}/results.json` (`python experiments/run_study.py --cached-only` rewrites this file byte for byte "
+        "from the committed JSON, with no run folders). Model: the embedded sentence-transformers/all-MiniLM-L6-v2 "
+        f"(BERT, 6 layers x 1536 FFN neurons), on the 2-core CPU machine ({results['threads']} torch threads).",
         "",
+    ]
+    lines += summary_lines(results)
+    lines += [
         "## What was run, and how it differs from the paper",
         "",
+        "- **Heads** (all-MiniLM-L6-v2 ships no masked-LM head, so the paper's head cannot be used): "
+        "`verbalizer` = a trained temperature times the cosine of slot 0's last hidden state with the frozen input "
+        "embeddings of the class words (negative/positive; negative/neutral/positive), the closest analogue of the "
+        "paper's masked-LM verbalizer: nothing but the prompt and one scalar learns; `linear` = a linear head on "
+        "slot 0 trained with the prompt, which can read the label from features the frozen model computes anyway. "
+        "Heads run: " + ", ".join(heads) + ".",
         f"- Prompt tuning: P = {s['prompt_len']} slots (slot 0 = the frozen [MASK] embedding), Adam (betas 0.9/0.98, "
         f"eps 1e-6), linear schedule with 0.6% warm-up, best dev checkpoint (dev evaluated every {s['eval_every']} "
-        f"steps). **Deviations forced by the CPU budget**: the first {s['max_train']} training rows, "
-        f"{s['epochs']:g} epochs, lr {s['lr']:g} (the paper's 1e-3 is meant for tens of thousands of steps), "
+        f"steps of 16 rows). **Deviations forced by the CPU budget**: the first {s['max_train']} training rows, "
+        f"{s['epochs']:g} epoch(s), lr {s['lr']:g} (the paper's 1e-3 is meant for tens of thousands of steps), "
         f"sequences truncated to {s['max_length']} tokens, the first {s['max_dev']} dev rows for selection and "
-        f"the first {s['max_test']} test rows for every reported accuracy.",
-        "- **Head**: all-MiniLM-L6-v2 ships no masked-LM head, so the prediction is a linear head on slot 0's last "
-        "hidden state, trained with the prompt (METHOD.md's documented deviation), not verbalizer logits.",
-        f"- Scoring: the {s['prompt_len']} prompt slots, thresholds on the same training rows the prompt saw, accuracy on the dev "
-        "rows (never training rows); predictivity = max over slots of max(Acc, 1-Acc), mean over seeds.",
+        f"the first {s['max_test']} test rows (all of them where the split has fewer) for every reported accuracy.",
+        f"- Scoring: the {s['prompt_len']} prompt slots, thresholds on the same training rows the prompt saw, accuracy "
+        "on the dev rows (never training rows); predictivity = max over slots of max(Acc, 1-Acc), mean over seeds.",
         "- Multi-class (tweet, mnli): one 3-class prompt per seed; its skill neurons come from scoring that prompt "
         "on the class-balanced pn and neu sub-tasks and the per-layer union rule (2q neurons per layer at q). "
         "METHOD.md tunes a separate prompt per sub-task; we reuse the 3-class prompt to halve the tuning cost.",
         "- AG News and DBpedia: the paper used unspecified binary variants; we use their first two classes "
         "(World vs Sports; Company vs EducationalInstitution), class-balanced.",
-        "- Perturbation: gaussian noise (sigma 0.1, one vector per sample shared by its positions) on the selected "
-        "neurons at every position of every layer, beside the same number of uniformly random neurons per layer.",
-        "- Seeds per task: " + ", ".join(f"{t} {len(v)}" for t, v in results["seeds"].items()) + ". The paper ran 5.",
+        "- Perturbation of q% of each layer's neurons at every position of every layer, three ways: "
+        + "; ".join(PERTURBATION_NAMES.values()) + ". Beside each, " + f"{s['draws']} independent draws of as many "
+        "uniformly random neurons per layer. Skill vs random is judged on the same test rows by a paired "
+        "bootstrap (2,000 resamples of seeds, test rows and random draws) giving a 95% interval on the accuracy "
+        "difference; McNemar's exact test per run and draw is in the JSON.",
+        f"- Seeds per task: {', '.join(map(str, seeds))} (per task and head in results.json). The paper ran 5.",
         "",
-        "## Main table",
+        "## Accuracy, predictivity and the training budget",
         "",
-        "Test accuracy of the tuned prompt; best neuron predictivity; test accuracy with q% of each layer's "
-        "neurons perturbed, skill neurons / random neurons (mean over seeds; test accuracy also ± its standard "
-        "deviation over seeds). Bold marks where perturbing skill neurons hurts more than random ones by at least "
-        "two standard errors of the difference of two accuracies on the test rows (`2 * sqrt(2 p (1 - p) / n)`, "
-        "about 7 points at p = 0.7 and n = 400), and, with several seeds, in every seed: smaller gaps are within "
-        "sampling noise. The seeds share the test rows, so their mean keeps that sampling error.",
+        "Test accuracy of the tuned prompt (mean ± sd over seeds), the majority-class rate of the same test rows, "
+        "best neuron predictivity, and the training budget: rows seen when dev accuracy first came within 1 point of "
+        "its best (the plateau), out of the rows seen in all.",
         "",
-        "| task | seeds | test acc | best pred | " + " | ".join(f"{int(q * 100)}% skill / random" for q in fr) + " |",
-        "|---|---|---|---|" + "---|" * len(fr),
+        "| task | head | seeds | test acc | majority | best pred | plateau at rows | rows seen |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    verdicts = []
-    for name, per_seed in results["tasks"].items():
-        accs = [r["test_accuracy"] for r in per_seed]
-        pred = _mean([r["best_predictivity"] for r in per_seed])
-        cells = []
-        for q in fr:
-            a, b, ok = _significant(per_seed, "perturbation", q)
-            cells.append(f"**{_f(a)} / {_f(b)}**" if ok else f"{_f(a)} / {_f(b)}")
-        a20, b20, ok20 = _significant(per_seed, "perturbation", max(fr))
-        verdicts.append((name, _mean(accs), a20, b20, ok20))
-        lines.append(f"| {name} | {len(per_seed)} | {_acc_cell(accs)} | {_f(pred)} | " + " | ".join(cells) + " |")
-    beats = [v for v in verdicts if v[4]]
-    lines += [
-        "",
-        f"At {int(max(fr) * 100)}% per layer, perturbing skill neurons costs significantly more (two standard errors) "
-        f"than perturbing random neurons on {len(beats)} of {len(verdicts)} tasks"
-        + (f" ({', '.join(v[0] for v in beats)})" if beats else "") + "; on "
-        + (", ".join(f"{v[0]} (skill {_f(v[2])} vs random {_f(v[3])}, clean {_f(v[1])})"
-                     for v in verdicts if v not in beats) or "no task")
-        + " it does not.",
-        "",
-    ]
-    majority = results.get("majority")
-    if majority:
-        chance = [v[0] for v in verdicts if v[1] < majority[v[0]] + 0.03]
-        rule = "below or within 3 points of the majority-class rate of the test rows: " + ", ".join(
-            f"{t} {_f(majority[t])}" for t in chance)
-    else:
-        chance = [v[0] for v in verdicts if v[1] < (0.45 if v[0] in ("tweet", "mnli") else 0.6)]
-        rule = "3-class tasks: below 0.45; binary: below 0.6"
-    if chance:
-        lines += [f"The tuned prompt stays at chance on {', '.join(chance)} ({rule}) under this CPU budget: "
-                  "there is little skill to destroy there, and those rows say little either way.", ""]
-    if all(r.get("perturbation_mean") for per_seed in results["tasks"].values() for r in per_seed):
-        lines += ["", "Mean ablation (METHOD.md's `mean` mode: the selected neurons are set to their baseline at every "
-                  "position), same neurons and same random control:", "",
-                  "| task | test acc | " + " | ".join(f"{int(q * 100)}% skill / random" for q in fr) + " |",
-                  "|---|---|" + "---|" * len(fr)]
-        for name, per_seed in results["tasks"].items():
-            cells = []
-            for q in fr:
-                a, b, ok = _significant(per_seed, "perturbation_mean", q)
-                cells.append(f"**{_f(a)} / {_f(b)}**" if ok else f"{_f(a)} / {_f(b)}")
-            lines.append(f"| {name} | {_acc_cell([r['test_accuracy'] for r in per_seed])} | " + " | ".join(cells)
-                         + " |")
-        sig = [name for name, per_seed in results["tasks"].items()
-               if any(_significant(per_seed, "perturbation_mean", q)[2] for q in fr)]
-        lines += ["", f"Mean ablation of skill neurons costs significantly more than of random neurons (same rule) "
-                  f"on {len(sig)} of {len(results['tasks'])} tasks" + (f": {', '.join(sig)}." if sig else ".")]
-    lines += [
-        "",
-        f"Paper (RoBERTa-base, METHOD.md, unverified): TweetEval at 20%: {PAPER['tweet_perturb_20']}. METHOD.md "
-        "does not list the paper's per-task prompt-tuning accuracies, so none are put beside ours.",
-        "",
-        f"![perturbation curves]({rel}/perturbation_overview.png)",
-        "",
-    ]
-    corr = results["correlation"]
-    tasks = corr["tasks"]
-    whole = np.array(corr["whole_model"])
-    lines += ["## Task specificity: Spearman correlation of neuron predictivity", "",
-              "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    for i, a in enumerate(tasks):
-        lines.append(f"| {a} | " + " | ".join(_f(whole[i, j], 2) for j in range(len(tasks))) + " |")
-    pairs = []
-    for a, b, key in (("sst2", "imdb", "sst2_imdb_corr"), ("sst2", "ag_news", "sst2_ag_news_corr")):
-        if a in tasks and b in tasks:
-            pairs.append(f"{a} vs {b}: ours {_f(whole[tasks.index(a), tasks.index(b)], 2)}, paper about "
-                         f"{PAPER[key]}")
-    lines += ["", "Whole model (all layers' neurons, seed-mean predictivity; 3-class tasks: max of pn and neu). "
-              + ("; ".join(pairs) + "." if pairs else ""), "",
-              f"![correlations]({rel}/correlation.png)", ""]
+    for head in heads:
+        for name, per_seed in results["tasks"][head].items():
+            curves = [r["curve"] for r in per_seed if r.get("curve")]
+            lines.append(f"| {name} | {head} | {len(per_seed)} | {_acc_cell([r['test_accuracy'] for r in per_seed])} | "
+                         f"{_f(results['majority'][name])} | {_f(_mean([r['best_predictivity'] for r in per_seed]))} | "
+                         + (f"{', '.join(str(c['plateau_rows']) for c in curves)} | {curves[0]['total_rows']} |"
+                            if curves else "- | - |"))
+    lines += [""]
+    for key, name in PERTURBATION_NAMES.items():
+        if key not in results["perturbations"]:
+            continue
+        lines += [f"## Perturbation: {name}", "",
+                  "Test accuracy with q% of each layer's neurons perturbed: skill / random (mean of the draws), and "
+                  "skill - random in points with its 95% paired interval, pooled over seeds. **Bold**: skill "
+                  "neurons cost significantly more; _italic_: significantly less. Last column: the spread (min-max) "
+                  f"of the single random draws at {int(max(fr) * 100)}%, over seeds and draws.", "",
+                  "| task | head | clean | " + " | ".join(f"{int(q * 100)}%" for q in fr) + " | random draws |",
+                  "|---|---|---|" + "---|" * len(fr) + "---|"]
+        for head in heads:
+            for task, per_seed in results["tasks"][head].items():
+                pool = results["pooled"][head][task][key]
+                clean = _mean([r["perturbation"][key]["clean_accuracy"] for r in per_seed])
+                draws = [d for r in per_seed for d in r["perturbation"][key]["random_draws"][-1]]
+                chance = "" if learned(results, head, task) else " (chance)"
+                lines.append(f"| {task}{chance} | {head} | {_f(clean)} | "
+                             + " | ".join(_cell(pool, pool["fractions"].index(q)) for q in fr)
+                             + f" | {_f(min(draws))}-{_f(max(draws))} |")
+        lines += [""]
+    lines += [f"Paper (RoBERTa-base, METHOD.md, unverified): TweetEval at 20%: {PAPER['tweet_perturb_20']}.", "",
+              f"![perturbation curves]({rel}/perturbation_overview.png)", ""]
+    n_layers = len(next(iter(next(iter(results["tasks"].values())).values()))[0]["layer_profile"])
+    lines += ["## Where skill neurons live", "",
+              "Share of each layer among the model's top 1% neurons by predictivity (mean over seeds).", "",
+              "| task | head | " + " | ".join(f"layer {k}" for k in range(n_layers)) + " |",
+              "|---|---|" + "---|" * n_layers]
+    for head in heads:
+        for task, per_seed in results["tasks"][head].items():
+            prof = np.mean([r["layer_profile"] for r in per_seed], axis=0)
+            lines.append(f"| {task} | {head} | " + " | ".join(f"{v:.0%}" for v in prof) + " |")
+    lines += [""]
+    for head, corr in results["correlation"].items():
+        tasks = corr["tasks"]
+        whole = np.array(corr["whole_model"])
+        lines += [f"## Task specificity ({head} head): Spearman correlation of neuron predictivity", "",
+                  "| | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for i, a in enumerate(tasks):
+            lines.append(f"| {a} | " + " | ".join(_f(whole[i, j], 2) for j in range(len(tasks))) + " |")
+        lines += ["", "Whole model (all layers' neurons, seed-mean predictivity; 3-class tasks: max of pn and neu).",
+                  "", f"![correlations]({rel}/correlation_{head}.png)", ""]
     if results.get("controls"):
         lines += ["## Untrained random prompt and hand-written prompt", "",
-                  "Best predictivity and mean of the top 1% of neurons, scored on the same rows as the tuned prompt "
-                  "(seed 0, for the tuned prompt too).", "",
+                  f"Best predictivity and mean of the top 1% of neurons ({results['controls_head']} head), scored on "
+                  "the same rows as the tuned prompt (seed 0, for the tuned prompt too).", "",
                   "| task | tuned best | random best | hand-written best | tuned top-1% | random top-1% | "
                   "hand-written top-1% |", "|---|---|---|---|---|---|---|"]
         for name, c in results["controls"].items():
@@ -209,23 +257,28 @@ def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BE
                          f"{_f(c['tuned_mean_top1pct'])} | {_f(c['random_mean_top1pct'])} | "
                          f"{_f(c['handwritten_mean_top1pct'])} |")
         lines += ["", "The hand-written prompt's slots hold the token embeddings of one question per task "
-                  f"(`HANDWRITTEN` in experiments/run_study.py), cycled to fill the {s['prompt_len'] - 1} trained slots.", ""]
+                  f"(`HANDWRITTEN` in experiments/run_study.py), cycled to fill the {s['prompt_len'] - 1} trained "
+                  "slots.", ""]
     if results.get("bitfit"):
         lines += ["## BitFit: do prompt-found skill neurons matter without a prompt?", "",
-                  "BitFit trains only the backbone's biases (and the linear head on the first token), with no prompt; "
-                  "we then perturb the skill neurons found with the task's prompt (seed 0) at every position.", "",
-                  "| task | BitFit test acc | " + " | ".join(f"{int(q * 100)}% skill / random" for q in fr) + " |",
-                  "|---|---|" + "---|" * len(fr)]
+                  "BitFit trains only the backbone's biases (and the head), with no prompt; we then perturb the skill "
+                  "neurons found with the task's prompt (seed 0) at every position.", "",
+                  "| task | perturbation | BitFit test acc | " + " | ".join(f"{int(q * 100)}% skill / random"
+                                                                           for q in fr) + " |",
+                  "|---|---|---|" + "---|" * len(fr)]
         for name, b in results["bitfit"].items():
-            cells = [f"{_f(_acc_at(b['perturbation'], q, 'skill'))} / {_f(_acc_at(b['perturbation'], q, 'random'))}"
-                     for q in fr]
-            lines.append(f"| {name} | {_f(b['test_accuracy'])} | " + " | ".join(cells) + " |")
+            for key, pert in b["perturbation"].items():
+                cells = [f"{_f(_acc_at(pert, q, 'skill'))} / {_f(_acc_at(pert, q, 'random'))}" for q in fr]
+                lines.append(f"| {name} | {key} | {_f(b['test_accuracy'])} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += applications_sections(out, rel, benchmarks)
     lines += ["## Files", "",
-              f"- `{rel}/results.json`: everything above, per seed, with the perturbation curves;",
-              f"- `{rel}/table.csv`: the main table; `{rel}/perturbation/*.png`: one curve per run;",
-              "- the run folders (prompts, stats files) are written under `runs/study/` and not committed.", ""]
+              f"- `{rel}/results.json`: everything above, per seed and head, with the perturbation curves and the "
+              "pooled tests;",
+              f"- `{rel}/table.csv`: the perturbation tables; `{rel}/perturbation/*.png`: one curve per run (mean "
+              "ablation);",
+              "- the run folders (prompts, stats files, per-row outcomes) are written under `runs/study/` and not "
+              "committed.", ""]
     path.write_text("\n".join(lines))
 
 
@@ -303,6 +356,11 @@ def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESU
     if f.is_file():
         pr = json.loads(f.read_text())
         any_task = next(iter(pr.values()))["prompt"]
+        if "head" not in any_task:
+            lines += ["## Applications (from the first study's runs)", "",
+                      "The pruning, cross-task and transferability sections below were computed on the first "
+                      "study's seed-0 runs (linear head, 1,000 training rows, 2 epochs, 400 test rows) and have not "
+                      "been rerun on the runs above.", ""]
         lines += ["## Pruning to skill neurons", "",
                   f"`skillkern prune --keep {any_task['keep']} --layers {any_task['layers']}` on each task's seed-0 run "
                   f"(layers {any_task['pruned_layers']} keep {any_task['keep']:.0%} of their neurons, 2x that for "

@@ -1,6 +1,7 @@
 """The paper's applications on the study's runs: pruning, cross-task perturbation, transferability (METHOD.md 7).
 
-Run after ``experiments/run_study.py`` (it reads the seed-0 run of every task under ``--work``):
+Run after ``experiments/run_study.py`` (it reads the seed-0 run of every task under ``--work``, with the head of
+``--head``: ``WORK/<task>/<head>/seed0``):
 
     python experiments/run_applications.py                 # all three parts; resumable
     python experiments/run_applications.py --parts prune   # one part
@@ -51,16 +52,16 @@ def _json(path: Path, compute, needs: str = ""):
 def part_prune(tasks, work: Path, out: Path, args) -> dict:
     results = {}
     for name in tasks:
-        run = work / name / "seed0"
+        run = work / name / args.head / "seed0"
         entry = {}
         for fill in ("prompt", "tokens"):
             retune = fill == "prompt" and name in args.retune_tasks
-            r = _json(work / name / f"pruned_{fill}" / "prune_summary.json",
-                      lambda: prune_run(run, work / name / f"pruned_{fill}", keep=args.keep, layers=args.layers,
-                                        fill=fill, retune=retune, retune_epochs=args.retune_epochs,
-                                        progress=False, overwrite=True),
+            folder = work / name / args.head / f"pruned_{fill}"
+            r = _json(folder / "prune_summary.json",
+                      lambda: prune_run(run, folder, keep=args.keep, layers=args.layers, fill=fill, retune=retune,
+                                        retune_epochs=args.retune_epochs, progress=False, overwrite=True),
                       needs="test_accuracy_pruned_retuned" if retune else "")
-            entry[fill] = r
+            entry[fill] = {**r, "head": args.head}
         results[name] = entry
         log.info("pruned %s: original %.3f, prompt-slot fill %.3f, token-mean fill %.3f", name,
                  entry["prompt"]["test_accuracy_original"], entry["prompt"]["test_accuracy_pruned"],
@@ -72,7 +73,7 @@ def part_prune(tasks, work: Path, out: Path, args) -> dict:
 def part_cross(tasks, work: Path, out: Path, args) -> dict:
     """Perturb task A's skill neurons (q) while evaluating task B; beside B's random control."""
     q = args.cross_q
-    preds = {a: run_predictivity(work / a / "seed0") for a in tasks}
+    preds = {a: run_predictivity(work / a / args.head / "seed0") for a in tasks}
     rows = {}
     cache = out / "cross_task_partial.json"
     if cache.exists():
@@ -80,7 +81,7 @@ def part_cross(tasks, work: Path, out: Path, args) -> dict:
     for b in tasks:
         if b in rows and len(rows[b]["skill_of"]) == len(tasks):
             continue
-        pm, task, info = load_run(work / b / "seed0")
+        pm, task, info = load_run(work / b / args.head / "seed0")
         s = TuneSettings(**info["settings"])
         test = run_splits(task, s)[2][: args.cross_rows]
         width = next(iter(preds[b].values())).shape[1]
@@ -121,11 +122,11 @@ def transfer_seed(chosen: list, work: Path, out: Path, args, seed: int) -> tuple
     probe = run_splits(task_data("sst2"), TuneSettings(max_test=64))[2][:64]  # fixed probe texts for all prompts
     activated, skill = {}, {}
     for a in chosen:
-        pm, _, _ = load_run(work / a / run)
+        pm, _, _ = load_run(work / a / args.head / run)
         activated[a] = activated_neurons(pm, probe)
         # the top q of each layer for every task, 3-class ones included (max of the pn / neu predictivities), so
         # the Jaccard overlaps compare sets of one size
-        skill[a] = skill_neurons(task_predictivity(run_predictivity(work / a / run)), args.indicator_q)
+        skill[a] = skill_neurons(task_predictivity(run_predictivity(work / a / args.head / run)), args.indicator_q)
     pairs_file, scratch_file, folders = _seed_files(out, work, seed)
     pairs = json.loads(pairs_file.read_text()) if pairs_file.exists() else {}
     for a in chosen:
@@ -137,7 +138,8 @@ def transfer_seed(chosen: list, work: Path, out: Path, args, seed: int) -> tuple
             if f"{a}->{b}" in pairs:  # cached; the indicators are cheap and recomputed with the current rule
                 pairs[f"{a}->{b}"].update(indicators)
                 continue
-            r = transfer_pair(work / a / run, work / b / run, folders / f"{a}__{b}", steps=args.transfer_steps,
+            r = transfer_pair(work / a / args.head / run, work / b / args.head / run, folders / f"{a}__{b}",
+                              steps=args.transfer_steps,
                               test_rows=args.transfer_rows)
             pairs[f"{a}->{b}"] = {k: v for k, v in r.items() if k != "seconds"} | indicators | {"seconds": r["seconds"]}
             pairs_file.write_text(json.dumps(pairs, indent=2) + "\n")
@@ -148,7 +150,7 @@ def transfer_seed(chosen: list, work: Path, out: Path, args, seed: int) -> tuple
     for b in chosen:
         if b in scratch:
             continue
-        scratch[b] = scratch_accuracy(work / b / run, folders / f"scratch__{b}", steps=args.transfer_steps,
+        scratch[b] = scratch_accuracy(work / b / args.head / run, folders / f"scratch__{b}", steps=args.transfer_steps,
                                       test_rows=args.transfer_rows)
         scratch_file.write_text(json.dumps(scratch, indent=2) + "\n")
         log.info("from-scratch reference seed %d on %s: %d steps %.3f", seed, b, args.transfer_steps,
@@ -161,7 +163,8 @@ def part_transfer(tasks, work: Path, out: Path, args) -> dict:
     """Real transfer A -> B for every ordered pair, beside the overlap and the skill-neuron indicators, for each
     seed in ``args.transfer_seeds``; correlations over the seed-mean of each pair and per seed."""
     chosen = [t for t in tasks if t in args.transfer_tasks]
-    seeds = [sd for sd in args.transfer_seeds if all((work / t / f"seed{sd}" / "run.json").exists() for t in chosen)]
+    seeds = [sd for sd in args.transfer_seeds
+             if all((work / t / args.head / f"seed{sd}" / "run.json").exists() for t in chosen)]
     if len(seeds) < len(args.transfer_seeds):
         log.warning("transfer: seeds %s lack runs of some of %s; using seeds %s",
                     sorted(set(args.transfer_seeds) - set(seeds)), chosen, seeds)
@@ -256,6 +259,7 @@ def plot_transfer(result: dict, path: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/study")
+    p.add_argument("--head", default="verbalizer", help="whose runs to use: WORK/<task>/<head>/seed<k>")
     p.add_argument("--out", default="experiments/study")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--parts", default="prune,cross,transfer")
@@ -284,7 +288,7 @@ def main() -> int:
     args.transfer_seeds = [int(x) for x in args.transfer_seeds.split(",") if x.strip()]
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [t for t in args.tasks.split(",") if (work / t / "seed0" / "run.json").exists()]
+    tasks = [t for t in args.tasks.split(",") if (work / t / args.head / "seed0" / "run.json").exists()]
     parts = args.parts.split(",")
     if "prune" in parts:
         part_prune(tasks, work, out, args)

@@ -1,7 +1,7 @@
 """Prompt transferability (METHOD.md 7): does task A's prompt help task B, and which indicator predicts it?
 
-Real transfer of an ordered pair A -> B: A's trained prompt (and its linear head, when A and B have the same number
-of labels) initialises B's tuning; B's accuracy is measured zero-shot and after a short tuning budget, beside the
+Real transfer of an ordered pair A -> B: A's trained prompt (and its head: a linear head when A and B have the same
+number of labels, the verbalizer head's temperature always) initialises B's tuning; B's accuracy is measured zero-shot and after a short tuning budget, beside the
 same budget from B's usual initialisation ("from scratch"). Two indicators, each a Jaccard overlap of two (L, D)
 boolean neuron masks:
 
@@ -155,9 +155,12 @@ def transfer_settings(info_b: dict, steps: int, test_rows: int):
 
 
 def head_matches(state: Mapping[str, torch.Tensor], pm) -> bool:
-    """Whether a run's trained ``state`` holds a linear head of ``pm``'s shape (same label count): then it carries
-    over with the prompt."""
-    return pm.head is not None and "head.weight" in state and state["head.weight"].shape == pm.head.weight.shape
+    """Whether a run's trained ``state`` holds exactly the trained tensors of ``pm``'s head, of the same shapes:
+    then the head carries over with the prompt. A linear head needs the same label count; the verbalizer head
+    (one temperature; the class words are B's) and the masked-LM head (nothing trained) always carry."""
+    head = dict(pm.head.named_parameters()) if pm.head is not None else {}
+    keys = {k[5:] for k in state if k.startswith("head.")}
+    return keys == set(head) and all(state["head." + k].shape == head[k].shape for k in keys)
 
 
 def transfer_pair(run_a: str | Path, run_b: str | Path, out: str | Path, *, steps: int = 20, test_rows: int = 200,

@@ -359,12 +359,23 @@ def test_study_quick(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "experiments" / "run_study.py"), "--quick", "--out", str(out),
                     "--work", str(work), "--threads", "1"], check=True, cwd=ROOT, capture_output=True)
     res = json.loads((out / "results.json").read_text())
-    assert set(res["tasks"]) == {"sst2", "rte", "tweet"} and res["bitfit"]["sst2"]["perturbation"]["fractions"]
+    assert set(res["tasks"]) == {"verbalizer", "linear"}
+    assert all(set(res["tasks"][h]) == {"sst2", "rte", "tweet"} for h in res["tasks"])
+    assert res["bitfit"]["sst2"]["perturbation"]["mean"]["fractions"]
     assert set(res["controls"]["sst2"]) >= {"random", "handwritten", "tuned"}
-    for f in ("RESULTS.md", "table.csv", "correlation.png", "perturbation_overview.png"):
+    rec = res["tasks"]["verbalizer"]["sst2"][0]
+    assert set(rec["perturbation"]) == {"gaussian", "gaussian_neuron", "mean"}
+    assert all(len(d) == 2 for d in rec["perturbation"]["mean"]["random_draws"])  # --quick: 2 draws
+    assert "outcomes" not in rec["perturbation"]["mean"]  # per-row outcomes stay in the run folders
+    pool = res["pooled"]["verbalizer"]["sst2"]["mean"]
+    assert len(pool["ci"]) == len(res["fractions"]) and all(lo <= hi for lo, hi in pool["ci"])
+    for f in ("RESULTS.md", "table.csv", "correlation_verbalizer.png", "correlation_linear.png",
+              "perturbation_overview.png"):
         assert (out / f).is_file(), f
     text = (out / "RESULTS.md").read_text()
-    assert "| sst2 | 1 |" in text and "linear head on slot 0" in text
+    assert "| sst2 (chance) | verbalizer |" in text or "| sst2 | verbalizer |" in text
+    assert "## What holds, what does not" in text and "frozen input embeddings" in text
+    assert json.loads((work / "sst2" / "verbalizer" / "seed0" / "run.json").read_text())["head"] == "verbalizer"
     # the applications on the same runs: pruning, cross-task perturbation, transferability
     subprocess.run([sys.executable, str(ROOT / "experiments" / "run_applications.py"), "--work", str(work), "--out",
                     str(out), "--retune-tasks", "sst2", "--retune-epochs", "0.5", "--cross-rows", "8",
@@ -378,10 +389,9 @@ def test_study_quick(tmp_path):
     assert set(cross["rows"]["rte"]["skill_of"]) == {"sst2", "rte", "tweet"}
     transfer = json.loads((out / "transfer.json").read_text())
     assert len(transfer["pairs"]) == 6 and set(transfer["scratch"]) == {"sst2", "rte", "tweet"}
-    # binary -> binary carries the head (zero-shot defined); across label counts the prompt alone, zero-shot None
-    assert transfer["pairs"]["sst2->rte"]["head_carried"] and transfer["pairs"]["sst2->rte"]["zero_shot"] is not None
-    assert not transfer["pairs"]["sst2->tweet"]["head_carried"] and transfer["pairs"]["sst2->tweet"]["zero_shot"] is None
-    assert transfer["pairs_per_metric"]["zero_shot"] == 2 and transfer["pairs_per_metric"]["after_steps"] == 6
+    # the verbalizer head (one temperature) carries across label counts: zero-shot is defined for every pair
+    assert all(p["head_carried"] and p["zero_shot"] is not None for p in transfer["pairs"].values())
+    assert transfer["pairs_per_metric"]["zero_shot"] == 6 and transfer["pairs_per_metric"]["after_steps"] == 6
     assert transfer["seeds"] == [0]  # the quick study has seed 0 only; the default seeds 1, 2 are skipped
     gain = transfer["pairs"]["sst2->rte"]["after_steps"] - transfer["scratch"]["rte"]
     assert transfer["pairs"]["sst2->rte"]["gain_over_scratch"] == pytest.approx(gain)

@@ -12,24 +12,43 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAD = "bench,op,provider,shape,dtype,metric,median,p20,p80,unit,n,device,torch,skillkern,commit,timestamp\n"
 
 
-def _seed(skill: float, random: float, rows: int = 400) -> dict:
-    pert = {"fractions": [0.0, 0.2], "skill": [0.8, skill], "random": [0.8, random], "clean_accuracy": 0.8,
-            "test_rows": rows}
-    return {"seed": 0, "test_accuracy": 0.8, "best_predictivity": 0.9, "perturbation": pert}
+KEYS = ("gaussian", "gaussian_neuron", "mean")
 
 
-def _study(tmp_path: Path, tasks: dict) -> Path:
-    """A result folder with a results.json of ``tasks`` (task -> per-seed records) and a pruning.json."""
+def _pert(skill: float, random: float) -> dict:
+    return {"fractions": [0.0, 0.2], "skill": [0.8, skill], "random": [0.8, random],
+            "random_draws": [[0.8, 0.8, 0.8], [random - 0.01, random, random + 0.01]], "clean_accuracy": 0.8,
+            "test_rows": 800}
+
+
+def _seed(acc: float = 0.8) -> dict:
+    return {"seed": 0, "test_accuracy": acc, "best_predictivity": 0.9, "layer_profile": [0.5, 0.5],
+            "curve": {"rows_seen": [16, 32], "dev_accuracy": [0.7, 0.8], "plateau_rows": 32, "total_rows": 32},
+            "perturbation": {k: _pert(0.7, 0.75) for k in KEYS}}
+
+
+def _pool(diff: float, ci: tuple[float, float]) -> dict:
+    return {"fractions": [0.0, 0.2], "difference": [0.0, diff], "ci": [[0.0, 0.0], list(ci)],
+            "skill": [0.8, 0.75 + diff], "random": [0.8, 0.75]}
+
+
+def _study(tmp_path: Path, pools: dict, acc: dict | None = None) -> Path:
+    """A result folder with a results.json: one seed per task (verbalizer head) whose pooled test at 20% is
+    ``pools[task]`` = (difference, ci) for every perturbation; ``acc`` overrides test accuracies."""
     out = tmp_path / "study"
     out.mkdir()
-    names = list(tasks)
-    results = {"model": "minilm", "quick": False, "fractions": [0.0, 0.2], "tasks": tasks,
-               "seeds": {t: list(range(len(v))) for t, v in tasks.items()},
+    names = list(pools)
+    acc = acc or {}
+    results = {"model": "minilm", "quick": False, "heads": ["verbalizer"], "fractions": [0.0, 0.2],
+               "tasks": {"verbalizer": {t: [_seed(acc.get(t, 0.8))] for t in names}},
+               "seeds": {"verbalizer": {t: [0] for t in names}},
+               "pooled": {"verbalizer": {t: {k: _pool(*pools[t]) for k in KEYS} for t in names}},
+               "perturbations": {k: {} for k in KEYS},
                "settings": {"prompt_len": 4, "epochs": 1, "lr": 0.01, "max_length": 32, "max_train": 32,
-                            "max_dev": 16, "max_test": 16, "eval_every": 1},
-               "correlation": {"tasks": names, "whole_model": [[1.0] * len(names)] * len(names),
-                               "per_layer": []},
-               "controls": {}, "bitfit": {}}
+                            "max_dev": 16, "max_test": 16, "eval_every": 1, "draws": 3},
+               "correlation": {"verbalizer": {"tasks": names, "whole_model": [[1.0] * len(names)] * len(names),
+                                              "per_layer": []}},
+               "majority": {t: 0.5 for t in names}, "threads": 2, "controls": {}, "bitfit": {}}
     (out / "results.json").write_text(json.dumps(results))
     entry = {"keep": 0.02, "layers": "top:0.75", "pruned_layers": [1, 2], "test_accuracy_original": 0.8,
              "test_accuracy_pruned": 0.7, "params_before": 100, "params_after": 60}
@@ -44,28 +63,30 @@ def _write(out: Path, bench: Path) -> str:
     return md.read_text()
 
 
-def _main_table_cell(text: str, task: str) -> str:
-    line = next(x for x in text.splitlines() if x.startswith(f"| {task} |"))
-    return line.rstrip(" |").split(" | ")[-1]
+def _cell_20(text: str, task: str, section: str = "mean ablation") -> str:
+    part = text[text.index(f"## Perturbation: {section}"):]
+    line = next(x for x in part.splitlines() if x.startswith(f"| {task}"))
+    return line.split(" | ")[3]
 
 
-def test_significance_needs_the_gap_and_the_same_sign_in_every_seed(tmp_path):
-    # two SE of the difference at p = 0.8, n = 400: 2 * sqrt(2 * 0.16 / 400) = 0.0566
-    tasks = {"big": [_seed(0.60, 0.75)], "noise": [_seed(0.72, 0.75)],
-             "split": [_seed(0.50, 0.75), _seed(0.78, 0.76)],  # the mean gap is large, one seed points the other way
-             "both": [_seed(0.60, 0.75), _seed(0.62, 0.74)], "few": [_seed(0.60, 0.75, rows=10)]}
-    text = _write(_study(tmp_path, tasks), tmp_path / "no-benchmarks")
-    assert _main_table_cell(text, "big") == "**0.600 / 0.750**"
-    assert _main_table_cell(text, "noise") == "0.720 / 0.750"  # gap inside the noise
-    assert _main_table_cell(text, "split") == "0.640 / 0.755"
-    assert _main_table_cell(text, "both") == "**0.610 / 0.745**"
-    assert _main_table_cell(text, "few") == "0.600 / 0.750"  # few rows: wide noise band
-    assert "on 2 of 5 tasks (big, both)" in text
+def test_verdicts_follow_the_paired_interval_and_leave_out_tasks_at_chance(tmp_path):
+    pools = {"more": (-0.10, (-0.15, -0.05)), "tie": (-0.10, (-0.2, 0.01)), "less": (0.05, (0.01, 0.09)),
+             "flat": (-0.3, (-0.4, -0.2))}
+    text = _write(_study(tmp_path, pools, acc={"flat": 0.52}), tmp_path / "no-benchmarks")
+    assert _cell_20(text, "more") == "**0.650 / 0.750 (-10.0 [-15.0, -5.0])**"
+    assert _cell_20(text, "tie") == "0.650 / 0.750 (-10.0 [-20.0, +1.0])"  # the interval holds 0
+    assert _cell_20(text, "less") == "_0.800 / 0.750 (+5.0 [+1.0, +9.0])_"
+    assert _cell_20(text, "flat (chance)").startswith("**")  # marked, but not counted in the summary
+    assert "mean ablation: costs more on 1 of 3 (more), less on less, no significant difference on tie" in text
+    assert "At chance, not counted: flat." in text
+    assert "| more | verbalizer | 1 | 0.800 | 0.500 | 0.900 | 32 | 32 |" in text
+    assert "0.740-0.760 |" in text  # the spread of the random draws
     assert "Measured speed-up" not in text  # no benchmark CSV: no speed table
+    assert "from the first study's runs" in text  # pruning.json without a head: the old applications
 
 
 def test_speed_table_reads_the_newest_rows_of_the_benchmark_csv(tmp_path):
-    out = _study(tmp_path, {"sst2": [_seed(0.6, 0.75)]})
+    out = _study(tmp_path, {"sst2": (-0.1, (-0.15, -0.05))})
     bench = tmp_path / "bench"
     bench.mkdir()
 
@@ -92,3 +113,16 @@ def test_speed_table_reads_the_newest_rows_of_the_benchmark_csv(tmp_path):
     assert "| CPU X | float32 | m | batch=1 seq=32 | masked_ffn | 1.70x | 1.60-1.75 | 1.80x | 94% |" in text
     assert "Every shape reaches the 90% goal." in text
     assert text.count("| CPU X | float32 | m |") == 2
+
+
+def test_cached_only_rewrites_the_committed_results_md_byte_for_byte(tmp_path):
+    """The documented command, from a tree with the committed JSON and CSV files but no run folders (as a fresh
+    clone has), gives exactly the committed RESULTS.md."""
+    import shutil
+
+    for part in ("experiments", "benchmarks/results"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "experiments/run_study.py", "--cached-only", "--work",
+                        str(tmp_path / "no-runs")], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "RESULTS.md").read_bytes() == (ROOT / "RESULTS.md").read_bytes()
