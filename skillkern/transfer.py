@@ -1,9 +1,9 @@
 """Prompt transferability (METHOD.md 7): does task A's prompt help task B, and which indicator predicts it?
 
 Real transfer of an ordered pair A -> B: A's trained prompt (and its head: a linear head when A and B have the same
-number of labels, the verbalizer head's temperature always) initialises B's tuning; B's accuracy is measured zero-shot and after a short tuning budget, beside the
-same budget from B's usual initialisation ("from scratch"). Two indicators, each a Jaccard overlap of two (L, D)
-boolean neuron masks:
+number of labels, the verbalizer head's temperature always) initialises B's tuning; B's accuracy is measured
+zero-shot and after a short tuning budget, beside the same budget from B's usual initialisation ("from scratch").
+Two indicators, each a Jaccard overlap of two (L, D) boolean neuron masks:
 
 * Su et al.'s *activated-neuron overlap*: the neurons each prompt activates (> 0 at a prompt slot on a majority of
   fixed probe texts), :func:`activated_neurons`;
