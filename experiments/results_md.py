@@ -141,6 +141,24 @@ def summary_lines(results: dict) -> list[str]:
     return lines + [""]
 
 
+def budget_lines(out: Path) -> list[str]:
+    """The budget pilot (``budget.json``): dev accuracy against training rows seen, for two budgets."""
+    f = out / "budget.json"
+    if not f.is_file():
+        return []
+    b = json.loads(f.read_text())
+    lines = [f"How the budget was chosen: {b['task']}, {b['head']} head, seed {b['seed']}, dev accuracy against "
+             "training rows seen (the learning rate decays to zero over each budget):", "",
+             "| budget | dev accuracy at rows seen | within 1 point of its best from | test acc |", "|---|---|---|---|"]
+    for r in b["runs"]:
+        curve = ", ".join(f"{n}: {_f(a)}" for n, a in zip(r["rows_seen"], r["dev_accuracy"]))
+        best = max(r["dev_accuracy"])
+        first = next(n for n, a in zip(r["rows_seen"], r["dev_accuracy"]) if a >= best - 0.01)
+        lines.append(f"| {r['budget']} | {curve} | {first} of {r['rows_seen'][-1]} rows | "
+                     f"{_f(r['test_accuracy'])} |")
+    return lines + [""]
+
+
 def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BENCHMARK_RESULTS) -> None:
     """Write ``path`` (RESULTS.md) from the study's ``results`` (results.json) and the applications' JSON files in
     ``out``; the pruning section also reads the pruned-model benchmark CSVs in ``benchmarks``."""
@@ -204,7 +222,7 @@ def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BE
                          f"{_f(results['majority'][name])} | {_f(_mean([r['best_predictivity'] for r in per_seed]))} | "
                          + (f"{', '.join(str(c['plateau_rows']) for c in curves)} | {curves[0]['total_rows']} |"
                             if curves else "- | - |"))
-    lines += [""]
+    lines += [""] + budget_lines(out)
     for key, name in PERTURBATION_NAMES.items():
         if key not in results["perturbations"]:
             continue
