@@ -54,31 +54,34 @@ if HAVE_TRITON:
         (:func:`thresholds_for_float32`), which makes ``h > thr`` in float32 exactly the reference's float64
         comparison without float64 tiles in registers. MODE 0 compiles to nothing.
         """
-        if MODE != 0:
+        if MODE == 3:
+            tracked = mask_m & (slot >= 0)
+            if tl.max(tracked.to(tl.int32), axis=0) > 0:  # (as below: skip tiles without a tracked row)
+                safe_slot = tl.where(tracked, slot, 0)
+                keep = tracked[:, None] & mask_n[None, :]
+                # 3 moments per slot, one element atomic each; products and |h| in float64 after the exact
+                # widening (the square of a float32 has at most 48 significant bits: exact in float64)
+                h64 = h.to(tl.float64)
+                dst = out_ptr + (safe_slot * 3)[:, None] * width + offs_n[None, :]
+                tl.atomic_add(dst, h64, mask=keep, sem="relaxed")
+                tl.atomic_add(dst + width, h64 * h64, mask=keep, sem="relaxed")
+                tl.atomic_add(dst + 2 * width, tl.abs(h64), mask=keep, sem="relaxed")
+        elif MODE != 0:
             tracked = mask_m & (slot >= 0)
             # Most tiles hold no tracked row when one token in 128 is tracked (cls pooling): skip them
             # with one reduction instead of issuing fully masked atomics.
             if tl.max(tracked.to(tl.int32), axis=0) > 0:
                 safe_slot = tl.where(tracked, slot, 0)
+                group = safe_slot * classes + tl.where(tracked, label, 0)
                 keep = tracked[:, None] & mask_n[None, :]
-                if MODE == 3:
-                    # 3 moments per slot, one element atomic each; products and |h| in float64 after the exact
-                    # widening (the square of a float32 has at most 48 significant bits: exact in float64)
-                    h64 = h.to(tl.float64)
-                    dst = out_ptr + (safe_slot * 3)[:, None] * width + offs_n[None, :]
-                    tl.atomic_add(dst, h64, mask=keep, sem="relaxed")
-                    tl.atomic_add(dst + width, h64 * h64, mask=keep, sem="relaxed")
-                    tl.atomic_add(dst + 2 * width, tl.abs(h64), mask=keep, sem="relaxed")
+                dst = out_ptr + group[:, None] * width + offs_n[None, :]
+                if MODE == 1:
+                    tl.atomic_add(dst, h.to(tl.float64), mask=keep, sem="relaxed")  # exact widening
                 else:
-                    group = safe_slot * classes + tl.where(tracked, label, 0)
-                    dst = out_ptr + group[:, None] * width + offs_n[None, :]
-                    if MODE == 1:
-                        tl.atomic_add(dst, h.to(tl.float64), mask=keep, sem="relaxed")  # exact widening
-                    else:
-                        thr = tl.load(thr_ptr + safe_slot[:, None] * width + offs_n[None, :], mask=keep, other=0.0)
-                        above = keep & (h > thr)  # strict: ties and NaN are "not above"
-                        # only the elements above threshold need an atomic (+1)
-                        tl.atomic_add(dst, tl.full(h.shape, 1, tl.int64), mask=above, sem="relaxed")
+                    thr = tl.load(thr_ptr + safe_slot[:, None] * width + offs_n[None, :], mask=keep, other=0.0)
+                    above = keep & (h > thr)  # strict: ties and NaN are "not above"
+                    # only the elements above threshold need an atomic (+1)
+                    tl.atomic_add(dst, tl.full(h.shape, 1, tl.int64), mask=above, sem="relaxed")
 
     # Row and class counts change from call to call: not specialised, so one compiled variant serves them all.
     @triton.jit(do_not_specialize=["rows", "classes"])
