@@ -514,20 +514,9 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
                          "again")
     if shape is None:
         chosen, k = _kept(layers, keep, len(before), before[0], scored)
-    stats_source = {}
-    if needs_moments:
-        if loaded is None:
-            loaded = run_moments(pm, train, positions=positions, max_length=s.max_length, progress=progress)
-            stats_source["moments"] = {"computed_from": "train", **moments_meta}
-        else:
-            stats_source["moments"] = {"file": str(moments), **moments_meta}
-        stats_source["moments"]["positions_count"] = loaded.positions()
-        if fill == "tokens":
-            values = loaded.mean().cpu()
-    if criterion == "skill":
-        stats_source["predictivity"] = sorted(str(p) for p in _score_files(run, preds))
-    if fill == "prompt":
-        stats_source["fill"] = "prompt thresholds (the run's task or pn scores)"
+    loaded, values, stats_source = _statistics(run, pm, train, max_length=s.max_length, criterion=criterion,
+                                               fill=fill, positions=positions, loaded=loaded, moments=moments,
+                                               meta=moments_meta, preds=preds, values=values, progress=progress)
     selection = select_neurons(pm.backbone, criterion, {i: k for i in chosen}, moments=loaded,
                                skill=skill_selection(preds, keep) if preds is not None else None, seed=seed,
                                flap_adaptive=flap_adaptive)
@@ -561,6 +550,29 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
             result.update(_retune(tmp, task, s, state, retune_epochs, final_model, device=device, progress=progress))
         atomic_write_json(tmp / "prune.json", result)
     return result
+
+
+def _statistics(run, pm, train: Sequence, *, max_length: int, criterion: str, fill: str, positions: str,
+                loaded: Optional[NeuronMoments], moments, meta: dict, preds: Optional[dict],
+                values: Optional[torch.Tensor], progress: bool) -> tuple[Optional[NeuronMoments], torch.Tensor, dict]:
+    """The statistics a prune reads: the moments (``loaded`` from ``moments``, or one pass over the training rows
+    when the criterion or the fill needs them), the (L, D) fill values (``values``: the prompt thresholds, or the
+    moments' mean for fill ``tokens``) and the record of both for prune.json."""
+    record: dict = {}
+    if criterion in MOMENT_CRITERIA or fill == "tokens":
+        if loaded is None:
+            loaded = run_moments(pm, train, positions=positions, max_length=max_length, progress=progress)
+            record["moments"] = {"computed_from": "train", **meta}
+        else:
+            record["moments"] = {"file": str(moments), **meta}
+        record["moments"]["positions_count"] = loaded.positions()
+        if fill == "tokens":
+            values = loaded.mean().cpu()
+    if criterion == "skill":
+        record["predictivity"] = sorted(str(p) for p in _score_files(run, preds))
+    if fill == "prompt":
+        record["fill"] = "prompt thresholds (the run's task or pn scores)"
+    return loaded, values, record
 
 
 def _scored_shape(run, scored: set) -> Optional[tuple[int, int]]:
