@@ -48,7 +48,9 @@ def _extensions():
     link = openmp + ([] if sys.platform == "win32" else [f"-Wl,-rpath,{torch_lib}"])
     # No -std flag: BuildExtension picks the standard the installed torch's headers need (C++17 for older torch,
     # C++20 since 2.10); our sources are plain C++17.
-    cxx = ["-O3"] + openmp
+    # -ffp-contract=off: no fused multiply-add, so that the compiled moments (a square, then an addition) round as
+    # the PyTorch reference's separate operations do.
+    cxx = ["-O3", "-ffp-contract=off"] + openmp
     nvcc_path = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
     if cu and torch.version.cuda and nvcc_path and os.path.exists(nvcc_path):
         archs = [a.strip() for a in os.environ.get("SKILLKERN_CUDA_ARCHS", "80;90").split(";") if a.strip()]

@@ -11,6 +11,8 @@
 TORCH_LIBRARY(skillkern, m) {
   // Semantics in skillkern/ops/stats_update.py. Mutates `out` in place and returns nothing.
   m.def("stats_update(Tensor h, Tensor slot, Tensor label, Tensor(a!) out, Tensor? threshold) -> ()");
+  // Semantics in skillkern/ops/stats_moments.py: per-slot float64 sum, sum of squares and sum of |h|.
+  m.def("stats_moments(Tensor h, Tensor slot, Tensor(a!) out) -> ()");
 }
 
 // An empty module: `from skillkern import _C` exists only to load this library (and run the registrations).

@@ -1,5 +1,6 @@
 // Declarations shared by the CPU (stats_update.cpp) and CUDA (stats_update_cuda.cu) kernels of
-// torch.ops.skillkern.stats_update, so that both check their arguments with the same messages.
+// torch.ops.skillkern.stats_update and torch.ops.skillkern.stats_moments, so that both check their arguments
+// with the same messages.
 
 #pragma once
 
@@ -15,5 +16,10 @@ namespace skillkern {
 void check_stats_update_args(const at::Tensor& h, const at::Tensor& slot, const at::Tensor& label,
                              const at::Tensor& out, const c10::optional<at::Tensor>& threshold,
                              c10::DeviceType device_type, const char* kernel);
+
+// The same for torch.ops.skillkern.stats_moments: h (rows, width) of a float dtype, slot (rows,) int64, out
+// (slots, 3, width) float64 and contiguous, everything on out's device.
+void check_stats_moments_args(const at::Tensor& h, const at::Tensor& slot, const at::Tensor& out,
+                              c10::DeviceType device_type, const char* kernel);
 
 }  // namespace skillkern

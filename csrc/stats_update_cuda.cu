@@ -1,9 +1,13 @@
-// Streaming threshold statistics on CUDA: the CUDA kernel of torch.ops.skillkern.stats_update.
+// Streaming statistics on CUDA: the CUDA kernels of torch.ops.skillkern.stats_update and stats_moments.
 //
-// Same semantics as the CPU kernel (stats_update.cpp) and stats_update_reference in
-// skillkern/ops/stats_update.py: for every row r with slot[r] = s >= 0 and label[r] = c,
-//   threshold is None:  out[s, c, :] += double(h[r])                      (float64 sums)
-//   else:               out[s, c, :] += double(h[r]) > threshold[s, :]    (int64 counts)
+// Same semantics as the CPU kernels (stats_update.cpp), stats_update_reference in skillkern/ops/stats_update.py
+// and stats_moments_reference in skillkern/ops/stats_moments.py: for every row r with slot[r] = s >= 0 and
+// label[r] = c,
+//   stats_update, threshold is None:  out[s, c, :] += double(h[r])                      (float64 sums)
+//   stats_update, else:               out[s, c, :] += double(h[r]) > threshold[s, :]    (int64 counts)
+//   stats_moments:                    out[s, 0/1/2, :] += v, v * v, |v|  (v = double(h[r]); float64 moments)
+// The moments' products and additions use the round-to-nearest intrinsics (__dmul_rn, __dadd_rn), which nvcc
+// never contracts into a fused multiply-add: the same roundings as the CPU kernel.
 //
 // Deterministic, and float64 sums bit-identical to the CPU kernel: every element out[g, d] is owned by
 // one thread, which keeps it in a register and adds its rows in row order, exactly the sequence of
@@ -14,9 +18,11 @@
 //
 // Work: two launches.
 //   1. row_groups_kernel: one thread per row turns (slot, label) into the int32 group slot*classes+label
-//      (-1: untracked) and checks the indices on the device (no host sync: a bad index is a device-side
-//      assert, as in PyTorch's own CUDA index ops, and is never written through).
-//   2. stats_update_kernel: a block is 128 neuron columns x one group; each thread owns one column.
+//      (stats_moments: no label, the group is the slot; -1: untracked) and checks the indices on the device
+//      (no host sync: a bad index is a device-side assert, as in PyTorch's own CUDA index ops, and is never
+//      written through).
+//   2. stats_update_kernel: a block is 128 neuron columns x one group; each thread owns one column (its sum,
+//      count, or three moments in registers).
 //      Each warp scans the group array 32 rows at a time (one coalesced 128-byte load + one ballot), and
 //      for the rows of its group reads h[r, d0:d0+32] (coalesced across the warp's columns), several rows'
 //      loads in flight before their additions, which stay in row order.
@@ -80,6 +86,7 @@ __device__ __forceinline__ double to_double(double x) { return x; }
 __device__ __forceinline__ double to_double(__half x) { return static_cast<double>(__half2float(x)); }
 __device__ __forceinline__ double to_double(__nv_bfloat16 x) { return static_cast<double>(__bfloat162float(x)); }
 
+// label may be null (stats_moments): every row is then of class 0 of 1.
 __global__ void row_groups_kernel(const int64_t* __restrict__ slot, const int64_t* __restrict__ label,
                                   int64_t rows, int64_t slots, int64_t classes, int32_t* __restrict__ group) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -87,7 +94,7 @@ __global__ void row_groups_kernel(const int64_t* __restrict__ slot, const int64_
   const int64_t s = slot[r];
   int32_t g = -1;
   if (s != -1) {
-    const int64_t c = label[r];
+    const int64_t c = label != nullptr ? label[r] : 0;
     const bool valid = s >= 0 && s < slots && c >= 0 && c < classes;
     if (!valid) {
       printf("stats_update: row %lld has slot %lld and label %lld; slots must be -1 or in [0, %lld), labels in "
@@ -101,8 +108,11 @@ __global__ void row_groups_kernel(const int64_t* __restrict__ slot, const int64_
   group[r] = g;
 }
 
-// kCounts: count h > threshold into int64 (second pass); else sum h in float64 (first pass).
-template <typename scalar_t, bool kCounts>
+// What a launch accumulates: float64 sums of h (first pass), int64 counts of h > threshold (second pass), or
+// the float64 moments sum, sum of squares and sum of |h| (stats_moments; out (groups, 3, width)).
+enum Mode : int { kSums = 0, kCounts = 1, kMoments = 2 };
+
+template <typename scalar_t, int kMode>
 __global__ void __launch_bounds__(kColumnsPerBlock)
 stats_update_kernel(const scalar_t* __restrict__ h, const int32_t* __restrict__ group, int64_t rows,
                     int64_t width, int64_t groups, int64_t classes, const double* __restrict__ threshold,
@@ -112,12 +122,16 @@ stats_update_kernel(const scalar_t* __restrict__ h, const int32_t* __restrict__ 
   // Columns past the end stay in the loop (the ballots need the whole warp) but touch no memory.
   const bool active = d < width;
   for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
-    double sum = 0.0, thr = 0.0;
+    double sum = 0.0, sumsq = 0.0, sumabs = 0.0, thr = 0.0;
     int64_t count = 0;
     if (active) {
-      if constexpr (kCounts) {
+      if constexpr (kMode == kCounts) {
         count = counts[g * width + d];
         thr = threshold[(g / classes) * width + d];
+      } else if constexpr (kMode == kMoments) {
+        sum = sums[(g * 3) * width + d];
+        sumsq = sums[(g * 3 + 1) * width + d];
+        sumabs = sums[(g * 3 + 2) * width + d];
       } else {
         sum = sums[g * width + d];
       }
@@ -142,8 +156,12 @@ stats_update_kernel(const scalar_t* __restrict__ h, const int32_t* __restrict__ 
         for (int k = 0; k < kLoadsInFlight; ++k) {
           if (k < n) {
             // Skip, never add 0: (-0.0) + 0.0 would turn a -0.0 sum into +0.0.
-            if constexpr (kCounts) {
+            if constexpr (kMode == kCounts) {
               count += static_cast<int64_t>(v[k] > thr);
+            } else if constexpr (kMode == kMoments) {
+              sum = __dadd_rn(sum, v[k]);
+              sumsq = __dadd_rn(sumsq, __dmul_rn(v[k], v[k]));
+              sumabs = __dadd_rn(sumabs, fabs(v[k]));
             } else {
               sum += v[k];
             }
@@ -152,8 +170,12 @@ stats_update_kernel(const scalar_t* __restrict__ h, const int32_t* __restrict__ 
       }
     }
     if (active) {
-      if constexpr (kCounts) {
+      if constexpr (kMode == kCounts) {
         counts[g * width + d] = count;
+      } else if constexpr (kMode == kMoments) {
+        sums[(g * 3) * width + d] = sum;
+        sums[(g * 3 + 1) * width + d] = sumsq;
+        sums[(g * 3 + 2) * width + d] = sumabs;
       } else {
         sums[g * width + d] = sum;
       }
@@ -161,17 +183,18 @@ stats_update_kernel(const scalar_t* __restrict__ h, const int32_t* __restrict__ 
   }
 }
 
-#define SKILLKERN_INSTANTIATE(scalar_t, counts)                                                                 \
-  template __global__ void stats_update_kernel<scalar_t, counts>(const scalar_t*, const int32_t*, int64_t, int64_t, \
-                                                                 int64_t, int64_t, const double*, double*, int64_t*);
-SKILLKERN_INSTANTIATE(float, false)
-SKILLKERN_INSTANTIATE(float, true)
-SKILLKERN_INSTANTIATE(double, false)
-SKILLKERN_INSTANTIATE(double, true)
-SKILLKERN_INSTANTIATE(__half, false)
-SKILLKERN_INSTANTIATE(__half, true)
-SKILLKERN_INSTANTIATE(__nv_bfloat16, false)
-SKILLKERN_INSTANTIATE(__nv_bfloat16, true)
+#define SKILLKERN_INSTANTIATE(scalar_t, mode)                                                                 \
+  template __global__ void stats_update_kernel<scalar_t, mode>(const scalar_t*, const int32_t*, int64_t, int64_t, \
+                                                               int64_t, int64_t, const double*, double*, int64_t*);
+#define SKILLKERN_INSTANTIATE_MODES(scalar_t) \
+  SKILLKERN_INSTANTIATE(scalar_t, kSums)      \
+  SKILLKERN_INSTANTIATE(scalar_t, kCounts)    \
+  SKILLKERN_INSTANTIATE(scalar_t, kMoments)
+SKILLKERN_INSTANTIATE_MODES(float)
+SKILLKERN_INSTANTIATE_MODES(double)
+SKILLKERN_INSTANTIATE_MODES(__half)
+SKILLKERN_INSTANTIATE_MODES(__nv_bfloat16)
+#undef SKILLKERN_INSTANTIATE_MODES
 #undef SKILLKERN_INSTANTIATE
 
 }  // namespace stats_update_cuda_kernels
@@ -233,14 +256,45 @@ void stats_update_cuda(const at::Tensor& h_in, const at::Tensor& slot_in, const 
                   "add SKILLKERN_INSTANTIATE lines for a new dtype");
     const auto* h_ptr = reinterpret_cast<const native_t*>(h.const_data_ptr<scalar_t>());
     if (thr.defined()) {
-      stats_update_kernel<native_t, true><<<grid, kColumnsPerBlock, 0, stream>>>(
+      stats_update_kernel<native_t, kCounts><<<grid, kColumnsPerBlock, 0, stream>>>(
           h_ptr, group.const_data_ptr<int32_t>(), rows, width, groups, classes, thr.const_data_ptr<double>(), nullptr,
           out.data_ptr<int64_t>());
     } else {
-      stats_update_kernel<native_t, false><<<grid, kColumnsPerBlock, 0, stream>>>(
+      stats_update_kernel<native_t, kSums><<<grid, kColumnsPerBlock, 0, stream>>>(
           h_ptr, group.const_data_ptr<int32_t>(), rows, width, groups, classes, nullptr, out.data_ptr<double>(),
           nullptr);
     }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void stats_moments_cuda(const at::Tensor& h_in, const at::Tensor& slot_in, at::Tensor& out) {
+  check_stats_moments_args(h_in, slot_in, out, c10::DeviceType::CUDA, "CUDA");
+  const int64_t rows = h_in.size(0), slots = out.size(0), width = out.size(2);
+  TORCH_CHECK(slots <= std::numeric_limits<int32_t>::max(), "stats_moments (CUDA kernel): ", slots,
+              " slots do not fit the int32 group index");
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard device_guard(out.device());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor h = h_in.contiguous(), slot = slot_in.contiguous();
+
+  // 1. The rows' slots (one class: the group is the slot), and the index checks.
+  at::Tensor group = at::empty({rows}, slot.options().dtype(at::kInt));
+  const auto groups_blocks = static_cast<unsigned>((rows + kRowsPerGroupsBlock - 1) / kRowsPerGroupsBlock);
+  row_groups_kernel<<<groups_blocks, kRowsPerGroupsBlock, 0, stream>>>(
+      slot.const_data_ptr<int64_t>(), nullptr, rows, slots, 1, group.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (width == 0 || slots == 0) return;
+
+  // 2. The moments.
+  const dim3 grid(static_cast<unsigned>((width + kColumnsPerBlock - 1) / kColumnsPerBlock),
+                  static_cast<unsigned>(std::min(slots, kMaxGridY)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "stats_moments_cuda", [&] {
+    using native_t = typename Native<scalar_t>::type;
+    static_assert(sizeof(native_t) == sizeof(scalar_t), "dtype and CUDA type must share their layout");
+    const auto* h_ptr = reinterpret_cast<const native_t*>(h.const_data_ptr<scalar_t>());
+    stats_update_kernel<native_t, kMoments><<<grid, kColumnsPerBlock, 0, stream>>>(
+        h_ptr, group.const_data_ptr<int32_t>(), rows, width, slots, 1, nullptr, out.data_ptr<double>(), nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -253,5 +307,6 @@ void stats_update_cuda(const at::Tensor& h_in, const at::Tensor& slot_in, const 
 #ifndef __CUDA_ARCH__
 TORCH_LIBRARY_IMPL(skillkern, CUDA, m) {
   m.impl("stats_update", &skillkern::stats_update_cuda);
+  m.impl("stats_moments", &skillkern::stats_moments_cuda);
 }
 #endif  // __CUDA_ARCH__

@@ -412,6 +412,19 @@ def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESU
                   "re-tuned prompt) reports a few points lost and about 1.34-1.38x faster inference; its Table 4 "
                   "figures are not in METHOD.md, so none are copied here.", ""]
         lines += _speed_lines(benchmarks)
+    f = out / "pruning_criteria" / "pruning_criteria.json"
+    if f.is_file():  # experiments/run_pruning.py --out OUT/pruning_criteria
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from run_pruning import criteria_table
+
+        pc = json.loads(f.read_text())
+        lines += ["## Skill neurons against the structured-pruning criteria", "",
+                  "`skillkern prune --criterion skill|flap|wanda|magnitude|random` on every seed of each task "
+                  "(experiments/run_pruning.py): the same number of neurons kept in each pruned layer, the others "
+                  "folded at the same fill value; FLAP = activation variance x squared W2 column norm, Wanda = "
+                  "activation L2 norm x W2 column norm (per neuron), magnitude = mean |activation|, from the "
+                  "moments of the training rows. Test accuracy, pruned and pruned + re-tuned.", ""]
+        lines += criteria_table(pc) + ["", f"![pruning criteria]({rel}/pruning_criteria/pruning_criteria.png)", ""]
     f = out / "cross_task.json"
     if f.is_file():
         ct = json.loads(f.read_text())

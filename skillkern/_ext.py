@@ -21,7 +21,7 @@ _loaded = False
 _reason = ""
 # The ops skillkern._C defines (csrc/module.cpp), and which dispatch keys have a kernel for each, read once at
 # load: has_op then only looks in this dict, which torch.compile (Dynamo) can trace, unlike the dispatcher query.
-_COMPILED_OPS = ("stats_update",)
+_COMPILED_OPS = ("stats_update", "stats_moments")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _kernels: dict = {}
 
@@ -84,13 +84,31 @@ def _stats_update_fake(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor,
     return None
 
 
+def _stats_moments_fake(h: torch.Tensor, slot: torch.Tensor, out: torch.Tensor) -> None:
+    """Fake of ``skillkern::stats_moments``: the metadata checks of csrc/stats_update.cpp; it mutates ``out``."""
+    torch._check(h.dim() == 2, lambda: f"stats_moments: h must be 2-D (rows, neurons), got shape {tuple(h.shape)}")
+    torch._check(h.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                 lambda: f"stats_moments: h must be float32, float64, float16 or bfloat16, got {h.dtype}")
+    torch._check(slot.dim() == 1 and slot.shape[0] == h.shape[0],
+                 lambda: f"stats_moments: slot must have shape ({h.shape[0]},) to match h, got {tuple(slot.shape)}")
+    torch._check(slot.dtype == torch.int64, lambda: f"stats_moments: slot must be int64, got {slot.dtype}")
+    torch._check(out.dim() == 3 and out.shape[1] == 3 and out.shape[2] == h.shape[1],
+                 lambda: f"stats_moments: out must have shape (slots, 3, {h.shape[1]}), got {tuple(out.shape)}")
+    torch._check(out.dtype == torch.float64, lambda: f"stats_moments: out must be torch.float64, got {out.dtype}")
+    torch._check(out.is_contiguous(), lambda: "stats_moments: out must be contiguous (it is updated in place)")
+    return None
+
+
 def _register_fakes() -> None:
     # Once per process (_load runs its body once). A failure here costs torch.compile support, not the op.
-    try:
-        torch.library.register_fake("skillkern::stats_update", _stats_update_fake)
-    except Exception as err:  # e.g. a torch without register_fake (added in 2.4)
-        logger.warning("could not register the fake of skillkern::stats_update (%s: %s); torch.compile will not "
-                       "trace through it", type(err).__name__, err)
+    for name, fake in (("stats_update", _stats_update_fake), ("stats_moments", _stats_moments_fake)):
+        if not _kernels.get((name, "CPU")) and not _kernels.get((name, "CUDA")):
+            continue  # an extension built before the op existed
+        try:
+            torch.library.register_fake(f"skillkern::{name}", fake)
+        except Exception as err:  # e.g. a torch without register_fake (added in 2.4)
+            logger.warning("could not register the fake of skillkern::%s (%s: %s); torch.compile will not trace "
+                           "through it", name, type(err).__name__, err)
 
 
 def available() -> bool:

@@ -12,8 +12,9 @@ different job is refused rather than silently mixing statistics.
 
 The file holds the accumulator's state under the stats file's keys and layouts (``sums``, ``above``,
 ``baseline_class_count``, ``eval_class_count`` and, after the baseline pass, ``threshold``: the module docstring
-of :mod:`skillkern.stats`), and in its header ``format = "skillkern-checkpoint"``, ``format_version`` (the stats
-format's), ``phase`` (``baseline`` or ``eval``), ``position``, ``fingerprint`` and ``skipped``. A checkpoint
+of :mod:`skillkern.stats`; a moments pass: ``moments`` and ``count``, the moments file's), and in its header
+``format = "skillkern-checkpoint"``, ``format_version`` (the stats format's), ``phase`` (``baseline``, ``eval``
+or ``moments``), ``position``, ``fingerprint`` and ``skipped``. A checkpoint
 without ``format_version`` (skillkern 0.1.0) has the same keys and layouts and is read as it is; a newer
 version is refused.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from .files import FileFormatError, is_leftover, load_safetensors, safetensors_header, save_safetensors
-from .stats import FORMAT_VERSION, NeuronStats, ShardedNeuronStats, StatsFileError
+from .stats import FORMAT_VERSION, NeuronMoments, NeuronStats, ShardedNeuronStats, StatsFileError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Checkpoint:
                            "continue it)", folder)
         return checkpoint
 
-    def restore(self, stats: "NeuronStats | ShardedNeuronStats") -> Optional[tuple[str, int]]:
+    def restore(self, stats: "NeuronStats | ShardedNeuronStats | NeuronMoments") -> Optional[tuple[str, int]]:
         """Load the checkpoint into ``stats``; returns ``(phase, position)`` or None when starting afresh."""
         if not self.resume or not self.path.exists():
             return None
@@ -118,11 +119,9 @@ class Checkpoint:
         return phase, position, skipped
 
     def _restore_tensors(self, stats, tensors: dict) -> None:
-        L, S, C, D = stats.shape
-        expected = {"sums": (L, S, C, D), "above": (L, S, C, D), "baseline_class_count": (C,),
-                    "eval_class_count": (C,)}
-        if "threshold" in tensors:
-            expected["threshold"] = (L, S, D)
+        expected = stats.state_shapes()
+        if "threshold" in expected and "threshold" not in tensors:  # before the end of the baseline pass
+            del expected["threshold"]
         for key, shape in expected.items():
             if key not in tensors or tuple(tensors[key].shape) != shape:
                 got = tuple(tensors[key].shape) if key in tensors else "nothing"

@@ -413,17 +413,32 @@ def cmd_perturb(args) -> int:
 
 
 def _add_prune_parser(sub) -> None:
-    p = sub.add_parser("prune", help="prune a run's model to its skill neurons (bias folding), save and evaluate",
-                       description="Keeps the top --keep skill neurons of each pruned layer, freezes the others at "
-                                   "their fill value (--fill) and folds them into the down-projection bias, slices "
-                                   "W1/b1/W2. OUT/model reloads with skillkern.load_model(OUT/model).")
-    p.add_argument("--run", required=True, help="a scored run folder")
+    p = sub.add_parser("prune", help="prune a run's model to the neurons a criterion keeps (bias folding), save and "
+                                     "evaluate",
+                       description="Keeps --keep of the neurons of each pruned layer, chosen by --criterion (skill "
+                                   "neurons by default), freezes the others at their fill value (--fill) and folds "
+                                   "them into the down-projection bias, slices W1/b1/W2. OUT/model reloads with "
+                                   "skillkern.load_model(OUT/model).")
+    p.add_argument("--run", required=True, help="a tuned run folder (scored with `score --run` for --criterion "
+                                                "skill and --fill prompt)")
     p.add_argument("--keep", type=float, default=0.02, help="per-layer fraction of neurons kept, in (0, 1] "
                                                             "(default 0.02)")
     p.add_argument("--layers", default="top:0.75", help="top:F (top F of layers), all, or indices (default top:0.75)")
-    p.add_argument("--fill", default="prompt", choices=["prompt", "tokens"],
+    p.add_argument("--criterion", default="skill", choices=["skill", "flap", "wanda", "magnitude", "random"],
+                   help="which neurons stay: skill (predictivity; default), flap (activation variance x squared W2 "
+                        "column norm), wanda (activation L2 norm x W2 column norm), magnitude (mean |activation|) or "
+                        "random; the moment criteria read one pass over the run's training rows")
+    p.add_argument("--fill", default=None, choices=["prompt", "tokens"],
                    help="fill value of the pruned neurons: prompt, their thresholds averaged over the prompt slots "
-                        "(the paper's), or tokens, their mean activation over every real token of the training rows")
+                        "(the paper's; default with --criterion skill), or tokens, their mean activation over every "
+                        "real token of the training rows (default with the other criteria)")
+    p.add_argument("--flap-adaptive", action="store_true",
+                   help="--criterion flap: per-layer widths from FLAP's global ranking of standardised scores, with "
+                        "the same total as --keep")
+    p.add_argument("--seed", type=int, default=None, help="--criterion random: the seed (default 0)")
+    p.add_argument("--moments", default=None, metavar="FILE",
+                   help="reuse the moments.safetensors of an earlier prune of the same run instead of a pass over "
+                        "its training rows")
     p.add_argument("--baseline", nargs="?", action=_Renamed, new="--fill", usage="--fill prompt|tokens",
                    help=argparse.SUPPRESS)
     p.add_argument("--retune", action="store_true", help="re-tune the prompt on the pruned model (OUT/retuned)")
@@ -437,7 +452,7 @@ def _add_prune_parser(sub) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .prune import parse_layers, prune_run
+    from .prune import MOMENT_CRITERIA, parse_layers, prune_run
 
     _number("--keep", args.keep, 0, 1, low_open=True)
     parse_layers(args.layers, None)
@@ -445,12 +460,23 @@ def cmd_prune(args) -> int:
         if not args.retune:
             raise UsageError("--retune-epochs needs --retune")
         _number("--retune-epochs", args.retune_epochs, 0, low_open=True)
+    if args.flap_adaptive and args.criterion != "flap":
+        raise UsageError(f"--flap-adaptive needs --criterion flap (FLAP's standardised global ranking), not "
+                         f"--criterion {args.criterion}")
+    if args.seed is not None:
+        if args.criterion != "random":
+            raise UsageError(f"--seed applies to --criterion random only, not {args.criterion}")
+        _at_least("--seed", args.seed, 0)
+    fill = args.fill or ("prompt" if args.criterion == "skill" else "tokens")
+    if args.moments is not None and args.criterion not in MOMENT_CRITERIA and fill != "tokens":
+        raise UsageError(f"--moments: --criterion {args.criterion} with --fill {fill} uses no moments; drop it")
     _check_device(args.device)
     _check_data(args.data)
-    r = prune_run(args.run, args.out, keep=args.keep, layers=args.layers, fill=args.fill,
+    r = prune_run(args.run, args.out, keep=args.keep, layers=args.layers, criterion=args.criterion, fill=fill,
+                  flap_adaptive=args.flap_adaptive, seed=args.seed or 0, moments=args.moments,
                   retune=args.retune, retune_epochs=args.retune_epochs, device=args.device, data=args.data,
                   progress=not args.no_progress, overwrite=args.overwrite)
-    print(f"pruned layers {r['pruned_layers']} of {args.run} to widths {r['widths']} "
+    print(f"pruned layers {r['pruned_layers']} of {args.run} by {r['criterion']} to widths {r['widths']} "
           f"({r['params_after'] / r['params_before']:.1%} of the parameters)")
     line = f"test accuracy: original {r['test_accuracy_original']:.4f}, pruned {r['test_accuracy_pruned']:.4f}"
     if "test_accuracy_pruned_retuned" in r:

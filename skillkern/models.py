@@ -295,6 +295,13 @@ class FFNLayer:
         return self.gate is not None
 
 
+def down_weight(layer: FFNLayer) -> torch.Tensor:
+    """``layer``'s down-projection weight W2 in ``nn.Linear`` layout, (hidden_out, D): column ``j`` is what neuron
+    ``j`` writes to the output (a transposed view for GPT-2's ``Conv1D``, which stores (D, hidden_out))."""
+    w = layer.down.weight.detach()
+    return w.t() if layer.spec.conv1d else w
+
+
 def _model_type(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) if config is not None else None

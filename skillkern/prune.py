@@ -1,13 +1,25 @@
-"""Structured pruning to skill neurons, with bias folding, and pruned models that save and reload (METHOD.md 7).
+"""Structured pruning with bias folding, by skill neurons or by the structured-pruning criteria, and pruned models
+that save and reload (METHOD.md 7).
 
-In each pruned layer only the kept neurons K remain; every other neuron is frozen at its *fill value* and folded
-into the down-projection's bias:
+Which neurons stay (:data:`CRITERIA`; every criterion keeps the same number in each pruned layer):
+
+* ``skill``: the top skill neurons by predictivity (the paper's; multi-class runs: the pn/neu union rule);
+* ``flap`` (An et al. 2024): ``var(a_j) * ||W2[:, j]||^2``, the fluctuation of neuron j's activation over the
+  positions times the squared norm of its output column; optionally with FLAP's adaptive per-layer widths
+  (:func:`flap_adaptive_counts`);
+* ``wanda`` (Sun et al. 2023, per neuron): ``||a_j||_2 * ||W2[:, j]||_2``;
+* ``magnitude``: ``mean |a_j|``;
+* ``random``: uniformly at random (seeded).
+
+The moment criteria read :class:`~skillkern.stats.NeuronMoments` collected in one streaming pass over the run's
+training rows (:func:`run_moments`, every real token position by default). In each pruned layer every other
+neuron is frozen at its *fill value* and folded into the down-projection's bias:
 
     b2' = b2 + W2[:, P] @ fill[P]       (P = pruned neurons only; the released code adds W2 @ fill over all: a bug)
 
 The fill value of a neuron is, as the paper has it, its threshold averaged over the prompt slots
-(:func:`skillkern.runs.prompt_thresholds`), or its mean activation over every real token position
-(:func:`token_means`).
+(:func:`skillkern.runs.prompt_thresholds`), or its mean activation over every real token position (the moments'
+``sum / n``: FLAP's bias compensation).
 
 then W1, b1 (and W_gate) are sliced to the rows K and W2 to the columns K, so the layer really shrinks. Layers
 may end up with different widths; :func:`prune_model` records the modules it replaced in the model's config, and
@@ -20,14 +32,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .models import FFNLayer, auto_class_name, ffn_layers
+from .models import FFNLayer, auto_class_name, down_weight, ffn_layers
 from .pruned_format import record_pruning, save_pruned
+from .stats import NeuronMoments, select_counts
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +115,7 @@ def _folded_bias(layer: FFNLayer, keep: torch.Tensor, fill: torch.Tensor) -> tor
     pruned = torch.ones(layer.width, dtype=torch.bool)
     pruned[keep] = False
     w2 = layer.down.weight.detach()
-    w2_lin = w2.t() if layer.spec.conv1d else w2                           # (hidden_out, D)
+    w2_lin = down_weight(layer)                                            # (hidden_out, D)
     m = fill.to(torch.float64)
     fold = (w2_lin.double()[:, pruned.to(w2.device)] @ m[pruned.to(m.device)].to(w2.device)).to(w2.dtype)
     b2 = layer.down.bias.detach() if getattr(layer.down, "bias", None) is not None else torch.zeros_like(fold)
@@ -298,105 +312,228 @@ def prune_model(model: nn.Module, keep: dict[int, torch.Tensor], fill: torch.Ten
     return model
 
 
-@torch.no_grad()
-def token_means(model, examples: Sequence, *, batch_size: int = 32, max_length: int = 128,
-                forward=None) -> torch.Tensor:
-    """(L, D) float64 mean activation over every real (non-padding) position of ``examples``: the fill values of
-    ``prune --fill tokens``.
+# --------------------------------------------------------------------------------------------------------------
+# Which neurons stay: the criteria
+# --------------------------------------------------------------------------------------------------------------
 
-    ``forward(batch)`` runs the model (e.g. a PromptModel, whose prompt positions then count too).
+#: the pruning criteria (the README's pruning section): which neurons of a pruned layer stay
+CRITERIA = ("skill", "flap", "wanda", "magnitude", "random")
+#: the criteria that rank neurons by their moments (:class:`skillkern.stats.NeuronMoments`)
+MOMENT_CRITERIA = ("flap", "wanda", "magnitude")
+
+
+def criterion_scores(model: nn.Module, criterion: str, moments: NeuronMoments) -> torch.Tensor:
+    """Per-neuron scores of a moments criterion (higher = kept first), from the activations' moments and W2.
+
+    With ``a_j`` neuron j's activations over the n positions of the moments and ``w_j = W2[:, j]`` the column of
+    the down-projection it writes through (:func:`skillkern.models.down_weight`):
+
+    * ``flap`` (An et al. 2024, its fluctuation metric): ``var(a_j) * ||w_j||^2``, the sample variance
+      (:meth:`NeuronMoments.variance`);
+    * ``wanda`` (Sun et al. 2023, per neuron): ``||a_j||_2 * ||w_j||_2``, the activations' L2 norm over positions;
+    * ``magnitude``: ``mean |a_j|``.
+
+    Args:
+        moments: (L, S, D) moments of ``model``'s neurons (any number of slots: they are pooled).
+
+    Returns:
+        (L, D) float64 scores on the CPU.
     """
-    from .batching import iter_batches
-    from .models import capture_neurons
+    if criterion not in MOMENT_CRITERIA:
+        raise ValueError(f"criterion {criterion!r} has no moment scores; choose one of {MOMENT_CRITERIA}")
+    layers = ffn_layers(model)
+    if (moments.num_layers, moments.width) != (len(layers), layers[0].width) or \
+            any(layer.width != moments.width for layer in layers):
+        raise ValueError(f"moments of {moments.num_layers} layers x {moments.width} neurons do not fit the model "
+                         f"({len(layers)} layers of widths {sorted({layer.width for layer in layers})})")
+    if criterion == "magnitude":
+        return moments.mean_abs().cpu()
+    norms = torch.stack([down_weight(layer).double().norm(dim=0).cpu() for layer in layers])   # (L, D)
+    if criterion == "flap":
+        return moments.variance().cpu() * norms.square()
+    return moments.l2_norm().cpu() * norms
 
-    layers = ffn_layers(model.backbone if hasattr(model, "backbone") else model)
-    backbone = model.backbone if hasattr(model, "backbone") else model
-    sums = torch.zeros(len(layers), layers[0].width, dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
-    current = {}
 
-    def on_layer(index: int, h: torch.Tensor) -> None:
-        mask = current["mask"]
-        sums[index] += (h.double() * mask[..., None]).sum(dim=(0, 1)).cpu()
+def flap_adaptive_counts(scores: torch.Tensor, counts: dict[int, int]) -> dict[int, int]:
+    """FLAP's adaptive widths: the same total as ``counts``, spread over the layers by a global ranking.
 
-    device = next(backbone.parameters()).device
-    with capture_neurons(backbone, on_layer):
-        for batch in iter_batches(model.tokenizer, examples, batch_size, max_length, pad_multiple=0, device=device):
-            mask = batch.attention_mask.double()
-            P = getattr(model, "prompt_len", 0)
-            if P:
-                mask = torch.cat([torch.ones(mask.shape[0], P, dtype=mask.dtype, device=mask.device), mask], 1)
-            current["mask"] = mask
-            count += mask.sum().cpu()
-            (forward or (lambda b: model(**b.inputs)))(batch)
-    return sums / count
+    Each layer's scores are standardised over its neurons, ``z = (s - mean) / std`` (std 0: z = 0), and the
+    ``sum(counts.values())`` best (layer, neuron) pairs of the layers in ``counts`` by ``z`` are kept (ties: lower
+    layer, then lower neuron first). Each layer keeps at least its best neuron (a layer of width 0 is not a
+    pruned layer but a removed one, which the pruned-model format does not hold).
+
+    Args:
+        scores: (L, D) criterion scores (:func:`criterion_scores`).
+        counts: pruned layer -> kept count at uniform width.
+
+    Returns:
+        pruned layer -> kept count, summing to the same total.
+    """
+    chosen = sorted(counts)
+    total = sum(counts.values())
+    if total < len(chosen):
+        raise ValueError(f"{total} kept neurons cannot give each of {len(chosen)} layers one")
+    s = scores[chosen].to(torch.float64)
+    std = s.std(dim=1, keepdim=True)
+    z = torch.where(std > 0, (s - s.mean(dim=1, keepdim=True)) / torch.where(std > 0, std, 1.0), 0.0)
+    best = z.argmax(dim=1)
+    z[torch.arange(len(chosen)), best] = float("inf")            # each layer's best first: one neuron each
+    order = torch.sort(z.reshape(-1), descending=True, stable=True).indices[:total]
+    kept = torch.bincount(order // s.shape[1], minlength=len(chosen))
+    return {layer: int(k) for layer, k in zip(chosen, kept.tolist())}
+
+
+def select_neurons(model: nn.Module, criterion: str, counts: dict[int, int], *,
+                   moments: Optional[NeuronMoments] = None, skill: Optional[Sequence[torch.Tensor]] = None,
+                   seed: int = 0, flap_adaptive: bool = False) -> dict[int, torch.Tensor]:
+    """The neurons each pruned layer keeps under ``criterion``.
+
+    Args:
+        counts: pruned layer -> number of neurons it keeps (the same for every criterion; with
+            ``flap_adaptive`` only their total is kept, spread by :func:`flap_adaptive_counts`).
+        moments: the moments of ``model``'s neurons (criteria ``flap``, ``wanda``, ``magnitude``).
+        skill: per-layer skill neurons, best first (criterion ``skill``: :func:`skillkern.runs.skill_selection`).
+        seed: the random criterion's generator seed (per layer, uniformly without replacement).
+
+    Returns:
+        pruned layer -> (K_l,) int64 kept neuron indices (best first, random: sorted).
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
+    if flap_adaptive and criterion != "flap":
+        raise ValueError("flap_adaptive needs criterion 'flap' (its standardised global ranking)")
+    chosen = sorted(counts)
+    if criterion == "skill":
+        if skill is None:
+            raise ValueError("criterion 'skill' needs the skill selection (skill=...)")
+        return {layer: skill[layer][: counts[layer]] for layer in chosen}
+    if criterion == "random":
+        from .perturb import random_selection
+
+        width = ffn_layers(model)[0].width
+        return dict(zip(chosen, random_selection([counts[layer] for layer in chosen], width, seed)))
+    if moments is None:
+        raise ValueError(f"criterion {criterion!r} needs the moments of the neurons (moments=...)")
+    scores = criterion_scores(model, criterion, moments)
+    if flap_adaptive:
+        counts = flap_adaptive_counts(scores, counts)
+    picked = select_counts(scores[chosen], [counts[layer] for layer in chosen])
+    return dict(zip(chosen, picked))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# skillkern prune
+# --------------------------------------------------------------------------------------------------------------
+
+def run_moments(pm, examples: Sequence, *, positions: str = "tokens", max_length: int = 128, batch_size: int = 32,
+                backend: str = "auto", progress: bool = False) -> NeuronMoments:
+    """The moments of a run's model (:class:`~skillkern.prompt.PromptModel` ``pm``, its prompt in place) over
+    ``examples``: every real position the FFNs see, prompt positions included (``tokens``), or the prompt slots
+    (``slots``; a BitFit run's first token)."""
+    from .scoring import collect_moments
+
+    slots = dict(pool="slots", slots=pm.slots) if pm.prompt_len else dict(pool="cls")
+    return collect_moments(pm.backbone, pm.tokenizer, examples, positions=positions,
+                           forward=lambda _m, batch: pm(**batch.inputs), progress=progress, max_length=max_length,
+                           batch_size=batch_size, backend=backend, **slots)
 
 
 def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: str = "top:0.75",
-              fill: str = "prompt", retune: bool = False, retune_epochs: Optional[float] = None,
-              device=None, data: Optional[str] = None, progress: bool = True, overwrite: bool = False) -> dict:
-    """Prune a tuned run's model to its skill neurons and evaluate it (``skillkern prune``).
+              criterion: str = "skill", fill: Optional[str] = None, flap_adaptive: bool = False, seed: int = 0,
+              moments: Optional[str | Path] = None, positions: str = "tokens", retune: bool = False,
+              retune_epochs: Optional[float] = None, device=None, data: Optional[str] = None,
+              progress: bool = True, overwrite: bool = False) -> dict:
+    """Prune a tuned run's model to the neurons a criterion keeps, fold the others, and evaluate it
+    (``skillkern prune``).
 
     Validate, then work, then publish: the arguments, the run, its scores and the output folder are checked
     before the model is loaded; the output is written to a temporary sibling folder and moved into place at the
     end, so an interrupted prune leaves the previous output or none, and can simply be run again.
 
+    Every criterion keeps the same number of neurons in each pruned layer, ``int(keep * D)`` (a run scored on
+    its ``pn``/``neu`` sub-tasks: twice that, as its skill selection does), and folds the others at the same
+    fill values.
+
     Args:
-        run: a scored run folder (``skillkern tune`` then ``skillkern score --run``).
+        run: a tuned run folder; scored (``skillkern score --run``) for criterion ``skill`` and ``fill="prompt"``.
         out: output folder: ``out/model`` (the pruned model + tokenizer, loadable with
             ``skillkern.load_model(out/model)``), ``out/run.json`` + ``out/prompt.safetensors`` (a run on the
-            pruned model, usable by score/perturb), ``out/prune.json`` (accuracies, widths, parameter counts).
-        keep: per-layer fraction q of skill neurons kept, in (0, 1] (multi-class runs keep 2q by the union rule).
+            pruned model, usable by score/perturb), ``out/prune.json`` (criterion, statistics, accuracies,
+            widths, parameter counts) and, when moments were used, ``out/moments.safetensors``.
+        keep: per-layer fraction q of neurons kept, in (0, 1].
         layers: which layers are pruned (see :func:`parse_layers`).
-        fill: the fill values, what the pruned neurons are frozen at: ``prompt`` (the paper's: the run's thresholds
-            averaged over the prompt slots, :func:`skillkern.runs.prompt_thresholds`) or ``tokens`` (the mean
-            activation over all real positions of the training rows, :func:`token_means`).
+        criterion: ``skill`` (the run's predictivity), ``flap``, ``wanda``, ``magnitude`` (from the moments of the
+            activations over the run's training rows: :func:`criterion_scores`) or ``random`` (seeded by
+            ``seed``).
+        fill: what the pruned neurons are frozen at: ``prompt`` (the paper's: the run's thresholds averaged over
+            the prompt slots, :func:`skillkern.runs.prompt_thresholds`) or ``tokens`` (their mean activation over
+            the moments' positions: sum / n). Default: ``prompt`` for ``skill``, ``tokens`` for the others (FLAP's
+            bias compensation).
+        flap_adaptive: criterion ``flap`` only: per-layer widths from FLAP's global ranking of standardised scores
+            (:func:`flap_adaptive_counts`), with the same total.
+        moments: a moments file (``moments.safetensors`` of an earlier prune of the same run, same positions) to
+            use instead of a pass over the training rows.
+        positions: the moments' positions: ``tokens`` (every real position of the training rows, prompt
+            positions included) or ``slots`` (the prompt slots).
         retune: re-tune the prompt (starting from the run's) on the pruned model; written to ``out/retuned``.
         overwrite: replace an earlier prune output in ``out`` (otherwise refused).
     """
-    import math
     import time
 
     from .data import check_split_classes
     from .files import atomic_write_json, staged_dir
-    from .runs import (load_run, load_run_task, prompt_thresholds, read_prompt, run_predictivity, run_splits,
-                       skill_selection, write_run)
+    from .runs import (load_run, load_run_task, prompt_digest, prompt_thresholds, read_prompt, run_predictivity,
+                       run_splits, scored_names, skill_selection, write_run)
     from .tune import TuneSettings, evaluate
 
     out = Path(out)
-    info = _check_prune_job(run, out, keep=keep, fill=fill, retune_epochs=retune_epochs, data=data,
+    fill = fill or ("prompt" if criterion == "skill" else "tokens")
+    info = _check_prune_job(run, out, keep=keep, fill=fill, criterion=criterion, flap_adaptive=flap_adaptive,
+                            moments=moments, positions=positions, retune_epochs=retune_epochs, data=data,
                             overwrite=overwrite)
-    preds = run_predictivity(run)
-    num_layers, width = next(iter(preds.values())).shape
-    chosen = parse_layers(layers, num_layers)
-    selection = skill_selection(preds, keep)
-    if any(selection[i].numel() == 0 for i in chosen):
-        raise ValueError(f"--keep {keep} keeps no neuron of the {width} in each layer; use --keep >= "
-                         f"{math.ceil(1e4 / width) / 1e4:g} (one neuron per layer)")
-    values = prompt_thresholds(run) if fill == "prompt" else None  # (L, D): mean over the prompt slots
+    needs_moments = criterion in MOMENT_CRITERIA or fill == "tokens"
+    preds = run_predictivity(run) if criterion == "skill" else None
+    scored = scored_names(run)
+    shape = _scored_shape(run, scored)  # (L, D) from the scores' header, before the model loads (None: unscored)
+    if shape is not None:
+        chosen, k = _kept(layers, keep, *shape, scored)
     s = TuneSettings(**info["settings"])
     task = load_run_task(info, data)
     train, _dev, test = run_splits(task, s)
     check_split_classes(test, task.label_names, f"the test split of {run}")
+    moments_meta = {"model": info["model"], "run_prompt_sha256": prompt_digest(run), "split": "train",
+                    "rows": len(train), "max_length": s.max_length, "positions": positions}
+    loaded = None
+    if needs_moments and moments is not None:  # read (and checked against this run) before the model loads
+        loaded, _ = NeuronMoments.load(moments, expect=moments_meta)
+    values = prompt_thresholds(run) if fill == "prompt" else None  # (L, D): mean over the prompt slots
     pm, task, info = load_run(run, device=device, data=data, task=task)
     before = _ffn_widths(pm.backbone)
-    if before != [width] * num_layers:
-        raise ValueError(f"--run {run}: its scores cover {num_layers} layers x {width} neurons, but its model has "
-                         f"FFN widths {before}; score the run again")
-    if fill == "tokens":
-        values = token_means(pm, train, batch_size=32, max_length=s.max_length)
+    if len(set(before)) != 1 or (shape is not None and shape != (len(before), before[0])):
+        raise ValueError(f"--run {run}: its scores do not cover its model's FFN widths {before}; score the run "
+                         "again")
+    if shape is None:
+        chosen, k = _kept(layers, keep, len(before), before[0], scored)
+    loaded, values, stats_source = _statistics(run, pm, train, max_length=s.max_length, criterion=criterion,
+                                               fill=fill, positions=positions, loaded=loaded, moments=moments,
+                                               meta=moments_meta, preds=preds, values=values, progress=progress)
+    selection = select_neurons(pm.backbone, criterion, {i: k for i in chosen}, moments=loaded,
+                               skill=skill_selection(preds, keep) if preds is not None else None, seed=seed,
+                               flap_adaptive=flap_adaptive)
     params_before = sum(p.numel() for p in pm.backbone.parameters())
     acc_before = evaluate(pm, test, 32, s.max_length)
     started = time.perf_counter()
-    prune_model(pm.backbone, {i: selection[i] for i in chosen}, values,
-                info={"source_run": str(run), "keep": keep, "layers": layers, "fill": fill,
-                      "task": info["task"], "subtask": info.get("subtask")})
+    how = {"criterion": criterion, "flap_adaptive": flap_adaptive, "seed": seed if criterion == "random" else None,
+           "keep": keep, "layers": layers, "fill": fill}
+    prune_model(pm.backbone, selection, values,
+                info={"source_run": str(run), **how, "statistics": stats_source, "task": info["task"],
+                      "subtask": info.get("subtask")})
     acc_after = evaluate(pm, test, 32, s.max_length)
     after = _ffn_widths(pm.backbone)
     final_model = str((out / "model").resolve())
     result = {
-        "run": str(run), "task": info["task"], "subtask": info.get("subtask"), "keep": keep, "layers": layers,
-        "pruned_layers": chosen, "fill": fill, "test_rows": len(test),
+        "run": str(run), "task": info["task"], "subtask": info.get("subtask"), **how,
+        "pruned_layers": chosen, "kept_per_layer": k, "statistics": stats_source, "test_rows": len(test),
         "test_accuracy_original": acc_before, "test_accuracy_pruned": acc_after, "widths": after,
         "ffn_neurons_before": sum(before), "ffn_neurons_after": sum(after),
         "params_before": params_before, "params_after": sum(p.numel() for p in pm.backbone.parameters()),
@@ -405,6 +542,8 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
     state = read_prompt(run)
     with staged_dir(out) as tmp:
         save_pruned(pm.backbone, pm.tokenizer, tmp / "model")
+        if loaded is not None:
+            loaded.save(tmp / "moments.safetensors", dict(moments_meta, layers=len(before), width=before[0]))
         write_run(tmp, dict(info, model=final_model, test_accuracy=acc_after, pruned_from=str(run),
                             prompt=info.get("prompt", "tuned") + " (unchanged, on the pruned model)"), state)
         if retune:
@@ -413,23 +552,92 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
     return result
 
 
-def _check_prune_job(run, out: Path, *, keep: float, fill: str, retune_epochs: Optional[float],
+def _statistics(run, pm, train: Sequence, *, max_length: int, criterion: str, fill: str, positions: str,
+                loaded: Optional[NeuronMoments], moments, meta: dict, preds: Optional[dict],
+                values: Optional[torch.Tensor], progress: bool) -> tuple[Optional[NeuronMoments], torch.Tensor, dict]:
+    """The statistics a prune reads: the moments (``loaded`` from ``moments``, or one pass over the training rows
+    when the criterion or the fill needs them), the (L, D) fill values (``values``: the prompt thresholds, or the
+    moments' mean for fill ``tokens``) and the record of both for prune.json."""
+    record: dict = {}
+    if criterion in MOMENT_CRITERIA or fill == "tokens":
+        if loaded is None:
+            loaded = run_moments(pm, train, positions=positions, max_length=max_length, progress=progress)
+            record["moments"] = {"computed_from": "train", **meta}
+        else:
+            record["moments"] = {"file": str(moments), **meta}
+        record["moments"]["positions_count"] = loaded.positions()
+        if fill == "tokens":
+            values = loaded.mean().cpu()
+    if criterion == "skill":
+        record["predictivity"] = sorted(str(p) for p in _score_files(run, preds))
+    if fill == "prompt":
+        record["fill"] = "prompt thresholds (the run's task or pn scores)"
+    return loaded, values, record
+
+
+def _scored_shape(run, scored: set) -> Optional[tuple[int, int]]:
+    """(layers, width) a run's scores record in their header (no tensor is read), or None for an unscored run."""
+    import json
+
+    from .files import safetensors_header
+    from .runs import scores_path
+
+    for name in sorted(scored):
+        meta, shapes = safetensors_header(scores_path(run, None if name == "task" else name), what="stats file")
+        settings = json.loads(meta.get("settings", "{}"))
+        if isinstance(settings.get("layers"), int) and isinstance(settings.get("width"), int):
+            return settings["layers"], settings["width"]
+        if len(shapes.get("threshold", ())) == 3:
+            return shapes["threshold"][0], shapes["threshold"][2]
+    return None
+
+
+def _kept(layers: str, keep: float, num_layers: int, width: int, scored: set) -> tuple[list[int], int]:
+    """(the pruned layers, the neurons each keeps): ``int(keep * width)``, twice that for a run scored on its
+    pn/neu sub-tasks (the union rule's size), for every criterion."""
+    chosen = parse_layers(layers, num_layers)
+    k = int(keep * width + 1e-9)
+    if k == 0:
+        raise ValueError(f"--keep {keep} keeps no neuron of the {width} in each layer; use --keep >= "
+                         f"{math.ceil(1e4 / width) / 1e4:g} (one neuron per layer)")
+    return chosen, min(2 * k, width) if {"pn", "neu"} <= scored else k
+
+
+def _score_files(run, preds: dict) -> list[Path]:
+    from .runs import scores_path
+
+    return [scores_path(run, None if name == "task" else name) for name in preds]
+
+
+def _check_prune_job(run, out: Path, *, keep: float, fill: str, criterion: str, flap_adaptive: bool,
+                     moments: Optional[str | Path], positions: str, retune_epochs: Optional[float],
                      data: Optional[str], overwrite: bool) -> dict:
     """Check the arguments, the run and the output folder of :func:`prune_run` before anything is loaded.
     Returns the run's run.json."""
-    import math
-
     from .files import check_out_dir
-    from .runs import check_run
+    from .runs import check_run, run_predictivity, scored_names
 
+    if criterion not in CRITERIA:
+        raise ValueError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     if fill not in ("prompt", "tokens"):
         raise ValueError(f"--fill must be 'prompt' or 'tokens', got {fill!r}")
+    if flap_adaptive and criterion != "flap":
+        raise ValueError(f"--flap-adaptive needs --criterion flap (FLAP's standardised global ranking), not "
+                         f"{criterion}")
+    if positions not in ("tokens", "slots"):
+        raise ValueError(f"positions must be 'tokens' or 'slots', got {positions!r}")
+    if moments is not None and criterion not in MOMENT_CRITERIA and fill != "tokens":
+        raise ValueError(f"--moments: --criterion {criterion} with --fill {fill} uses no moments; drop it")
     if not (0 < keep <= 1):
         raise ValueError(f"--keep must be a fraction in (0, 1], got {keep}")
     if retune_epochs is not None and not (retune_epochs > 0 and math.isfinite(retune_epochs)):
         raise ValueError(f"--retune-epochs must be a positive number, got {retune_epochs}")
     info = check_run(run)
+    if (criterion == "skill" or fill == "prompt") and not scored_names(run):
+        run_predictivity(run)  # raises: the run has not been scored, named before anything loads
     inputs = [("run folder", run), ("data folder", data), ("task folder", info.get("task_source") or None)]
+    if moments is not None:
+        inputs.append(("moments file", moments))
     if Path(info["model"]).expanduser().exists():
         inputs.append(("model folder of the run", Path(info["model"]).expanduser()))
     check_out_dir(out, kind="pruned", overwrite=overwrite, inputs=inputs)

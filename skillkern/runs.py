@@ -387,7 +387,7 @@ def score_run(run: str | Path, *, subtask: Optional[str] = None, max_baseline: O
     settings = ScoreSettings(**slots, max_length=s.max_length, batch_size=batch_size, pad_multiple=pad_multiple,
                              backend=backend, which=which)
     procs = join_process_group(device)
-    fingerprint = {"run_prompt_sha256": _sha256(prompt_file(run)), "model": info["model"], "task": task.name,
+    fingerprint = {"run_prompt_sha256": prompt_digest(run), "model": info["model"], "task": task.name,
                    "subtask": subtask or info.get("subtask"), "baseline_split": baseline_split,
                    "eval_split": eval_split, "baseline_rows": len(baseline), "eval_rows": len(evaluation),
                    "split_seed": s.split_seed, "settings": settings.to_dict(), "world_size": procs.world,
@@ -415,6 +415,16 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def prompt_digest(run: str | Path) -> str:
+    """SHA-256 of the run's prompt file: what a result computed from the run's prompt records, and checks."""
+    return _sha256(prompt_file(run))
+
+
+def scored_names(run: str | Path) -> set[str]:
+    """The scores a run has: a subset of ``{"task", "pn", "neu"}`` (its stats files, unread)."""
+    return {name for name in ("task", "pn", "neu") if scores_path(run, None if name == "task" else name).is_file()}
 
 
 def run_predictivity(run: str | Path) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ from .models import (FusedFFNWeights, capture_neurons, ffn_layers, fused_ffn_wei
                      replace_neuron_computation)
 from .ops import dispatch
 from .ops.ffn_stats import ffn_stats
-from .stats import NeuronStats, ShardedNeuronStats
+from .stats import NeuronMoments, NeuronStats, ShardedNeuronStats
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 POOLS = ("cls", "last", "mean", "max", "slots")
+#: the positions a moments pass (:meth:`Scorer.moments`) adds: every real token position, or the tracked slots
+MOMENT_POSITIONS = ("tokens", "slots")
 
 
 class NonFiniteActivationError(ValueError):
@@ -153,7 +155,7 @@ class Scorer:
         model: a Hugging Face model whose architecture is in :data:`skillkern.models.ARCHITECTURES`. Its layers
             may sit on several devices (``device_map``): each layer's statistics then live on its device.
         tokenizer: its tokenizer (with a pad token).
-        num_classes: number of classes of the task.
+        num_classes: number of classes of the task (None for a scorer that only collects moments).
         settings: :class:`ScoreSettings`.
         forward: optional ``forward(model, batch) -> None`` replacing ``model(**batch.inputs)`` (prompt tuning
             prepends soft-prompt embeddings this way).
@@ -167,7 +169,7 @@ class Scorer:
         path: ``"fused"`` or ``"hooks"``: how the last pass read the neurons.
     """
 
-    def __init__(self, model, tokenizer, num_classes: int, settings: Optional[ScoreSettings] = None,
+    def __init__(self, model, tokenizer, num_classes: Optional[int], settings: Optional[ScoreSettings] = None,
                  forward: Optional[Callable] = None, progress: bool = True, nonfinite: str = "raise"):
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
@@ -199,6 +201,8 @@ class Scorer:
         """Empty statistics: a :class:`NeuronStats` on the model's device, or, when the layers sit on several
         devices, a :class:`ShardedNeuronStats` with each layer's part on its device."""
         L, S = len(self.layers), self.settings.num_slots
+        if self.num_classes is None:
+            raise ValueError("this Scorer was built without num_classes: it collects moments only")
         if len(self.device_groups) > 1:
             return ShardedNeuronStats(L, S, self.width, self.num_classes, self.layer_devices)
         return NeuronStats(L, S, self.width, self.num_classes, self.layer_devices[0] if self.layers else self.device)
@@ -211,12 +215,15 @@ class Scorer:
         chosen = {dispatch.resolve("ffn_stats", self.settings.backend, d) for d in self.layer_devices}
         return "triton" if chosen == {"triton"} else None
 
-    def _fused_plan(self) -> tuple[Optional[list[FusedFFNWeights]], str, bool]:
-        """(per-layer weights, "") when the fused path applies, else (None, reason, model_side)."""
+    def _fused_plan(self, positions: str = "slots") -> tuple[Optional[list[FusedFFNWeights]], str, bool]:
+        """(per-layer weights, "") when the fused path applies, else (None, reason, model_side). ``positions``:
+        ``tokens`` for a moments pass over every real token (one slot per token: always fused-capable)."""
         s = self.settings
         if self.fused_backend() is None:
             return None, f"backend {s.backend!r} does not use the fused kernel on {self.layer_devices[0]}", False
-        if s.pool not in ("cls", "last", "slots"):
+        if positions == "tokens":
+            pass
+        elif s.pool not in ("cls", "last", "slots"):
             return None, f"pool {s.pool!r} reduces over all tokens, the fused kernel takes one slot per token", False
         if s.pool == "slots" and len(set(s.slots)) != len(s.slots):
             return None, f"slot positions {s.slots} repeat, a token can have one slot only", False
@@ -235,18 +242,25 @@ class Scorer:
         weights, reason, _ = self._fused_plan()
         return None if weights is not None else reason
 
-    def _fused(self, stats, current: dict, weights: list[FusedFFNWeights], flags: list):
+    def _fused(self, stats, current: dict, weights: list[FusedFFNWeights], flags: list, positions: str = "slots"):
         """The context that scores through ``ffn_stats``: every layer's up-projection (+ activation) becomes one
-        fused call over all B*T token rows (slot -1 for untracked tokens, the sample's label)."""
+        fused call over all B*T token rows (slot -1 for untracked tokens, the sample's label). A moments pass
+        (``stats`` a :class:`NeuronMoments`) adds the moments of the tracked rows (``positions="tokens"``: every
+        real token) and counts them at layer 0."""
         s = self.settings
         check = self.nonfinite == "raise"
+        moments = isinstance(stats, NeuronMoments)
 
         def rows_info(device: torch.device, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             cache = current.setdefault("rows", {})
             key = (device, rows)
             if key not in cache:
                 batch = current["batch"]
-                slot, label = token_slots(batch.attention_mask, batch.labels, rows, s)
+                if positions == "tokens":
+                    slot = token_positions(batch.attention_mask, rows)
+                    label = batch.labels.repeat_interleave(rows // batch.labels.numel())
+                else:
+                    slot, label = token_slots(batch.attention_mask, batch.labels, rows, s)
                 slot, label = slot.to(device), label.to(device)
                 cache[key] = (slot, label, (slot >= 0).nonzero().flatten())
             return cache[key]
@@ -255,21 +269,29 @@ class Scorer:
             w = weights[index]
             x2 = x.reshape(-1, x.shape[-1])
             slot, label, tracked = rows_info(x2.device, x2.shape[0])
-            out, threshold = stats.accumulator(index)
+            if moments:
+                out, threshold, mode = stats.accumulator(index), None, "moments"
+                if index == 0:
+                    stats.count_positions(slot)
+            else:
+                out, threshold = stats.accumulator(index)
+                mode = "sums" if threshold is None else "counts"
             h = ffn_stats(x2, w.w1, w.b1, act=w.act, w_gate=w.w_gate, slot=slot, label=label, out=out,
-                          threshold=threshold, mode="sums" if threshold is None else "counts", backend="triton")
+                          threshold=threshold, mode=mode, backend="triton")
             if check:
                 flags.append((index, x2.shape[0], tracked, ~torch.isfinite(h.index_select(0, tracked)).all(dim=1)))
             return h.view(*x.shape[:-1], h.shape[-1])
 
         return replace_neuron_computation(self.model, compute, which=s.which)
 
-    def _hooks(self, stats, current: dict, buffered: dict, desc: str):
+    def _hooks(self, stats, current: dict, buffered: dict, desc: str, positions: str = "slots"):
         """The context that scores through hooks: each layer's neurons are pooled to the tracked rows, checked
         for NaN/Inf and added to ``stats`` (with ``nonfinite="skip"``, kept in ``buffered`` until every layer has
-        run: a sample is dropped if any layer misbehaves)."""
+        run: a sample is dropped if any layer misbehaves). A moments pass counts the rows at layer 0;
+        ``positions="tokens"``: every real token's row."""
         s = self.settings
         skip = self.nonfinite == "skip"
+        moments = isinstance(stats, NeuronMoments)
 
         def on_device(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             """The batch's mask and labels on ``device`` (small; copied once per batch and device)."""
@@ -281,7 +303,12 @@ class Scorer:
 
         def on_layer(index: int, h: torch.Tensor) -> None:
             mask, labels = on_device(h.device)
-            rows, slot, label = pool_rows(h, mask, labels, s)
+            if positions == "tokens":
+                rows, slot, label = token_rows(h, mask, labels)
+            else:
+                rows, slot, label = pool_rows(h, mask, labels, s)
+            if moments and index == 0:
+                stats.count_positions(slot)
             if skip:
                 buffered[index] = (rows.clone(), slot, label)
                 return
@@ -307,13 +334,16 @@ class Scorer:
         flags.clear()
 
     # ------------------------------------------------------------------------------------------- passes
-    def run_pass(self, stats: "NeuronStats | ShardedNeuronStats", examples: Sequence, desc: str = "scoring",
-                 start: int = 0, on_chunk: Optional[Callable[[int], None]] = None) -> int:
+    def run_pass(self, stats: "NeuronStats | ShardedNeuronStats | NeuronMoments", examples: Sequence,
+                 desc: str = "scoring", start: int = 0, on_chunk: Optional[Callable[[int], None]] = None,
+                 positions: str = "slots") -> int:
         """Feed ``examples[start:]`` through the model, adding tracked rows to the current pass of ``stats``.
 
         Examples are consumed in chunks of ``batch_size``; after each chunk ``on_chunk(position)`` is called
         with the number of examples consumed so far (checkpoints hook in there). The neurons are read through
         the fused kernel when the settings and the model allow it (:meth:`fused_path_reason`), else by hooks.
+        With a :class:`NeuronMoments` (a moments pass, :meth:`moments`) ``positions`` says which rows are
+        added: ``tokens`` (every real token) or ``slots`` (the settings' tracked positions).
 
         Returns:
             the number of examples consumed (``len(examples)``).
@@ -321,7 +351,13 @@ class Scorer:
         from tqdm.auto import tqdm
 
         s = self.settings
-        phase = "eval" if stats.threshold is not None else "baseline"
+        moments = isinstance(stats, NeuronMoments)
+        if positions not in MOMENT_POSITIONS or (positions == "tokens" and not moments):
+            raise ValueError(f"positions must be one of {MOMENT_POSITIONS} ('tokens' in a moments pass only), got "
+                             f"{positions!r}")
+        if moments and self.nonfinite == "skip":
+            raise ValueError("a moments pass stops at NaN/Inf activations: nonfinite='skip' applies to scoring only")
+        phase = "moments" if moments else ("eval" if stats.threshold is not None else "baseline")
         skip = self.nonfinite == "skip"
         current: dict = {}
         buffered: dict[int, tuple] = {}
@@ -333,14 +369,14 @@ class Scorer:
             raise ValueError(f"{desc}: the split is empty")
         if not 0 <= start <= total:
             raise ValueError(f"{desc}: cannot resume at example {start} of {total}")
-        weights, reason, model_side = self._fused_plan()
+        weights, reason, model_side = self._fused_plan(positions)
         if weights is not None:
             self.path = "fused"
-            reading = self._fused(stats, current, weights, flags)
+            reading = self._fused(stats, current, weights, flags, positions)
             logger.debug("%s: fused FFN + statistics kernel (%d layers)", desc, len(weights))
         else:
             self.path = "hooks"
-            reading = self._hooks(stats, current, buffered, desc)
+            reading = self._hooks(stats, current, buffered, desc, positions)
             if self.fused_backend() is not None:  # the fused kernel was asked for but cannot run here
                 (logger.warning if model_side and s.backend == "triton" else logger.info)(
                     "%s: not using the fused FFN kernel (%s); reading neurons with hooks", desc, reason)
@@ -352,7 +388,7 @@ class Scorer:
                                           self.device):
                     current.clear()
                     current.update(batch=batch, start=chunk_start)
-                    if not skip:
+                    if not skip and not moments:
                         stats.count_rows(batch.labels)  # validates labels before any layer sees the batch
                     self.forward(self.model, batch)
                     if flags:
@@ -440,6 +476,93 @@ class Scorer:
             return stats.gather("cpu")
         return stats
 
+    # ------------------------------------------------------------------------------------------ moments
+    def new_moments(self, positions: str = "tokens") -> NeuronMoments:
+        """Empty moments on the model's device: one slot for ``positions="tokens"``, else the tracked slots."""
+        if len(self.device_groups) > 1:
+            raise ValueError("moments of a model split over several devices are not supported: load it on one "
+                             "device")
+        S = 1 if positions == "tokens" else self.settings.num_slots
+        return NeuronMoments(len(self.layers), S, self.width, self.layer_devices[0])
+
+    def moments(self, examples: Sequence, positions: str = "tokens",
+                checkpoint: Optional["Checkpoint"] = None) -> NeuronMoments:
+        """One pass over ``examples`` adding the float64 moments (sum, sum of squares, sum of |a|) of every
+        neuron at ``positions``: ``tokens``, every real (non-padding) position the FFN sees, prompt positions
+        included (one slot); or ``slots``, the settings' tracked positions (``pool`` cls/last/slots; one slot
+        each). No labels are used; the pass runs through the fused kernel where scoring would.
+
+        With a :class:`~skillkern.checkpoint.Checkpoint`, resumable as :meth:`score` (bit-identical with the
+        ``ext`` or ``torch`` backend); under torchrun each process takes a contiguous shard of ``examples`` and
+        the moments are all-reduced. Returns the moments (counts in :attr:`NeuronMoments.count`)."""
+        if positions not in MOMENT_POSITIONS:
+            raise ValueError(f"positions must be one of {MOMENT_POSITIONS}, got {positions!r}")
+        if positions == "slots" and self.settings.pool not in ("cls", "last", "slots"):
+            raise ValueError(f"positions='slots' needs one row per tracked position (pool cls, last or slots), not "
+                             f"pool {self.settings.pool!r}")
+        with dispatch.recording() as ran:
+            try:
+                moments = self.new_moments(positions)
+                rank, world = _dist_rank_world()
+                if world > 1:
+                    examples = _shard(examples, rank, world)
+                position = 0
+                if checkpoint is not None:
+                    resumed = checkpoint.restore(moments)
+                    if resumed is not None:
+                        phase, position = resumed
+                        if phase != "moments":
+                            raise ValueError(f"checkpoint {checkpoint.path} is of a {phase} pass, not a moments pass")
+                        logger.info("resuming the moments pass at example %d", position)
+                on_chunk = None if checkpoint is None else (
+                    lambda pos: checkpoint.maybe_save(moments, "moments", pos, self.skipped))
+                if len(examples) or world == 1:
+                    self.run_pass(moments, examples, "moments pass", start=position, on_chunk=on_chunk,
+                                  positions=positions)
+                if world > 1:
+                    _all_reduce(moments.moments, moments.count)
+                return moments
+            finally:
+                self.backends = dispatch.describe(ran)
+
+
+def token_positions(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """Slot 0 for every real position of a batch whose B*T token rows are flattened, -1 for padding.
+
+    Args:
+        mask: (B, T0) attention mask (1 = real token). The FFN may see T >= T0 positions per sample: positions
+            prepended inside ``forward`` (a soft prompt) are real and come first.
+        rows: B*T, the number of token rows the FFN sees.
+
+    Returns:
+        (B*T,) int64 slots.
+    """
+    B, T0 = mask.shape
+    if B == 0 or rows % B or rows // B < T0:
+        raise ValueError(f"the FFN saw {rows} token rows for a batch of {B} samples of {T0} tokens")
+    real = mask.bool()
+    extra = rows // B - T0
+    if extra:
+        real = torch.cat([torch.ones(B, extra, dtype=torch.bool, device=mask.device), real], dim=1)
+    return torch.where(real, 0, -1).reshape(-1).to(torch.int64)
+
+
+def token_rows(h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of every real position of one layer's neurons (see :func:`token_positions`).
+
+    Args:
+        h: (B, T, D) neuron activations; mask: (B, T0) attention mask, T0 <= T; labels: (B,).
+
+    Returns:
+        rows (N, D), slot (N,) int64 zeros, label (N,) int64 (each row's sample label), N real positions.
+    """
+    B, T, _ = h.shape
+    real = token_positions(mask, B * T).to(h.device) >= 0
+    rows = h.reshape(B * T, -1)[real]
+    label = labels.to(h.device).repeat_interleave(T)[real]
+    return rows, torch.zeros(rows.shape[0], dtype=torch.int64, device=h.device), label
+
 
 def token_slots(mask: torch.Tensor, labels: torch.Tensor, rows: int, settings: ScoreSettings
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,6 +634,25 @@ def _check_same_phase(phase: str, device: torch.device) -> None:
     if int(lo) != int(hi):
         raise RuntimeError("resumed ranks are in different passes (one was killed between saving the reduced "
                            "thresholds and another rank doing so); delete the checkpoints and run again")
+
+
+def collect_moments(model, tokenizer, examples: Sequence, *, positions: str = "tokens", forward=None,
+                    progress: bool = False, checkpoint: Optional["Checkpoint"] = None, **settings) -> NeuronMoments:
+    """The float64 moments of every FFN neuron of ``model`` over ``examples`` (functional form of
+    :meth:`Scorer.moments`): the statistics of the pruning criteria (:mod:`skillkern.prune`).
+
+    Args:
+        examples: examples (``skillkern.data.Example`` or dicts with text/text_pair/label).
+        positions: ``tokens`` (every real position, prompt positions included) or ``slots`` (the tracked
+            positions of ``settings``).
+        forward: optional ``forward(model, batch)`` replacing ``model(**batch.inputs)`` (a prompt model).
+        **settings: fields of :class:`ScoreSettings` (max_length, batch_size, backend, pool, slots, ...).
+
+    Returns:
+        :class:`~skillkern.stats.NeuronMoments` of shape (L, S, D) (S = 1 for ``tokens``).
+    """
+    scorer = Scorer(model, tokenizer, None, ScoreSettings(**settings), forward=forward, progress=progress)
+    return scorer.moments(examples, positions=positions, checkpoint=checkpoint)
 
 
 def score(model, tokenizer, baseline: Sequence, evaluation: Sequence, num_classes: int, *,

@@ -1,4 +1,4 @@
-"""The streaming accumulator of a scoring run, predictivity, neuron selection, and the stats file.
+"""The streaming accumulators of a scoring run, predictivity, moments, neuron selection, and their files.
 
 Two passes over data (METHOD.md section 4):
 
@@ -40,6 +40,54 @@ readers of the file; loading does not read them.
 
 Version 1 (skillkern 0.1.0) named ``threshold`` ``baseline`` and stored ``sums``, ``above`` and ``accuracy`` as
 (L, S, D, C); :meth:`NeuronStats.load` reads such files and converts them.
+
+Moments
+-------
+:class:`NeuronMoments` is the accumulator of the structured-pruning criteria (``skillkern prune --criterion``):
+per layer, tracked slot and neuron, the float64 sum, sum of squares and sum of absolute values of the
+activations over every position added (all real token positions of a split, or its tracked slots; no labels),
+and per slot the number of positions. It merges by addition as :class:`NeuronStats` does, checkpoints
+(:mod:`skillkern.checkpoint`) and all-reduces the same way.
+
+**Rounding.** The sums are recursive float64 sums, in any order (row order on the CPU, atomics on a GPU, merged
+batches, processes): each is within ``(n - 1) u`` times the sum of its terms' magnitudes of the exact sum
+(``u = 2^-53``, ``n`` positions; the squares of float32/16/bfloat16 activations are exact in float64). The
+sample variance is then computed in one pass, ``(sumsq - sum * sum / n) / (n - 1)``, which cancels: its error
+against the exact variance is at most::
+
+    |var - var_exact| <= (3 n + 5) u * sumsq / (n - 1)        (to first order in n u)
+
+that is, relative to the variance, at most about ``3 n u (1 + mean^2 / var)`` (a worst case: rounding errors of
+random sign make the typical error some ``sqrt(n)`` times smaller). A two-pass variance (the mean first, then the
+squared deviations, from stored activations) is off by about ``n u`` relative at most, whatever the mean: the
+one-pass form loses ``log10(1 + mean^2 / var)`` more digits. For FFN activations (mean and standard deviation of
+the same order, ``mean^2 / var`` below 100) and 10^8 positions the bound is a relative error of 4e-6, far below
+what changes a ranking; a neuron whose mean is 1000 standard deviations would keep no digit guaranteed at 10^8
+positions (``tests/test_stats_moments.py`` checks the bound against exact rational arithmetic, from
+well-conditioned neurons to a mean of 10^6 standard deviations, where the one-pass variance really loses 4 or more
+digits that the two-pass one keeps).
+
+The moments file
+----------------
+``moments.safetensors`` (written by :meth:`NeuronMoments.save`, read by :meth:`NeuronMoments.load`; the pruned
+folder's record of the statistics its criterion used): safetensors whose header metadata holds
+``format = "skillkern-moments"``, ``format_version = "1"`` and ``settings`` (JSON: model, layers, width, the run
+and split, rows, positions). ``L`` layers, ``S`` slots (1 for all real token positions), ``D`` neurons:
+
+============  =======  ============  ==========================================================================
+key           dtype    shape         content
+============  =======  ============  ==========================================================================
+``moments``   float64  (L, S, 3, D)  ``[:, :, 0]`` sum of activations, ``[:, :, 1]`` sum of their squares,
+                                     ``[:, :, 2]`` sum of their absolute values, per slot
+``count``     int64    (S,)          positions added per slot (the same in every layer)
+``mean``      float64  (L, D)        sum / n over all slots (n = ``count.sum()``): the fill value of ``prune``
+``variance``  float64  (L, D)        one-pass sample variance over all slots (see Rounding; 0 below 2 positions)
+``l2_norm``   float64  (L, D)        sqrt(sum of squares): a neuron's activation norm over the positions
+``mean_abs``  float64  (L, D)        sum of absolute values / n
+============  =======  ============  ==========================================================================
+
+The first two are the accumulator's state (:meth:`NeuronMoments.state_tensors`, also the keys of its
+checkpoints); the other four are derived, for readers, and are not read back.
 """
 
 from __future__ import annotations
@@ -53,6 +101,7 @@ from typing import Optional, Sequence
 import torch
 
 from .files import FileFormatError, load_safetensors, save_safetensors
+from .ops.stats_moments import MOMENTS, stats_moments
 from .ops.stats_update import stats_update
 
 logger = logging.getLogger(__name__)
@@ -61,6 +110,10 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 #: the state tensors every stats file and checkpoint holds; ``threshold`` joins them once the baseline pass is over
 STATE_KEYS = ("sums", "above", "baseline_class_count", "eval_class_count")
+#: the moments file's ``format_version`` (see the module docstring)
+MOMENTS_FORMAT_VERSION = 1
+#: the state tensors of a moments file and of a moments pass's checkpoint
+MOMENT_KEYS = ("moments", "count")
 
 
 class StatsFileError(FileFormatError):
@@ -181,6 +234,12 @@ class NeuronStats:
         if self.threshold is not None:
             state["threshold"] = self.threshold
         return state
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each state tensor (``threshold`` too, which is there once the baseline pass is over)."""
+        L, S, C, D = self.shape
+        return {"sums": (L, S, C, D), "above": (L, S, C, D), "baseline_class_count": (C,),
+                "eval_class_count": (C,), "threshold": (L, S, D)}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`state_tensors`: copy ``sums``, ``above``, the class counts and, when present,
@@ -343,6 +402,183 @@ def _header_settings(path: Path, meta: dict) -> dict:
     return settings
 
 
+class NeuronMoments:
+    """Streaming float64 moments of every neuron of a model: the statistics of the pruning criteria.
+
+    Shapes: ``L`` layers, ``S`` slots (1 for all real token positions; the tracked slots otherwise), ``D``
+    neurons per layer. Positions are added without labels; two accumulators merge by addition.
+
+    Attributes:
+        moments: (L, S, 3, D) float64: sum, sum of squares and sum of absolute values of the activations added
+            (the moment axis is :data:`skillkern.ops.stats_moments.MOMENTS`).
+        count: (S,) int64 positions added per slot (counted once per batch: :meth:`count_positions`).
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, width: int, device: torch.device | str = "cpu"):
+        if min(num_layers, num_slots, width) < 1:
+            raise ValueError(f"empty moments: layers={num_layers}, slots={num_slots}, width={width}")
+        self.num_layers, self.num_slots, self.width = num_layers, num_slots, width
+        self.moments = torch.zeros((num_layers, num_slots, len(MOMENTS), width), dtype=torch.float64, device=device)
+        self.count = torch.zeros(num_slots, dtype=torch.int64, device=device)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(L, S, D): layers, slots, neurons."""
+        return self.num_layers, self.num_slots, self.width
+
+    # ----------------------------------------------------------------------------------------- accumulate
+    def add_rows(self, layer: int, h: torch.Tensor, slot: torch.Tensor, label: Optional[torch.Tensor] = None,
+                 backend: str = "auto", check: bool = True) -> None:
+        """Add one batch of rows of one layer (``stats_moments``); ``label`` is ignored (the signature of
+        :meth:`NeuronStats.add_rows`). The positions are counted once per batch by :meth:`count_positions`.
+
+        Args:
+            layer: layer index in ``[0, L)``.
+            h: (R, D) activation rows.
+            slot: (R,) int64 slot of each row (-1: skip).
+        """
+        stats_moments(h, slot, self.accumulator(layer), backend=backend, check=check)
+
+    def accumulator(self, layer: int) -> torch.Tensor:
+        """(S, 3, D) float64 moments of ``layer``, to be updated in place (``stats_moments`` or ``ffn_stats``)."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range for {self.num_layers} layers")
+        return self.moments[layer]
+
+    def count_positions(self, slot: torch.Tensor) -> None:
+        """Count one batch's positions (once per batch, not per layer). slot: (R,) int64, -1 for skipped rows."""
+        slot = slot.to(self.count.device)
+        tracked = slot[slot >= 0]
+        if tracked.numel() and int(tracked.max()) >= self.num_slots:
+            raise ValueError(f"slot {int(tracked.max())} out of range for {self.num_slots} slots")
+        self.count += torch.bincount(tracked, minlength=self.num_slots)
+
+    # -------------------------------------------------------------------------------------------- merge
+    def merge_(self, other: "NeuronMoments") -> "NeuronMoments":
+        """Add ``other`` into ``self`` (float64 addition; counts exact)."""
+        if self.shape != other.shape:
+            raise ValueError(f"cannot merge moments of shape {self.shape} and {other.shape}")
+        self.moments += other.moments.to(self.moments.device)
+        self.count += other.count.to(self.count.device)
+        return self
+
+    def __add__(self, other: "NeuronMoments") -> "NeuronMoments":
+        return self.clone().merge_(other)
+
+    def clone(self) -> "NeuronMoments":
+        new = NeuronMoments.__new__(NeuronMoments)
+        new.__dict__.update({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+        return new
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The accumulator's state (:data:`MOMENT_KEYS`), for the moments file, checkpoints and all-reduce."""
+        return {"moments": self.moments, "count": self.count}
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each state tensor."""
+        L, S, D = self.shape
+        return {"moments": (L, S, len(MOMENTS), D), "count": (S,)}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_tensors` (any device)."""
+        self.moments.copy_(tensors["moments"])
+        self.count.copy_(tensors["count"])
+
+    # ------------------------------------------------------------------------------------------- derived
+    def positions(self) -> int:
+        """n: the positions added, over all slots."""
+        return int(self.count.sum())
+
+    def totals(self) -> torch.Tensor:
+        """(L, 3, D) float64 moments summed over the slots."""
+        return self.moments.sum(dim=1)
+
+    def _require(self, at_least: int) -> int:
+        n = self.positions()
+        if n < at_least:
+            raise ValueError(f"the moments hold {n} position(s); this statistic needs at least {at_least}")
+        return n
+
+    def mean(self) -> torch.Tensor:
+        """(L, D) float64 mean activation over every position added (all slots): sum / n."""
+        n = self._require(1)
+        return self.totals()[:, 0] / n
+
+    def variance(self) -> torch.Tensor:
+        """(L, D) float64 sample variance (n - 1 in the denominator) over every position added, computed in one
+        pass from the sums, ``(sumsq - sum^2 / n) / (n - 1)``, clamped at 0; its rounding error is bounded in
+        the module docstring."""
+        n = self._require(2)
+        t = self.totals()
+        return ((t[:, 1] - t[:, 0] * (t[:, 0] / n)) / (n - 1)).clamp(min=0.0)
+
+    def l2_norm(self) -> torch.Tensor:
+        """(L, D) float64 L2 norm of each neuron's activations over the positions: sqrt(sum of squares)."""
+        self._require(1)
+        return self.totals()[:, 1].sqrt()
+
+    def mean_abs(self) -> torch.Tensor:
+        """(L, D) float64 mean magnitude |a| over the positions."""
+        n = self._require(1)
+        return self.totals()[:, 2] / n
+
+    # ------------------------------------------------------------------------------------------- files
+    def to_file_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of the moments file, on the CPU: the state and, with positions, the derived statistics."""
+        out = {key: value.cpu() for key, value in self.state_tensors().items()}
+        n = self.positions()
+        if n:
+            out.update(mean=self.mean().cpu(), l2_norm=self.l2_norm().cpu(), mean_abs=self.mean_abs().cpu(),
+                       variance=(self.variance() if n > 1 else torch.zeros(self.num_layers, self.width,
+                                                                          dtype=torch.float64)).cpu())
+        return out
+
+    def save(self, path: str | Path, metadata: Optional[dict] = None) -> None:
+        """Write the moments file ``path`` atomically; ``metadata`` (JSON-serialisable) goes into its header."""
+        meta = {"format": "skillkern-moments", "format_version": str(MOMENTS_FORMAT_VERSION),
+                "settings": json.dumps(metadata or {}, sort_keys=True)}
+        save_safetensors(path, self.to_file_tensors(), meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu",
+             expect: Optional[dict] = None) -> tuple["NeuronMoments", dict]:
+        """Read a moments file written by :meth:`save`. Returns ``(moments, settings)``.
+
+        ``expect``: settings the file must have; a file of another model, run or split raises
+        :class:`StatsFileError` naming the difference, as a missing (FileNotFoundError), truncated or corrupt
+        one does, naming the file.
+        """
+        path = Path(path)
+        hint = "compute the moments again (prune without --moments)"
+        try:
+            tensors, meta = load_safetensors(path, what="moments file", keys=MOMENT_KEYS, hint=hint)
+        except FileFormatError as err:
+            raise StatsFileError(str(err)) from err.__cause__
+        if meta.get("format") != "skillkern-moments":
+            raise StatsFileError(f"{path} is not a skillkern moments file (metadata format={meta.get('format')!r})")
+        if meta.get("format_version") != str(MOMENTS_FORMAT_VERSION):
+            raise StatsFileError(f"{path} has moments format version {meta.get('format_version')}, which this "
+                                 f"skillkern (version {MOMENTS_FORMAT_VERSION}) cannot read; {hint}")
+        for key in MOMENT_KEYS:
+            if key not in tensors:
+                raise StatsFileError(f"{path} lacks the tensor {key!r}")
+        moments, count = tensors["moments"], tensors["count"]
+        if moments.dim() != 4 or moments.shape[2] != len(MOMENTS) or tuple(count.shape) != (moments.shape[1],):
+            raise StatsFileError(f"{path}: 'moments' {tuple(moments.shape)} and 'count' {tuple(count.shape)} do not "
+                                 "have the shapes (L, S, 3, D) and (S,)")
+        if moments.dtype != torch.float64 or count.dtype != torch.int64:
+            raise StatsFileError(f"{path}: 'moments' must be float64 and 'count' int64, got {moments.dtype} and "
+                                 f"{count.dtype}")
+        L, S, _, D = moments.shape
+        out = cls(L, S, D, device=device)
+        out.load_state(tensors)
+        settings = _header_settings(path, meta)
+        for key, want in (expect or {}).items():
+            if settings.get(key) != want:
+                raise StatsFileError(f"{path} belongs to {key}={settings.get(key)!r}, not {want!r}")
+        return out, settings
+
+
 class ShardedNeuronStats:
     """:class:`NeuronStats` split by layer over devices, for models whose layers live on several devices
     (``device_map="auto"``): layer ``l``'s statistics are allocated, and updated, on ``layer_devices[l]``, so
@@ -448,6 +684,12 @@ class ShardedNeuronStats:
     def eval_class_count(self) -> torch.Tensor:
         return self.parts[0].eval_class_count
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """:meth:`NeuronStats.state_shapes`."""
+        L, S, C, D = self.shape
+        return {"sums": (L, S, C, D), "above": (L, S, C, D), "baseline_class_count": (C,),
+                "eval_class_count": (C,), "threshold": (L, S, D)}
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The raw state gathered on the CPU, in :meth:`NeuronStats.state_tensors`'s layout (checkpoints)."""
         state = {"sums": self.sums, "above": self.above, "baseline_class_count": self.baseline_class_count.cpu(),
@@ -531,6 +773,21 @@ def select_per_layer(pred: torch.Tensor, q: float) -> list[torch.Tensor]:
     _check_fraction(q)
     k = int(q * pred.shape[1] + 1e-9)  # +eps: 0.02 * 1536 must give 30, not 29 after float rounding
     return [_top(pred[layer], k) for layer in range(pred.shape[0])]
+
+
+def select_counts(values: torch.Tensor, counts: Sequence[int]) -> list[torch.Tensor]:
+    """Top ``counts[l]`` neurons of each layer ``l`` by ``values``.
+
+    Args:
+        values: (L, D) scores (higher first).
+        counts: L numbers of neurons to keep, each in [0, D].
+
+    Returns:
+        L int64 tensors of neuron indices, each sorted by decreasing value (ties: lower index first).
+    """
+    if len(counts) != values.shape[0] or any(not 0 <= k <= values.shape[1] for k in counts):
+        raise ValueError(f"counts {list(counts)} do not fit {values.shape[0]} layers of {values.shape[1]} neurons")
+    return [_top(values[layer], int(k)) for layer, k in enumerate(counts)]
 
 
 def _top(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -163,7 +163,18 @@ SETUPS = {
     "truncstats": lambda w, c: _truncate(_copy_run(w, c) / "scores" / "task" / "stats.safetensors"),
     "picklestats": lambda w, c: (_copy_run(w, c) / "scores" / "task" / "stats.safetensors").write_bytes(
         _evil_bytes(c)),
+    "othermoments": lambda w, c: _other_moments(w, c / "m.safetensors"),
+    "truncmoments": lambda w, c: _truncate(_other_moments(w, c / "m.safetensors")),
 }
+
+
+def _other_moments(w: Path, path: Path) -> Path:
+    """A moments file of the workspace model's shape, recorded as another run's."""
+    from skillkern.stats import NeuronMoments
+
+    NeuronMoments(2, 1, WIDTH).save(path, {"model": str(w / "model"), "run_prompt_sha256": "0" * 64, "split": "train",
+                                            "rows": 40, "max_length": 16, "positions": "tokens"})
+    return path
 
 
 def _no_triton_interpreter(monkeypatch):
@@ -362,6 +373,21 @@ CASES = [
     ("prune-baseline-renamed-bare", PRO + " --baseline", ["--baseline was renamed to --fill", "--fill prompt|tokens"],
      None, None, False),
     ("prune-fill-bogus", PRO + " --fill zero", ["--fill", "invalid choice: 'zero'"], None, None, False),
+    ("prune-criterion-bogus", PRO + " --criterion obd", ["--criterion", "invalid choice: 'obd'"], None, None, False),
+    ("prune-flap-adaptive-not-flap", PRO + " --criterion wanda --flap-adaptive",
+     ["--flap-adaptive needs --criterion flap", "wanda"], None, None, False),
+    ("prune-seed-not-random", PRO + " --seed 3", ["--seed applies to --criterion random only"], None, None, False),
+    ("prune-seed-negative", PRO + " --criterion random --seed -1", ["--seed must be >= 0"], None, None, False),
+    ("prune-moments-unused", PRO + " --moments {C}/m.safetensors", ["--moments", "uses no moments"], None, None,
+     False),
+    ("prune-moments-missing", PRO + " --criterion flap --moments {C}/m.safetensors",
+     ["moments file", "does not exist"], None, None, False),
+    ("prune-moments-other-run", PRO + " --criterion magnitude --moments {C}/m.safetensors",
+     ["m.safetensors belongs to", "run_prompt_sha256"], "othermoments", None, False),
+    ("prune-moments-truncated", PRO + " --criterion flap --moments {C}/m.safetensors",
+     ["m.safetensors", "not a readable safetensors"], "truncmoments", None, False),
+    ("prune-fill-prompt-unscored", PRO.replace("{W}/run", "{C}/run") + " --criterion flap --fill prompt",
+     ["has not been scored"], "unscored", None, False),
 ]
 
 

@@ -29,6 +29,7 @@ from skillkern import _ext
 from skillkern.ops.activations import ACTIVATIONS, HAVE_TRITON
 from skillkern.ops.ffn_stats import ffn_stats, ffn_stats_reference
 from skillkern.ops.dispatch import triton_interpreted
+from skillkern.ops.stats_moments import stats_moments_reference
 from skillkern.ops.stats_update import stats_update_reference
 
 torch.set_num_threads(1)  # the interpreter's numpy calls are tiny; threads only add overhead
@@ -146,6 +147,32 @@ def test_zero_rows():
     assert h.shape == (0, 123) and bool((out == 1).all())
 
 
+def check_moments(rows, hidden, width, dtype, act, gated, bias, seed=0, slots=2, device=DEVICE):
+    """mode='moments' of the fused kernel: h as in mode 'none', the moments of the tracked rows of that h within
+    float64 rounding of the reference (atomics), added to a random starting state."""
+    weights, slot, _ = make_problem(rows, hidden, width, dtype, gated=gated, bias=bias, slots=slots, seed=seed,
+                                    device=device)
+    what = f"moments, {dtype} R={rows} H={hidden} D={width} act={act} gated={gated} bias={bias}"
+    g = torch.Generator().manual_seed(seed)
+    start = torch.rand(slots, 3, width, generator=g, dtype=torch.float64).to(device)
+    out = start.clone()
+    h = ffn_stats(**weights, act=act, slot=slot, out=out, mode="moments", backend="triton")
+    assert_equal(h, ffn_stats(**weights, act=act, mode="none", backend="triton"), f"{what}: h", "(row, neuron)")
+    check_h(h, weights, act, f"h, {what}")
+    exp = stats_moments_reference(h, slot, start.clone())
+    mag = stats_moments_reference(h.abs(), slot, start.clone())
+    mag[:, 0] = mag[:, 2]
+    assert_sums_close(out, exp, mag, rows + 1, what, "(slot, moment, neuron)")
+
+
+@requires_triton
+@pytest.mark.parametrize("rows,hidden,width,dtype,act,gated,bias", [
+    (37, 45, 123, torch.float32, "gelu", False, True), (37, 45, 123, torch.bfloat16, "silu", True, False),
+    (1, 16, 123, torch.float16, "relu", False, False), (37, 16, 1, torch.float32, "gelu_tanh", True, True)])
+def test_moments_mode(rows, hidden, width, dtype, act, gated, bias):
+    check_moments(rows, hidden, width, dtype, act, gated, bias, seed=rows + width)
+
+
 def test_torch_backend_is_the_reference():
     weights, slot, label = make_problem(9, 20, 31, torch.float32, gated=True, bias=True, device="cpu")
     for backend in ("torch", "auto") + (("ext",) if _ext.has_op("stats_update", "cpu") else ()):
@@ -154,6 +181,10 @@ def test_torch_backend_is_the_reference():
         h_ref = ffn_stats_reference(**weights, act="silu", slot=slot, label=label, out=exp, mode="sums")
         assert_equal(h, h_ref, f"h of backend={backend} vs the reference", "(row, neuron)")
         assert_equal(out, exp, f"sums of backend={backend} vs the reference", "(slot, class, neuron)")
+        out, exp = torch.zeros(2, 3, 31, dtype=torch.float64), torch.zeros(2, 3, 31, dtype=torch.float64)
+        ffn_stats(**weights, act="silu", slot=slot, out=out, mode="moments", backend=backend)
+        ffn_stats_reference(**weights, act="silu", slot=slot, out=exp, mode="moments")
+        assert int((exp != 0).sum()) > 0 and torch.equal(out, exp), f"moments of backend={backend}"
 
 
 # ----------------------------------------------------------------------------------------- registered op
@@ -265,6 +296,12 @@ BAD = {
     "threshold float32": (lambda a: a.update(threshold=a["threshold"].float()), r"threshold must be float64"),
     "threshold shape": (lambda a: a.update(threshold=a["threshold"][:1]), r"threshold must have shape \(2, 5\)"),
     "w1 on meta": (lambda a: a.update(w1=a["w1"].to("meta")), r"w1 is on meta but x is on cpu"),
+    "moments with threshold": (lambda a: a.update(mode="moments", out=torch.zeros(2, 3, 5, dtype=torch.float64)),
+                               r"mode='moments' takes no threshold"),
+    "moments without out": (lambda a: a.update(mode="moments", out=None, threshold=None),
+                            r"mode='moments' needs out"),
+    "moments out shape": (lambda a: a.update(mode="moments", out=torch.zeros(2, 2, 5, dtype=torch.float64),
+                                             threshold=None), r"out must have shape \(slots, 3, 5\)"),
 }
 
 

@@ -27,6 +27,7 @@ RANKS = {
     "skillkern.ops.activations": 0, "skillkern._ext": 0,
     "skillkern.ops.dispatch": 1,  # the only place that knows backends
     "skillkern.ops.stats_update": 2, "skillkern.ops.masked_ffn": 2,
+    "skillkern.ops.stats_moments": 2,  # stats_update's kernel in its moments mode (same layer)
     "skillkern.ops.ffn_stats": 3,  # its epilogue is stats_update's
     "skillkern.ops": 4, "skillkern.ops.aot": 4,  # every op registered; the compile gate over all of them
     "skillkern.pruned_format": 5,

@@ -126,3 +126,27 @@ def test_cached_only_rewrites_the_committed_results_md_byte_for_byte(tmp_path):
                         str(tmp_path / "no-runs")], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "RESULTS.md").read_bytes() == (ROOT / "RESULTS.md").read_bytes()
+
+
+def test_pruning_criteria_section_from_its_json(tmp_path):
+    """experiments/run_pruning.py's aggregate, when it sits in OUT/pruning_criteria/, becomes a section: its table
+    (every criterion, the skill row's verdicts) and the plot, nothing typed in by hand."""
+    out = _study(tmp_path, {"sst2": (-0.1, (-0.15, -0.05))})
+    (out / "pruning_criteria").mkdir()
+    cells = {}
+    for criterion, acc in (("skill", (0.80, 0.82, 0.81)), ("flap", (0.70, 0.71, 0.69))):
+        for setting in ("pruned", "retuned"):
+            cells[f"{criterion}|0.1|{setting}"] = {"mean": sum(acc) / 3, "ci95": 0.02, "n": 3, "per_seed": list(acc)}
+    diff = {"mean": 0.11, "ci95": 0.02, "n": 3, "verdict": "win"}
+    results = {"criteria": ["skill", "flap"], "fractions": [0.1], "fill": "tokens", "layers": "top:0.75",
+               "retune_epochs": 1.0, "quick": False,
+               "tasks": {"sst2": {"seeds": [0, 1, 2], "majority": 0.5, "learns": True,
+                                  "original": {"mean": 0.85, "ci95": 0.01, "n": 3}, "cells": cells,
+                                  "skill_vs": {f"0.1|{s}": {"flap": diff, "strongest": "flap"}
+                                               for s in ("pruned", "retuned")}}}}
+    (out / "pruning_criteria" / "pruning_criteria.json").write_text(json.dumps(results))
+    text = _write(out, tmp_path / "no-benchmarks")
+    assert "## Skill neurons against the structured-pruning criteria" in text
+    assert "skill neurons win 2, tie 0 and lose 0 of 2 comparisons" in text
+    assert "| skill | 0.810 ± 0.020 (win vs flap) | 0.810 ± 0.020 (win vs flap) |" in text
+    assert "pruning_criteria/pruning_criteria.png" in text

@@ -20,6 +20,7 @@ from kernel_checks import (DEVICE, LAYOUTS, as_float64, assert_equal, assert_sum
 from skillkern.ops import dispatch
 from skillkern.ops.ffn_stats import ffn_stats, ffn_stats_reference
 from skillkern.ops.masked_ffn import masked_ffn, masked_ffn_reference
+from skillkern.ops.stats_moments import stats_moments, stats_moments_reference
 from skillkern.ops.stats_update import stats_update, stats_update_reference
 
 CELLS = "(slot, class, neuron)"
@@ -30,8 +31,14 @@ def _backends(op):
 
 
 def _check_stats(out, h, slot, label, threshold, what):
-    """Statistics accumulated from zero vs the reference on the same h: counts exactly, sums to float64
-    rounding."""
+    """Statistics accumulated from zero vs the reference on the same h: counts exactly, sums (and moments: out
+    (slots, 3, D) with label None) to float64 rounding."""
+    if label is None:
+        exp = stats_moments_reference(h, slot, torch.zeros_like(out, memory_format=torch.contiguous_format))
+        mag = stats_moments_reference(h.abs(), slot, torch.zeros_like(exp))
+        mag[:, 0] = mag[:, 2]
+        assert_sums_close(out, exp, mag, h.shape[0], what, "(slot, moment, neuron)")
+        return
     exp = stats_update_reference(h, slot, label, torch.zeros_like(out, memory_format=torch.contiguous_format),
                                  threshold)
     if threshold is not None:
@@ -65,13 +72,28 @@ def test_stats_update_strided(backend, mode, arg):
         assert got["out"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("backend", _backends("stats_moments"))
+@pytest.mark.parametrize("arg", ("h", "slot", "out"))
+def test_stats_moments_strided(backend, arg):
+    def inputs():
+        h, slot, _, _ = stats_inputs(23, 37, 3, 2)
+        return dict(h=h, slot=slot, out=torch.zeros(3, 3, 37, dtype=torch.float64, device=DEVICE))
+
+    want, got = inputs(), inputs()
+    got[arg] = every_other(got[arg])
+    stats_moments(**got, backend=backend)
+    _check_stats(got["out"], want["h"], want["slot"], None, None, f"stats_moments[{backend}] with strided {arg}")
+
+
 # ---------------------------------------------------------------------------------------------- ffn_stats
 def _ffn_inputs(mode, gated, seed=1):
     rows, hidden, width, slots, classes = 21, 24, 40, 2, 3
     args = ffn_weights(rows, hidden, width, gated=gated, bias=True, seed=seed)
     slot, label = slots_and_labels(rows, slots, classes, seed=seed + 1)
     out = threshold = None
-    if mode != "none":
+    if mode == "moments":
+        out = torch.zeros(slots, 3, width, dtype=torch.float64, device=DEVICE)
+    elif mode != "none":
         out = torch.zeros(slots, classes, width, dtype=torch.float64 if mode == "sums" else torch.int64,
                           device=DEVICE)
     if mode == "counts":
@@ -84,7 +106,8 @@ FFN_CASES = [("none", "x", "column_major"), ("none", "x", "every_other"), ("none
              ("none", "w1", "every_other"), ("none", "b1", "every_other"), ("none", "w_gate", "column_major"),
              ("sums", "slot", "every_other"), ("sums", "label", "every_other"), ("sums", "out", "every_other"),
              ("counts", "threshold", "every_other"), ("counts", "threshold", "column_major"),
-             ("counts", "out", "every_other"), ("counts", "x", "column_major")]
+             ("counts", "out", "every_other"), ("counts", "x", "column_major"),
+             ("moments", "out", "every_other"), ("moments", "slot", "every_other")]
 
 
 @pytest.mark.parametrize("backend", _backends("ffn_stats"))
@@ -101,7 +124,8 @@ def test_ffn_stats_strided(backend, mode, arg, layout):
     lowp = ffn_stats_reference(*weights, w_gate=want["w_gate"])
     assert_within_torch_error(h, ref64, lowp, what + ": h", "(row, neuron)")
     if mode != "none":
-        _check_stats(got["out"], h, want["slot"], want["label"], want["threshold"], what + ": statistics")
+        _check_stats(got["out"], h, want["slot"], None if mode == "moments" else want["label"], want["threshold"],
+                     what + ": statistics")
 
 
 # --------------------------------------------------------------------------------------------- masked_ffn

@@ -69,7 +69,7 @@ GRID = dict(
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
     gated=(False, True),
     acts=("gelu", "gelu_tanh", "relu", "silu"),
-    modes=("none", "sums", "counts"),
+    modes=("none", "sums", "counts", "moments"),
     schedules=("auto", "fused", "two_pass"),
 )
 
@@ -150,7 +150,9 @@ def _ffn_cases(launches: list, grid: dict, point: dict, dtype: torch.dtype) -> I
     slot = label = _meta(rows, dtype=torch.int64)
     for mode in grid["modes"]:
         out = thr = None
-        if mode != "none":
+        if mode == "moments":
+            out = _meta(4, 3, width, dtype=torch.float64)
+        elif mode != "none":
             out = _meta(4, 2, width, dtype=torch.float64 if mode == "sums" else torch.int64)
             thr = _meta(4, width, dtype=torch.float64) if mode == "counts" else None
         yield from _per_act(launches, grid["acts"], "ffn_stats", dict(point, mode=mode), True, ffn_stats_triton,
@@ -172,18 +174,25 @@ def _ffn_cases(launches: list, grid: dict, point: dict, dtype: torch.dtype) -> I
 
 
 def _stats_update_cases(launches: list, grid: dict, shapes: dict) -> Iterator[Case]:
-    """stats_update: h of any float dtype (float64 too), both passes."""
+    """stats_update (h of any float dtype, float64 too; both passes) and stats_moments (its kernel's moments mode)."""
+    from .stats_moments import stats_moments_triton
     from .stats_update import stats_update_triton
 
     for rows, width, dtype, mode in itertools.product(
             grid["rows"], sorted({w for _, w in shapes.values()}),
-            grid["dtypes"] + (torch.float64,), ("sums", "counts")):
+            grid["dtypes"] + (torch.float64,), ("sums", "counts", "moments")):
+        if mode not in grid["modes"]:
+            continue
         h = _meta(rows, width, dtype=dtype)
+        idx = _meta(rows, dtype=torch.int64)
+        params = dict(rows=rows, width=width, dtype=str(dtype).split(".")[-1], mode=mode)
+        if mode == "moments":
+            out = _meta(4, 3, width, dtype=torch.float64)
+            yield Case("stats_moments", params, True, _captured(launches, stats_moments_triton, (h, idx, out), {}))
+            continue
         out = _meta(4, 2, width, dtype=torch.float64 if mode == "sums" else torch.int64)
         thr = _meta(4, width, dtype=torch.float64) if mode == "counts" else None
-        idx = _meta(rows, dtype=torch.int64)
-        yield Case("stats_update", dict(rows=rows, width=width, dtype=str(dtype).split(".")[-1], mode=mode),
-                   True, _captured(launches, stats_update_triton, (h, idx, idx, out, thr), {}))
+        yield Case("stats_update", params, True, _captured(launches, stats_update_triton, (h, idx, idx, out, thr), {}))
 
 
 # ------------------------------------------------------------------------------------------------ binding

@@ -4,7 +4,9 @@
     gated:  h = act(x @ w_gate.T) * (x @ w1.T + b1)        (Llama/Mistral/Qwen2 MLPs: w1 = W_up)
 
 and, for the rows whose ``slot >= 0``, the statistics of :func:`~skillkern.ops.stats_update.stats_update`
-(per-class float64 sums, or int64 counts of ``h > threshold``) added into ``out`` in the same kernel.
+(per-class float64 sums, or int64 counts of ``h > threshold``) or of
+:func:`~skillkern.ops.stats_moments.stats_moments` (per-slot float64 sum, sum of squares and sum of |h|) added
+into ``out`` in the same kernel.
 
 Memory traffic of the unfused version (GEMM, then a statistics pass): the GEMM writes R*D activations, the
 statistics pass reads the tracked rows back. The fused kernel computes the statistics in the GEMM epilogue
@@ -13,7 +15,7 @@ reduction. FLOPs: 2*R*H*D (twice that when gated).
 
 The value compared with the threshold (and summed) is the fp32 accumulator rounded to ``x.dtype``, i.e.
 exactly the ``h`` that is returned, so the statistics equal :func:`stats_update` applied to the returned
-``h`` (counts exactly; sums up to float64 rounding, since atomics add rows in no fixed order).
+``h`` (counts exactly; sums and moments up to float64 rounding, since atomics add rows in no fixed order).
 
 Registered as ``torch.ops.skillkern.ffn_stats`` (a ``torch.library.custom_op``, a FRAGMENT of the namespace
 the compiled extension defines with ``TORCH_LIBRARY``; both import orders work) with a fake implementation,
@@ -31,12 +33,13 @@ import torch.nn.functional as F
 from . import dispatch
 from .activations import (HAVE_TRITON, act_id, apply_act, canonical, check_up_projection, tl, to_out_dtype,
                           triton, triton_act)
-from .stats_update import (MODE_COUNTS, MODE_NONE, MODE_SUMS, _stats_epilogue, check_stats_state, run_into,
-                           stats_update_ext, stats_update_reference, thresholds_for_float32)
+from .stats_moments import check_moments_state, stats_moments_ext, stats_moments_reference
+from .stats_update import (MODE_COUNTS, MODE_MOMENTS, MODE_NONE, MODE_SUMS, _stats_epilogue, check_stats_state,
+                           run_into, stats_update_ext, stats_update_reference, thresholds_for_float32)
 
 logger = logging.getLogger(__name__)
 
-MODES = {"none": MODE_NONE, "sums": MODE_SUMS, "counts": MODE_COUNTS}
+MODES = {"none": MODE_NONE, "sums": MODE_SUMS, "counts": MODE_COUNTS, "moments": MODE_MOMENTS}
 
 if HAVE_TRITON:
 
@@ -141,6 +144,18 @@ def check_ffn_args(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor]
                 raise ValueError(f"ffn_stats: mode='none' computes no statistics but {name} was given; "
                                  "pass mode='sums' or mode='counts'")
         return
+    if mode == "moments":
+        for name, t in (("slot", slot), ("out", out)):
+            if t is None:
+                raise ValueError(f"ffn_stats: mode='moments' needs {name}")
+        if threshold is not None:
+            raise ValueError("ffn_stats: mode='moments' takes no threshold")
+        if out.device != x.device:
+            raise ValueError(f"ffn_stats: out is on {out.device} but x is on {x.device}")
+        others = (("label", label),) if label is not None else ()
+        check_moments_state(rows, width, slot, out, op="ffn_stats", what=f"x {tuple(x.shape)}", others=others,
+                            ranges=ranges)
+        return
     for name, t in (("slot", slot), ("label", label), ("out", out)):
         if t is None:
             raise ValueError(f"ffn_stats: mode={mode!r} needs {name}")
@@ -166,9 +181,12 @@ def ffn_stats_reference(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Te
                         label: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
                         threshold: Optional[torch.Tensor] = None, mode: str = "none") -> torch.Tensor:
     """PyTorch reference of :func:`ffn_stats` (the specification; no argument checks): F.linear + activation
-    in ``x.dtype``, then :func:`stats_update_reference` on the result. Returns h: (rows, neurons)."""
+    in ``x.dtype``, then :func:`stats_update_reference` (:func:`stats_moments_reference` for mode ``moments``)
+    on the result. Returns h: (rows, neurons)."""
     h = _linear_act(x, w1, b1, w_gate, act)
-    if mode != "none" and x.shape[0]:
+    if mode == "moments" and x.shape[0]:
+        stats_moments_reference(h, slot, out)
+    elif mode != "none" and x.shape[0]:
         stats_update_reference(h, slot, label, out, threshold if mode == "counts" else None)
     return h
 
@@ -178,7 +196,9 @@ def ffn_stats_ext(x, w1, b1=None, *, act="gelu", w_gate=None, slot=None, label=N
                   mode="none") -> torch.Tensor:
     """PyTorch's GEMM + activation, then the compiled statistics op (identical numbers to the reference)."""
     h = _linear_act(x, w1, b1, w_gate, act)
-    if mode != "none" and x.shape[0]:
+    if mode == "moments" and x.shape[0]:
+        stats_moments_ext(h, slot, out)
+    elif mode != "none" and x.shape[0]:
         stats_update_ext(h, slot, label, out, threshold if mode == "counts" else None)
     return h
 
@@ -221,6 +241,10 @@ def ffn_stats_triton(x, w1, b1=None, *, act="gelu", w_gate=None, slot=None, labe
     if m == MODE_NONE:
         slot = label = torch.empty(0, dtype=torch.int64, device=x.device)
         out = thr = h
+        classes = 1
+    elif m == MODE_MOMENTS:
+        label = slot  # never read in the moments mode, nor thr
+        thr = out
         classes = 1
     else:
         thr = thresholds_for_float32(threshold) if m == MODE_COUNTS else out
@@ -280,7 +304,9 @@ def ffn_stats(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor] = No
     Plain: ``h = act(x @ w1.T + b1)``; gated (``w_gate`` given): ``h = act(x @ w_gate.T) * (x @ w1.T + b1)``.
     The matmul accumulates in fp32 (fp32 inputs: true fp32 products, no TF32); h is rounded once to
     ``x.dtype``. Rows with ``slot >= 0`` add ``h`` to ``out[slot, label]`` (mode ``"sums"``, float64) or
-    ``h > threshold[slot]`` (mode ``"counts"``, int64), exactly as :func:`stats_update` does on the returned h.
+    ``h > threshold[slot]`` (mode ``"counts"``, int64), exactly as :func:`stats_update` does on the returned h;
+    or ``h``, ``h ** 2`` and ``|h|`` to ``out[slot, 0..2]`` (mode ``"moments"``, float64), as
+    :func:`~skillkern.ops.stats_moments.stats_moments` does.
 
     Args:
         x: (rows, hidden) float32, float16 or bfloat16.
@@ -288,11 +314,12 @@ def ffn_stats(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor] = No
         b1: (neurons,) bias of the up branch, or None.
         act: ``gelu``, ``gelu_tanh``, ``relu``, ``silu`` or a transformers alias (``gelu_new``, ``swish``...).
         w_gate: (neurons, hidden) gate projection of a gated MLP, or None.
-        slot: (rows,) int64 tracked slot per row, -1 for rows to skip (modes sums/counts).
-        label: (rows,) int64 class per row in ``[0, classes)`` (modes sums/counts).
-        out: (slots, classes, neurons) contiguous accumulator, float64 (sums) or int64 (counts), updated in place.
+        slot: (rows,) int64 tracked slot per row, -1 for rows to skip (modes sums/counts/moments).
+        label: (rows,) int64 class per row in ``[0, classes)`` (modes sums/counts; ignored by moments).
+        out: (slots, classes, neurons) contiguous accumulator, float64 (sums) or int64 (counts), updated in place;
+            mode moments: (slots, 3, neurons) float64 (sum, sum of squares, sum of |h| of each slot's rows).
         threshold: (slots, neurons) float64 (mode counts only).
-        mode: ``"none"`` (just h), ``"sums"`` or ``"counts"``.
+        mode: ``"none"`` (just h), ``"sums"``, ``"counts"`` or ``"moments"`` (labels not needed).
         backend: ``"auto"``, ``"torch"``, ``"ext"`` (PyTorch's GEMM + the compiled statistics op) or
             ``"triton"`` (the fused kernel): see :mod:`skillkern.ops.dispatch`.
 

@@ -19,7 +19,8 @@ many (any batch size), and the compiled op (``csrc/stats_update.cpp``) matches t
 The Triton backend (GPU; on CPU only under ``TRITON_INTERPRET=1``) tiles (rows, neurons) and adds with
 float64 / int64 atomics: counts are exact, sums equal the reference up to float64 rounding, because atomics
 add the rows of one element in no fixed order. Its epilogue, :func:`_stats_epilogue`, is shared with the fused
-FFN kernel (``ops/ffn_stats.py``), which runs it on a GEMM tile still in registers.
+FFN kernel (``ops/ffn_stats.py``), which runs it on a GEMM tile still in registers, and with the moments op
+(``ops/stats_moments.py``: per-slot sum, sum of squares and sum of |h|, the epilogue's third mode).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from .activations import HAVE_TRITON, tl, triton
 
 logger = logging.getLogger(__name__)
 
-#: ``mode`` constexpr of :func:`_stats_epilogue`
-MODE_NONE, MODE_SUMS, MODE_COUNTS = 0, 1, 2
+#: ``mode`` constexpr of :func:`_stats_epilogue` (MODE_MOMENTS: the op ``stats_moments``, ops/stats_moments.py)
+MODE_NONE, MODE_SUMS, MODE_COUNTS, MODE_MOMENTS = 0, 1, 2, 3
 
 if HAVE_TRITON:
 
@@ -45,14 +46,27 @@ if HAVE_TRITON:
         """Add a tile of activations to the per-class statistics with atomics.
 
         h: [BLOCK_M, BLOCK_N] float32 (or float64) activations; slot, label: [BLOCK_M] int64 (slot -1 or a
-        masked row: skipped); offs_n: [BLOCK_N] int64 neuron indices; mask_m / mask_n: valid rows / neurons.
-        out: (slots, classes, width) contiguous, float64 sums (MODE 1) or int64 counts (MODE 2);
-        thr: (slots, width) contiguous thresholds (MODE 2 only) in h's dtype: for float32 h, the float64
-        thresholds rounded toward -inf (:func:`thresholds_for_float32`), which makes ``h > thr`` in float32
-        exactly the reference's float64 comparison without float64 tiles in registers. MODE 0 compiles to
-        nothing.
+        masked row: skipped; label unused in MODE 3); offs_n: [BLOCK_N] int64 neuron indices; mask_m / mask_n:
+        valid rows / neurons. out: (slots, classes, width) contiguous, float64 sums (MODE 1) or int64 counts
+        (MODE 2); or (slots, 3, width) float64 moments (MODE 3: sum, sum of squares, sum of |h| of each slot's
+        rows, the squares of float32 values exact in float64); thr: (slots, width) contiguous thresholds (MODE 2
+        only) in h's dtype: for float32 h, the float64 thresholds rounded toward -inf
+        (:func:`thresholds_for_float32`), which makes ``h > thr`` in float32 exactly the reference's float64
+        comparison without float64 tiles in registers. MODE 0 compiles to nothing.
         """
-        if MODE != 0:
+        if MODE == 3:
+            tracked = mask_m & (slot >= 0)
+            if tl.max(tracked.to(tl.int32), axis=0) > 0:  # (as below: skip tiles without a tracked row)
+                safe_slot = tl.where(tracked, slot, 0)
+                keep = tracked[:, None] & mask_n[None, :]
+                # 3 moments per slot, one element atomic each; products and |h| in float64 after the exact
+                # widening (the square of a float32 has at most 48 significant bits: exact in float64)
+                h64 = h.to(tl.float64)
+                dst = out_ptr + (safe_slot * 3)[:, None] * width + offs_n[None, :]
+                tl.atomic_add(dst, h64, mask=keep, sem="relaxed")
+                tl.atomic_add(dst + width, h64 * h64, mask=keep, sem="relaxed")
+                tl.atomic_add(dst + 2 * width, tl.abs(h64), mask=keep, sem="relaxed")
+        elif MODE != 0:
             tracked = mask_m & (slot >= 0)
             # Most tiles hold no tracked row when one token in 128 is tracked (cls pooling): skip them
             # with one reduction instead of issuing fully masked atomics.
@@ -75,7 +89,8 @@ if HAVE_TRITON:
                              stride_hr, stride_hd,
                              MODE: tl.constexpr, H_F64: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One (BLOCK_M rows) x (BLOCK_N neurons) tile of h -> atomics into out."""
+        """One (BLOCK_M rows) x (BLOCK_N neurons) tile of h -> atomics into out (MODE 3: ``stats_moments``, whose
+        rows have no label: ``label_ptr`` is not read)."""
         pid_m = tl.program_id(0).to(tl.int64)
         pid_n = tl.program_id(1).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -83,7 +98,10 @@ if HAVE_TRITON:
         mask_m = offs_m < rows
         mask_n = offs_n < width
         slot = tl.load(slot_ptr + offs_m, mask=mask_m, other=-1)
-        label = tl.load(label_ptr + offs_m, mask=mask_m, other=0)
+        if MODE == 3:
+            label = slot
+        else:
+            label = tl.load(label_ptr + offs_m, mask=mask_m, other=0)
         # untracked rows are masked out of the load: their activations are never read
         keep = (mask_m & (slot >= 0))[:, None] & mask_n[None, :]
         h = tl.load(h_ptr + offs_m[:, None] * stride_hr + offs_n[None, :] * stride_hd, mask=keep, other=0.0)
@@ -193,10 +211,11 @@ def stats_update_ext(h: torch.Tensor, slot: torch.Tensor, label: torch.Tensor, o
     return out
 
 
-def _launch_config(interpreted: bool) -> dict:
+def _launch_config(interpreted: bool, moments: bool = False) -> dict:
     # Under the interpreter every program is a numpy call: small tiles keep tests quick. On a GPU one warp
     # group covers 32 rows x 128 neurons; rows are what atomics contend on, neurons are contiguous. No matrix
     # product here, so registers stay low (the compile gate's table: benchmarks/results/kernel_resources.csv).
+    # The moments mode (ops/stats_moments.py) holds the same tile.
     if interpreted:
         return dict(BLOCK_M=16, BLOCK_N=32)
     return dict(BLOCK_M=32, BLOCK_N=128, num_warps=4)

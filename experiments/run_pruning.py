@@ -1,0 +1,320 @@
+"""Skill neurons against the structured-pruning criteria at the same widths (the comparison of issue 16).
+
+    python experiments/run_pruning.py --runs runs/study/*/seed* --out experiments/study/pruning_criteria
+    python experiments/run_pruning.py --quick --runs RUN [RUN ...] --out /tmp/pc      # a tiny smoke version (CI)
+
+For every tuned and scored run folder given (a task's seeds are the runs of that task), every criterion of
+``skillkern prune --criterion`` (skill, flap, wanda, magnitude, random) and every kept fraction (2%, 10%, 25%, 50%
+of each pruned layer), one ``prune_run`` with ``--retune``: the test accuracy of the pruned model and of the pruned
+model after a short re-tuning of the prompt. Every criterion keeps the same count per layer and folds the pruned
+neurons at the same fill value (``--fill``, default ``tokens``: their mean over every real token of the training
+rows, so that only the choice of neurons differs); the moments are computed once per run and reused.
+
+Resumable: each cell (run, criterion, fraction) is one small JSON file, ``OUT/cells/<task>/seed<k>/<criterion>_<q>.json``,
+skipped when present; the pruned models go to ``--work`` and are deleted once their cell is written. At the end
+``OUT/pruning_criteria.json`` (means and 95% confidence intervals over seeds, and the paired comparison of skill
+neurons with each other criterion) and ``OUT/pruning_criteria.png``. ``experiments/results_md.py`` turns
+``experiments/study/pruning_criteria/pruning_criteria.json`` into a section of RESULTS.md with
+:func:`criteria_table` (the PNG is :func:`plot_criteria`'s); nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skillkern.prune import CRITERIA, MOMENT_CRITERIA, prune_run
+from skillkern.runs import load_run_task, read_run, run_splits
+from skillkern.tune import TuneSettings
+
+log = logging.getLogger("pruning")
+
+FRACTIONS = (0.02, 0.1, 0.25, 0.5)
+QUICK_FRACTIONS = (0.1, 0.5)
+SETTINGS = ("pruned", "retuned")
+#: two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+#: a task "learns" when its unpruned test accuracy is above the majority-class rate by more than this (as
+#: experiments/results_md.py decides which tasks stay at chance)
+CHANCE_MARGIN = 0.03
+
+
+# --------------------------------------------------------------------------------------------------- cells
+def run_key(run: Path) -> tuple[str, int]:
+    """(task label, seed) of a run folder, from its run.json: ``task`` or ``task/subtask``."""
+    info = read_run(run)
+    task = info["task"] + (f"/{info['subtask']}" if info.get("subtask") else "")
+    return task, int(info["settings"]["seed"])
+
+
+def cell_file(out: Path, task: str, seed: int, criterion: str, fraction: float) -> Path:
+    return out / "cells" / task.replace("/", "__").replace(":", "_") / f"seed{seed}" / f"{criterion}_{fraction:g}.json"
+
+
+def run_cell(run: Path, task: str, seed: int, criterion: str, fraction: float, args) -> dict:
+    """One prune_run (+ re-tuning) of ``run``; its pruned folder is removed, the moments file kept for reuse."""
+    folder = args.work / task.replace("/", "__").replace(":", "_") / f"seed{seed}"
+    moments = folder / "moments.safetensors"
+    uses_moments = criterion in MOMENT_CRITERIA or args.fill == "tokens"
+    target = folder / f"{criterion}_{fraction:g}"
+    r = prune_run(run, target, keep=fraction, layers=args.layers, criterion=criterion, fill=args.fill,
+                  seed=seed, moments=moments if uses_moments and moments.is_file() else None, retune=True,
+                  retune_epochs=args.retune_epochs, progress=False, overwrite=True)
+    if uses_moments and not moments.is_file():
+        shutil.copyfile(target / "moments.safetensors", moments)
+    shutil.rmtree(target)
+    keys = ("criterion", "keep", "fill", "layers", "pruned_layers", "kept_per_layer", "widths", "test_rows",
+            "test_accuracy_original", "test_accuracy_pruned", "test_accuracy_pruned_retuned", "retune_epochs",
+            "params_before", "params_after", "seed", "seconds")
+    return {"run": str(run), "task": task, "run_seed": seed, **{k: r.get(k) for k in keys}}
+
+
+def majority_rate(run: Path) -> float:
+    """The share of the most frequent class among the run's test rows (the accuracy of a constant guess)."""
+    info = read_run(run)
+    test = run_splits(load_run_task(info), TuneSettings(**info["settings"]))[2]
+    counts = np.bincount([ex.label for ex in test])
+    return float(counts.max() / counts.sum())
+
+
+def run_all(runs: list[Path], out: Path, args) -> dict:
+    """Every cell of every run (skipping those on disk), then the aggregated results (also written as JSON)."""
+    seen: dict[tuple[str, int], Path] = {}
+    for run in runs:
+        key = run_key(run)
+        if key in seen:
+            raise SystemExit(f"{run} and {seen[key]} are both {key[0]} seed {key[1]}: give each run once")
+        seen[key] = run
+    cells = []
+    for (task, seed), run in sorted(seen.items()):
+        for criterion in args.criteria:
+            for fraction in args.fractions:
+                path = cell_file(out, task, seed, criterion, fraction)
+                if path.is_file():
+                    cells.append(json.loads(path.read_text()))
+                    continue
+                cell = run_cell(run, task, seed, criterion, fraction, args)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(cell, indent=1) + "\n")
+                cells.append(cell)
+                log.info("%s seed %d %s %g: original %.3f, pruned %.3f, re-tuned %.3f", task, seed, criterion,
+                         fraction, cell["test_accuracy_original"], cell["test_accuracy_pruned"],
+                         cell["test_accuracy_pruned_retuned"])
+    majority = {task: majority_rate(run) for (task, _), run in sorted(seen.items())}
+    results = aggregate(cells, majority, args.criteria, args.fractions)
+    results.update(fill=args.fill, layers=args.layers, retune_epochs=args.retune_epochs, quick=args.quick)
+    (out / "pruning_criteria.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot_criteria(results, out / "pruning_criteria.png")
+    return results
+
+
+# ------------------------------------------------------------------------------------------- aggregation
+def mean_ci(values: list[float]) -> dict:
+    """Mean and the half-width of its two-sided 95% t-interval over seeds (None with one value)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return {"mean": float(v.mean()), "ci95": None, "n": len(v)}
+    t = T95[len(v) - 2] if len(v) - 1 <= len(T95) else 1.96
+    return {"mean": float(v.mean()), "ci95": float(t * v.std(ddof=1) / math.sqrt(len(v))), "n": len(v)}
+
+
+def verdict(diff: dict) -> str:
+    """win / lose when the paired difference's 95% interval excludes 0, tie otherwise; n/a with one seed."""
+    if diff["ci95"] is None:
+        return "n/a (one seed)"
+    if diff["mean"] - diff["ci95"] > 0:
+        return "win"
+    if diff["mean"] + diff["ci95"] < 0:
+        return "lose"
+    return "tie"
+
+
+def aggregate(cells: list[dict], majority: dict, criteria, fractions) -> dict:
+    """Per task, criterion, fraction and setting: accuracies per seed, mean and 95% CI over seeds; the paired
+    difference of skill neurons with each other criterion (same seed, same test rows) and its verdict; and
+    the comparison with the strongest other criterion (highest mean) at each point."""
+    tasks: dict[str, dict] = {}
+    for c in cells:
+        t = tasks.setdefault(c["task"], {"seeds": set(), "original": {}, "acc": {}})
+        t["seeds"].add(c["run_seed"])
+        t["original"][c["run_seed"]] = c["test_accuracy_original"]
+        for setting, key in (("pruned", "test_accuracy_pruned"), ("retuned", "test_accuracy_pruned_retuned")):
+            t["acc"].setdefault((c["criterion"], c["keep"], setting), {})[c["run_seed"]] = c[key]
+    out = {"criteria": list(criteria), "fractions": list(fractions), "tasks": {}}
+    for task, t in sorted(tasks.items()):
+        seeds = sorted(t["seeds"])
+        original = [t["original"][s] for s in seeds]
+        entry = {"seeds": seeds, "majority": majority.get(task), "original": mean_ci(original),
+                 "learns": majority.get(task) is None or float(np.mean(original)) > majority[task] + CHANCE_MARGIN,
+                 "cells": {}, "skill_vs": {}}
+        for criterion in criteria:
+            for q in fractions:
+                for setting in SETTINGS:
+                    per_seed = t["acc"].get((criterion, q, setting), {})
+                    if set(per_seed) != set(seeds):
+                        continue
+                    values = [per_seed[s] for s in seeds]
+                    entry["cells"][f"{criterion}|{q:g}|{setting}"] = dict(mean_ci(values), per_seed=values)
+        if "skill" in criteria:
+            for q in fractions:
+                for setting in SETTINGS:
+                    skill = t["acc"].get(("skill", q, setting), {})
+                    point = {}
+                    for other in (c for c in criteria if c != "skill"):
+                        theirs = t["acc"].get((other, q, setting), {})
+                        if set(skill) != set(seeds) or set(theirs) != set(seeds):
+                            continue
+                        d = mean_ci([skill[s] - theirs[s] for s in seeds])
+                        point[other] = dict(d, verdict=verdict(d))
+                    if point:
+                        best = max(point, key=lambda o: float(np.mean([t["acc"][(o, q, setting)][s] for s in seeds])))
+                        point["strongest"] = best
+                        entry["skill_vs"][f"{q:g}|{setting}"] = point
+        out["tasks"][task] = entry
+    return out
+
+
+# -------------------------------------------------------------------------------------------- reporting
+def _cell_text(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    return f"{cell['mean']:.3f}" + (f" ± {cell['ci95']:.3f}" if cell["ci95"] is not None else "")
+
+
+def criteria_table(results: dict) -> list[str]:
+    """Markdown lines for RESULTS.md: per task, test accuracy by criterion and kept fraction (pruned, and pruned +
+    re-tuned), mean ± 95% CI over seeds, the skill row marked win / tie / lose against the strongest other
+    criterion; tasks that learn first, the others after them, stated as such; and one plain summary line."""
+    fr = results["fractions"]
+    lines = ["| criterion | " + " | ".join(f"{q * 100:g}% {s}" for q in fr for s in SETTINGS) + " |",
+             "|---|" + "---|" * (2 * len(fr))]
+    head, out = lines[:], []
+    tally = {"win": 0, "tie": 0, "lose": 0}
+    for learns in (True, False):
+        group = [(t, e) for t, e in results["tasks"].items() if e["learns"] == learns]
+        if not group:
+            continue
+        out += ["", "Tasks whose prompts learn:" if learns else
+                "Tasks whose prompts stay at chance (within 3 points of the majority-class rate, or below): there is "
+                "little skill to keep, and these rows say little either way:", ""]
+        for task, e in group:
+            seeds = ", ".join(map(str, e["seeds"]))
+            out += [f"**{task}** (seeds {seeds}; unpruned {_cell_text(e['original'])}; majority class "
+                    f"{e['majority'] if e['majority'] is None else round(e['majority'], 3)})", ""] + head
+            for criterion in results["criteria"]:
+                row = []
+                for q in fr:
+                    for setting in SETTINGS:
+                        text = _cell_text(e["cells"].get(f"{criterion}|{q:g}|{setting}"))
+                        vs = e["skill_vs"].get(f"{q:g}|{setting}")
+                        if criterion == "skill" and vs and vs[vs["strongest"]]["verdict"] in tally:
+                            v = vs[vs["strongest"]]["verdict"]
+                            text += f" ({v} vs {vs['strongest']})"
+                            if learns:
+                                tally[v] += 1
+                        row.append(text)
+                out.append(f"| {criterion} | " + " | ".join(row) + " |")
+            out.append("")
+    total = sum(tally.values())
+    summary = (f"On the tasks that learn, against the strongest other criterion at each kept fraction and setting "
+               f"(paired over seeds, 95% interval of the difference), skill neurons win {tally['win']}, tie "
+               f"{tally['tie']} and lose {tally['lose']} of {total} comparisons." if total else
+               "No comparison with two seeds or more on a task that learns: no verdict.")
+    note = (f"Every criterion keeps the same number of neurons in each pruned layer ({results['layers']}) and folds "
+            f"the others at the same fill value ({results['fill']}); re-tuning: {results['retune_epochs']} epoch(s) "
+            "of the prompt on the pruned model. ± is the 95% t-interval over seeds; the seeds share the test rows, "
+            "so it measures seed-to-seed variation, not test-set sampling.")
+    return [summary, "", note] + out
+
+
+def plot_criteria(results: dict, path: Path) -> None:
+    """Accuracy against kept fraction per task (one panel each), a line per criterion, solid pruned and dashed
+    re-tuned, error bars the 95% CI over seeds, the unpruned accuracy dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    cols = min(4, len(tasks)) or 1
+    rows = math.ceil(len(tasks) / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    fr = results["fractions"]
+    for ax, task in zip(axes.flat, tasks):
+        e = results["tasks"][task]
+        for i, criterion in enumerate(results["criteria"]):
+            for setting, style in (("pruned", "-"), ("retuned", "--")):
+                cells = [e["cells"].get(f"{criterion}|{q:g}|{setting}") for q in fr]
+                xs = [q for q, c in zip(fr, cells) if c]
+                if not xs:
+                    continue
+                ys = [c["mean"] for c in cells if c]
+                err = [c["ci95"] or 0.0 for c in cells if c]
+                ax.errorbar(xs, ys, yerr=err, color=f"C{i}", linestyle=style, marker="o", markersize=3, capsize=2,
+                            label=criterion if setting == "pruned" else None)
+        ax.axhline(e["original"]["mean"], color="k", linestyle=":", linewidth=1)
+        if e["majority"] is not None:
+            ax.axhline(e["majority"], color="grey", linestyle="-.", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xticks(fr)
+        ax.set_xticklabels([f"{q * 100:g}%" for q in fr], fontsize=7)
+        ax.set_title(task + ("" if e["learns"] else " (at chance)"), fontsize=9)
+        ax.set_xlabel("kept per pruned layer", fontsize=8)
+        ax.set_ylabel("test accuracy", fontsize=8)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, title="solid: pruned, dashed: re-tuned", title_fontsize=6)
+    fig.suptitle("pruning criteria at the same widths (dotted: unpruned; dash-dot: majority class)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, type=Path, help="tuned and scored run folders (a task's seeds)")
+    p.add_argument("--out", required=True, type=Path, help="result folder (cells/, pruning_criteria.json and .png)")
+    p.add_argument("--work", type=Path, default=None, help="where pruned models are built (default OUT/work; each "
+                                                           "is deleted once its cell is written)")
+    p.add_argument("--criteria", default=",".join(CRITERIA))
+    p.add_argument("--fractions", default=None, help=f"kept fractions (default {','.join(map(str, FRACTIONS))})")
+    p.add_argument("--layers", default="top:0.75")
+    p.add_argument("--fill", default="tokens", choices=["tokens", "prompt"],
+                   help="the fill value of every criterion (default tokens: the moments' mean)")
+    p.add_argument("--retune-epochs", type=float, default=1.0, help="the short re-tuning budget (default 1 epoch)")
+    p.add_argument("--quick", action="store_true", help=f"fractions {QUICK_FRACTIONS}, 0.25 re-tuning epochs, "
+                                                        "every layer (a smoke test on tiny runs)")
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("skillkern", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.criteria = [c for c in args.criteria.split(",") if c]
+    bad = sorted(set(args.criteria) - set(CRITERIA))
+    if bad:
+        p.error(f"unknown criteria {bad}; choose from {', '.join(CRITERIA)}")
+    if args.quick:
+        args.fractions = args.fractions or ",".join(map(str, QUICK_FRACTIONS))
+        args.retune_epochs = 0.25
+        args.layers = "all"
+    args.fractions = [float(x) for x in (args.fractions or ",".join(map(str, FRACTIONS))).split(",") if x.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work = args.work or args.out / "work"
+    results = run_all(args.runs, args.out, args)
+    print("\n".join(criteria_table(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

