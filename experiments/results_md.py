@@ -121,6 +121,17 @@ def summary_lines(results: dict) -> list[str]:
         for t, per_seed in results["tasks"][head].items():
             gaps.setdefault(head, []).append(_mean([r["test_accuracy"] for r in per_seed])
                                              - _mean([r["best_predictivity"] for r in per_seed]))
+    planned = results.get("study_tasks")
+    if planned:
+        done = {t for per in results["tasks"].values() for t in per}
+        missing = [t for t in planned["learning"] if t not in done]
+        pending = [t for t in planned["chance"] if t not in done]
+        if missing or pending:
+            lines.append("- **Not covered yet** (the study is resumable and still running on this CPU): "
+                         + (f"the tasks that learn {', '.join(missing)}" if missing else "")
+                         + ("; " if missing and pending else "")
+                         + (f"the tasks at chance in the first study, at a larger budget: {', '.join(pending)}"
+                            if pending else "") + ". Everything below is about the tasks listed in its tables.")
     lines.append("- **Prompt accuracy vs best predictivity** (the paper finds them close): test accuracy minus best "
                  "predictivity averages " + "; ".join(f"{_pt(_mean(v))} points with the {h} head (range "
                                                       f"{_pt(min(v))} to {_pt(max(v))})" for h, v in gaps.items())

@@ -338,6 +338,7 @@ def main() -> int:
 
     results = {
         "model": args.model, "quick": args.quick, "heads": list(rows),
+        "study_tasks": {"learning": list(LEARNING_TASKS), "chance": [t for t in TASKS if t not in LEARNING_TASKS]},
         "settings": {k: getattr(args, k) for k in ("prompt_len", "epochs", "lr", "max_length", "max_train",
                                                     "max_dev", "max_test", "eval_every", "draws")},
         "perturbations": {k: dict(zip(("mode", "noise", "sigma"), v)) for k, v in PERTURBATIONS.items()},
