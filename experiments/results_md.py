@@ -99,28 +99,35 @@ def summary_lines(results: dict) -> list[str]:
              "carries the label, and runs it through tune, score and perturb: the planted neurons come out at the top "
              "of every layer, and perturbing them (mean ablation, and gaussian noise in units of their std) drops "
              "accuracy far below three random controls, with a paired 95% interval far from zero. The control passes."]
+    fr = [q for q in results["fractions"] if q > 0]
+    n_tests = 0
     for head in results["tasks"]:
         tasks = [t for t in results["tasks"][head] if learned(results, head, t)]
         at_chance = [t for t in results["tasks"][head] if t not in tasks]
         parts = []
         for key in results["perturbations"]:
-            by = {"more": [], "less": [], "tie": []}
+            per_task = []
             for t in tasks:
                 pool = results["pooled"][head][t][key]
-                by[verdict(pool["ci"][pool["fractions"].index(q)])].append(t)
-            parts.append(f"{PERTURBATION_NAMES[key].split(' (')[0]}: costs more on {len(by['more'])} of {len(tasks)}"
-                         + (f" ({', '.join(by['more'])})" if by["more"] else "")
-                         + (f", less on {', '.join(by['less'])}" if by["less"] else "")
-                         + (f", no significant difference on {', '.join(by['tie'])}" if by["tie"] else ""))
-        lines.append(f"- **{head} head**, {int(q * 100)}% of each layer's neurons perturbed, skill vs random (95% "
-                     "paired interval over seeds, test rows and random draws; tasks whose prompt left chance): "
-                     + "; ".join(parts) + "."
+                found = {"more": [], "less": []}
+                for q in fr:
+                    v = verdict(pool["ci"][pool["fractions"].index(q)])
+                    if v != "tie":
+                        found[v].append(f"{int(q * 100)}%")
+                    n_tests += 1
+                words = [f"costs more at {', '.join(found['more'])}" if found["more"] else "",
+                         f"costs less at {', '.join(found['less'])}" if found["less"] else ""]
+                per_task.append(f"{t} " + (" and ".join(w for w in words if w) or "no significant difference"))
+            parts.append(f"{PERTURBATION_NAMES[key].split(' (')[0]}: " + "; ".join(per_task))
+        lines.append(f"- **{head} head**, skill vs random neurons at {', '.join(f'{int(q * 100)}%' for q in fr)} "
+                     "of each layer (95% paired interval pooled over seeds, test rows and random draws; tasks whose "
+                     "prompt left chance): " + ". ".join(parts) + "."
                      + (f" At chance, not counted: {', '.join(at_chance)}." if at_chance else ""))
-    gaps = {}
-    for head in results["tasks"]:
-        for t, per_seed in results["tasks"][head].items():
-            gaps.setdefault(head, []).append(_mean([r["test_accuracy"] for r in per_seed])
-                                             - _mean([r["best_predictivity"] for r in per_seed]))
+    if n_tests:
+        lines.append(f"- **Multiplicity**: the lines above read {n_tests} intervals at 95%; about "
+                     f"{0.05 * n_tests:.1f} of them are expected to exclude zero by chance alone, so a single "
+                     "significant cell is weak evidence, and a claim needs the same sign across fractions, "
+                     "perturbations and tasks.")
     planned = results.get("study_tasks")
     if planned:
         done = {t for per in results["tasks"].values() for t in per}
@@ -132,6 +139,11 @@ def summary_lines(results: dict) -> list[str]:
                          + ("; " if missing and pending else "")
                          + (f"the tasks at chance in the first study, at a larger budget: {', '.join(pending)}"
                             if pending else "") + ". Everything below is about the tasks listed in its tables.")
+    gaps: dict = {}
+    for head in results["tasks"]:
+        for t, per_seed in results["tasks"][head].items():
+            gaps.setdefault(head, []).append(_mean([r["test_accuracy"] for r in per_seed])
+                                             - _mean([r["best_predictivity"] for r in per_seed]))
     lines.append("- **Prompt accuracy vs best predictivity** (the paper finds them close): test accuracy minus best "
                  "predictivity averages " + "; ".join(f"{_pt(_mean(v))} points with the {h} head (range "
                                                       f"{_pt(min(v))} to {_pt(max(v))})" for h, v in gaps.items())

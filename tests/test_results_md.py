@@ -77,7 +77,9 @@ def test_verdicts_follow_the_paired_interval_and_leave_out_tasks_at_chance(tmp_p
     assert _cell_20(text, "tie") == "0.650 / 0.750 (-10.0 [-20.0, +1.0])"  # the interval holds 0
     assert _cell_20(text, "less") == "_0.800 / 0.750 (+5.0 [+1.0, +9.0])_"
     assert _cell_20(text, "flat (chance)").startswith("**")  # marked, but not counted in the summary
-    assert "mean ablation: costs more on 1 of 3 (more), less on less, no significant difference on tie" in text
+    assert ("mean ablation: more costs more at 20%; tie no significant difference; less costs less at 20%."
+            in text)
+    assert "read 9 intervals at 95%; about 0.5 of them" in text  # 3 tasks left chance x 3 perturbations x 1 q
     assert "At chance, not counted: flat." in text
     assert "| more | verbalizer | 1 | 0.800 | 0.500 | 0.900 | 32 | 32 |" in text
     assert "0.740-0.760 |" in text  # the spread of the random draws
