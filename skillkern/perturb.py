@@ -238,40 +238,17 @@ def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean_row
     return rows
 
 
-@torch.no_grad()
 def neuron_std(pm, examples: Sequence, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-    """(L, D) float64: each neuron's activation standard deviation over every real token position (prompt slots
-    included) of ``examples``, through the clean prompted model; float64 sums, so one pass is exact enough
-    (variance = E[a^2] - E[a]^2 of float32 activations loses nothing float64 cannot hold at these sizes)."""
-    from .batching import iter_batches
-    from .models import edit_neurons, ffn_layers
+    """(L, D) float64: each neuron's activation standard deviation (sample, n - 1) over every real token position
+    (prompt slots included) of ``examples`` through the clean prompted model ``pm``, from the streaming moments
+    pass (:func:`skillkern.scoring.collect_moments`; the one-pass variance's rounding error is bounded in
+    :mod:`skillkern.stats`)."""
+    from .scoring import collect_moments
 
-    layers = ffn_layers(pm.backbone)
-    sums = torch.zeros(len(layers), layers[0].width, dtype=torch.float64)
-    sumsq = torch.zeros_like(sums)
-    count = torch.zeros((), dtype=torch.float64)
-    mask_now: dict = {}
-
-    def read(layer: int, h: torch.Tensor) -> torch.Tensor:
-        mask = mask_now["mask"].to(h.device)
-        pad = h.shape[1] - mask.shape[1]  # the prompt slots prepended to the text
-        full = torch.cat([torch.ones(mask.shape[0], pad, dtype=mask.dtype, device=mask.device), mask], 1).bool()
-        a = h[full].double()                                                            # (tokens, D)
-        sums[layer] += a.sum(0).cpu()
-        sumsq[layer] += (a * a).sum(0).cpu()
-        if layer == 0:
-            count.add_(a.shape[0])
-        return h
-
-    device = next(pm.backbone.parameters()).device
-    with edit_neurons(pm.backbone, read):
-        for batch in iter_batches(pm.tokenizer, examples, batch_size, max_length, device=device):
-            mask_now["mask"] = batch.attention_mask
-            pm(**batch.inputs)
-    if count <= 1:
-        raise ValueError("neuron_std needs at least two token positions")
-    mean = sums / count
-    return ((sumsq / count - mean * mean).clamp_min(0) * count / (count - 1)).sqrt()
+    moments = collect_moments(pm.backbone, pm.tokenizer, examples, positions="tokens",
+                              forward=lambda _model, batch: pm(**batch.inputs), batch_size=batch_size,
+                              max_length=max_length)
+    return moments.variance().sqrt()
 
 
 def encode_outcomes(correct: torch.Tensor) -> str:
