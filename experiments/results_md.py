@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from skillkern.files import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 #: where benchmarks/bench_pruned_model.py writes its CSV files (the speed table of the pruning section)
 BENCHMARK_RESULTS = ROOT / "benchmarks" / "results"
@@ -320,7 +322,7 @@ def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BE
               "ablation);",
               "- the run folders (prompts, stats files, per-row outcomes) are written under `runs/study/` and not "
               "committed.", ""]
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _latest_rows(results_dir: Path, bench: str) -> list[dict]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skillkern.files import atomic_write_text
 from skillkern.perturb import perturbation, random_selection
 from skillkern.prune import prune_run
 from skillkern.stats import select_per_layer
@@ -45,7 +46,7 @@ def _json(path: Path, compute, needs: str = ""):
             return value
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
     return value
 
 
@@ -66,7 +67,7 @@ def part_prune(tasks, work: Path, out: Path, args) -> dict:
         log.info("pruned %s: original %.3f, prompt-slot fill %.3f, token-mean fill %.3f", name,
                  entry["prompt"]["test_accuracy_original"], entry["prompt"]["test_accuracy_pruned"],
                  entry["tokens"]["test_accuracy_pruned"])
-    (out / "pruning.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "pruning.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -97,13 +98,13 @@ def part_cross(tasks, work: Path, out: Path, args) -> dict:
             entry["skill_of"][a] = evaluate(pm, test, 32, s.max_length,
                                             edit=perturbation(sel, "gaussian", seed=5))
         rows[b] = entry
-        cache.write_text(json.dumps(rows, indent=2) + "\n")
+        atomic_write_text(cache, json.dumps(rows, indent=2) + "\n")
         log.info("cross-task on %s: clean %.3f random %.3f own %.3f", b, entry["clean"], entry["random"],
                  entry["skill_of"][b])
     result = {"q": q, "test_rows": args.cross_rows, "tasks": tasks, "rows": rows,
               "note": "row = evaluated task B, column = task A whose skill neurons are perturbed (gaussian, sigma "
                       "0.1), as many per layer as B's own selection at q"}
-    (out / "cross_task.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "cross_task.json", json.dumps(result, indent=2) + "\n")
     plot_cross(result, out / "cross_task.png")
     return result
 
@@ -142,17 +143,17 @@ def transfer_seed(chosen: list, work: Path, out: Path, args, seed: int) -> tuple
                               steps=args.transfer_steps,
                               test_rows=args.transfer_rows)
             pairs[f"{a}->{b}"] = {k: v for k, v in r.items() if k != "seconds"} | indicators | {"seconds": r["seconds"]}
-            pairs_file.write_text(json.dumps(pairs, indent=2) + "\n")
+            atomic_write_text(pairs_file, json.dumps(pairs, indent=2) + "\n")
             log.info("transfer seed %d %s -> %s: zero-shot %s, after %d steps %.3f", seed, a, b,
                      "n/a" if r["zero_shot"] is None else f"{r['zero_shot']:.3f}", r["steps"], r["after_steps"])
-    pairs_file.write_text(json.dumps(pairs, indent=2) + "\n")
+    atomic_write_text(pairs_file, json.dumps(pairs, indent=2) + "\n")
     scratch = json.loads(scratch_file.read_text()) if scratch_file.exists() else {}
     for b in chosen:
         if b in scratch:
             continue
         scratch[b] = scratch_accuracy(work / b / args.head / run, folders / f"scratch__{b}", steps=args.transfer_steps,
                                       test_rows=args.transfer_rows)
-        scratch_file.write_text(json.dumps(scratch, indent=2) + "\n")
+        atomic_write_text(scratch_file, json.dumps(scratch, indent=2) + "\n")
         log.info("from-scratch reference seed %d on %s: %d steps %.3f", seed, b, args.transfer_steps,
                  scratch[b])
     keys = sorted(k for k in pairs if all(t in chosen for t in k.split("->")))
@@ -190,7 +191,7 @@ def part_transfer(tasks, work: Path, out: Path, args) -> dict:
               "per_seed_scratch": {str(sd): runs[sd][1] for sd in seeds},
               "indicator_q": args.indicator_q, "transfer_steps": args.transfer_steps,
               "test_rows": args.transfer_rows}
-    (out / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "transfer.json", json.dumps(result, indent=2) + "\n")
     plot_transfer(result, out / "transfer.png")
     return result
 

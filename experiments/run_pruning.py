@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skillkern.files import atomic_write_text
 from skillkern.prune import CRITERIA, MOMENT_CRITERIA, prune_run
 from skillkern.runs import load_run_task, read_run, run_splits
 from skillkern.tune import TuneSettings
@@ -104,7 +105,7 @@ def run_all(runs: list[Path], out: Path, args) -> dict:
                     continue
                 cell = run_cell(run, task, seed, criterion, fraction, args)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(cell, indent=1) + "\n")
+                atomic_write_text(path, json.dumps(cell, indent=1) + "\n")
                 cells.append(cell)
                 log.info("%s seed %d %s %g: original %.3f, pruned %.3f, re-tuned %.3f", task, seed, criterion,
                          fraction, cell["test_accuracy_original"], cell["test_accuracy_pruned"],
@@ -112,7 +113,7 @@ def run_all(runs: list[Path], out: Path, args) -> dict:
     majority = {task: majority_rate(run) for (task, _), run in sorted(seen.items())}
     results = aggregate(cells, majority, args.criteria, args.fractions)
     results.update(fill=args.fill, layers=args.layers, retune_epochs=args.retune_epochs, quick=args.quick)
-    (out / "pruning_criteria.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "pruning_criteria.json", json.dumps(results, indent=1) + "\n")
     plot_criteria(results, out / "pruning_criteria.png")
     return results
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import sys
 import time
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from skillkern.data import binary_subtask, load_task
+from skillkern.files import atomic_write_text
 from skillkern.perturb import decode_outcomes, paired_difference, perturb_run, save_perturbation
 from skillkern.stats import combine_runs
 from skillkern.transfer import spearman
@@ -71,6 +71,7 @@ HEADS = ("verbalizer", "linear")
 #: neuron's own activation std (a fixed sigma ignores the model's activation scale), and mean ablation
 PERTURBATIONS = {"gaussian": ("gaussian", "fixed", 0.1), "gaussian_neuron": ("gaussian", "neuron", 1.0),
                  "mean": ("mean", "fixed", 0.1)}
+BITFIT_PERTURBATIONS = ("gaussian_neuron", "mean")
 
 
 def settings_for(args, seed: int, head: str = "verbalizer", **over) -> TuneSettings:
@@ -110,13 +111,10 @@ def perturb_file(run: Path, key: str, neurons_from: Path | None = None) -> Path:
     return run / (f"perturb_{key}.json" if neurons_from is None else f"perturb_{key}_prompt_neurons.json")
 
 
-def ensure_perturb(run: Path, args, key: str = "gaussian", neurons_from: Path | None = None,
-                   cached_only: bool = False) -> dict | None:
+def ensure_perturb(run: Path, args, key: str = "gaussian", neurons_from: Path | None = None) -> dict:
     """The run's perturbation result ``key`` (:data:`PERTURBATIONS`), computed and saved when missing."""
     out = perturb_file(run, key, neurons_from)
     if not done(out):
-        if cached_only:
-            return None
         mode, noise, sigma = PERTURBATIONS[key]
         t = time.perf_counter()
         result = perturb_run(run, mode=mode, noise=noise, sigma=sigma, fractions=args.fractions,
@@ -328,11 +326,11 @@ def main() -> int:
             if name not in rows[head0]:
                 continue
             run = work / name / head0 / "bitfit"
-            if args.cached_only and not perturb_file(run, "mean", run).exists():
+            if args.cached_only and not all(perturb_file(run, k, run).exists() for k in BITFIT_PERTURBATIONS):
                 continue
             info = ensure_run(run, name, settings_for(args, 0, head0, method="bitfit", lr=args.lr / 10), args)
             source = work / name / head0 / f"seed{rows[head0][name][0]['seed']}"
-            pert = {k: summary(ensure_perturb(run, args, k, neurons_from=source)) for k in ("gaussian_neuron", "mean")}
+            pert = {k: summary(ensure_perturb(run, args, k, neurons_from=source)) for k in BITFIT_PERTURBATIONS}
             bitfit[name] = {"test_accuracy": info["test_accuracy"], "dev_accuracy": info["dev_accuracy"],
                             "perturbation": pert}
 
@@ -349,7 +347,7 @@ def main() -> int:
         "majority": {n: majority_rate(n, settings_for(args, 0)) for n in tasks},
         "seconds_this_invocation": round(time.perf_counter() - started, 1),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_table_csv(results, out / "table.csv")
     plot_overview(results, out / "perturbation_overview.png")
     from results_md import write_results_md  # experiments/results_md.py
@@ -387,7 +385,7 @@ def write_table_csv(results: dict, path: Path) -> None:
                     cells = [head, name, len(per_seed), acc, pred, key, q, pool["skill"][i], pool["random"][i],
                              pool["difference"][i], *pool["ci"][i]]
                     lines.append(",".join(str(round(c, 4)) if isinstance(c, float) else str(c) for c in cells))
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _plt():

@@ -29,7 +29,8 @@ import torch
 
 from .batching import take
 from .files import atomic_write, atomic_write_json
-from .runs import check_run, load_run, load_run_task, prompt_thresholds, read_run, run_predictivity, skill_selection
+from .runs import (check_run, load_run, load_run_task, prompt_thresholds, read_run, run_predictivity, run_splits,
+                   skill_selection)
 from .tune import TuneSettings, correct_rows
 
 logger = logging.getLogger(__name__)
@@ -175,8 +176,6 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
                          "of a run on the same model")
     scale = None
     if mode == "gaussian" and noise == "neuron":
-        from .runs import run_splits
-
         scale = neuron_std(pm, take(run_splits(task, s)[0], std_rows), batch_size, s.max_length)
     clean_rows = correct_rows(pm, test, batch_size, s.max_length)
     rows = _curve(pm, test, preds, fractions, clean_rows=clean_rows, mode=mode, sigma=sigma, scale=scale,

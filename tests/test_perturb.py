@@ -15,10 +15,9 @@ from skillkern.perturb import (decode_outcomes, encode_outcomes, mcnemar_p, neur
                                perturbation)
 from skillkern.prompt import PromptModel, describe_head
 from skillkern.tune import correct_rows, evaluate
-from tiny_models import tiny_model
+from tiny_models import MINILM_VOCAB, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MINILM_VOCAB = 30522
 
 
 @pytest.fixture(scope="module")

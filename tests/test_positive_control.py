@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,11 +22,10 @@ from skillkern.perturb import perturb_run
 from skillkern.prompt import PromptModel
 from skillkern.runs import run_predictivity, score_run, tune_run
 from skillkern.tune import TuneSettings
-from tiny_models import LAYERS, WIDTH, tiny_model
+from tiny_models import LAYERS, MINILM_VOCAB, WIDTH, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MINILM_VOCAB = 30522
 # residual directions, each a +1/-1 pair of dimensions so that LayerNorm's mean never sees the label: IN holds the
 # label word's polarity, OUT is what the head reads
 IN, OUT = (0, 2), (1, 3)

