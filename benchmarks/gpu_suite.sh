@@ -87,7 +87,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # 2. the GPU tests (on the CPU they are collected and skip: the dry run checks they still import)
 step tests 160 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_masked_ffn.py tests/test_ffn_stats.py \
   tests/test_stats_update_triton.py tests/test_csrc_cuda.py tests/test_library.py tests/test_prune.py \
-  tests/test_compile_gate.py tests/test_scoring_fused.py
+  tests/test_compile_gate.py tests/test_scoring_fused.py tests/test_stats_moments.py
 
 # 3. benchmarks on a reduced grid (the dry run: the smallest shape, one timing, on the CPU)
 if [ $DRY = 1 ]; then

@@ -33,6 +33,7 @@ import torch.utils.cpp_extension as cpp_extension
 from kernel_checks import assert_equal, every_other, random_state, stats_inputs
 from skillkern import _ext
 from skillkern.ops.dispatch import resolve
+from skillkern.ops.stats_moments import stats_moments
 from skillkern.ops.stats_update import stats_update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +202,53 @@ def test_cuda_edge_cases():
     torch.ops.skillkern.stats_update(h, slot, label, expected, None)
     torch.ops.skillkern.stats_update(h.cuda(), slot.cuda(), label.cuda(), got, None)
     _assert_bitwise(got, expected, "signed zeros and non-finite values")
+
+
+def _moments_cuda_vs_cpu(h, slot, slots, what, seed=1):
+    """stats_moments on CUDA against the CPU op from the same random start: bit for bit (row order, no FMA)."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randn(slots, 3, h.shape[1], generator=g, dtype=torch.float64)
+    start[:, 1:] = start[:, 1:].abs()
+    expected = start.clone()
+    torch.ops.skillkern.stats_moments(h, slot, expected)
+    got = start.cuda()
+    torch.ops.skillkern.stats_moments(h.cuda(), slot.cuda(), got)
+    assert_equal(got, expected, what, "(slot, moment, neuron)", bitwise=True)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("rows,width", ((1, 1), (57, 123), (31, 431), (1000, 129), (4099, 33), (4096, 3072)))
+@pytest.mark.parametrize("slots", (1, 3, 40))
+def test_cuda_moments_match_cpu(dtype, rows, width, slots):
+    _require_cuda_kernel()
+    h, slot, _, _ = _inputs(rows, width, slots, 1, dtype, seed=rows + width + slots)
+    _moments_cuda_vs_cpu(h, slot, slots, f"moments, {dtype} rows={rows} width={width} slots={slots}")
+
+
+@gpu
+@needs_gpu
+def test_cuda_moments_edge_cases():
+    _require_cuda_kernel()
+    h, slot, _, _ = _inputs(100, 70, 1, 1, torch.float32, untracked=0.0)
+    _moments_cuda_vs_cpu(h, slot, 1, "moments, one group")
+    _moments_cuda_vs_cpu(h, torch.full_like(slot, -1), 1, "moments, all untracked")
+    _moments_cuda_vs_cpu(h[:0], slot[:0], 1, "moments, zero rows")
+    h, slot, _, _ = _inputs(300, 3, 70000, 1, torch.float32, untracked=0.0)
+    _moments_cuda_vs_cpu(h, slot, 70000, "moments, 70000 groups")
+    h = torch.tensor([[-0.0, float("inf"), float("nan"), 1.0], [-0.0, float("-inf"), 2.0, -1.0]])
+    _moments_cuda_vs_cpu(h, torch.tensor([0, 0]), 1, "moments, signed zeros and non-finite values")
+    # strided h on a side stream, through the public function
+    h, slot, _, _ = _inputs(45, 123, 3, 1, torch.bfloat16)
+    expected = torch.zeros(3, 3, 123, dtype=torch.float64)
+    torch.ops.skillkern.stats_moments(every_other(h), slot, expected)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = stats_moments(every_other(h.cuda()), slot.cuda(), torch.zeros(3, 3, 123, dtype=torch.float64,
+                                                                           device="cuda"), backend="ext")
+    stream.synchronize()
+    assert_equal(got, expected, "moments: strided h on a side stream", "(slot, moment, neuron)", bitwise=True)
 
 
 @gpu

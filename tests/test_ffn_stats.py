@@ -331,3 +331,4 @@ def test_gpu_bert_base_shapes(dtype, gated, act, bias):
     # 32 sequences x 128 tokens of BERT-base (H=768, D=3072); about two thirds of the rows tracked here (more
     # than cls pooling's one in 128) so that the statistics see plenty of rows.
     run_case(4096, 768, 3072, dtype, act, gated, bias, seed=5, slots=4, classes=3, device="cuda")
+    check_moments(4096, 768, 3072, dtype, act, gated, bias, seed=6, slots=4, device="cuda")

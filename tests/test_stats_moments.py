@@ -81,6 +81,22 @@ def test_triton_adds_every_row_exactly_once():
                  stats_moments_reference(h, slot, zeros.clone()), "exact moments", CELLS)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda" or not TRITON_OK, reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+def test_gpu_triton_bert_base_shapes(dtype):
+    # 32 sequences x 128 tokens of BERT-base's FFN (D=3072), 4 slots: many rows per atomic target
+    h, slot = make_inputs(4096, 3072, 4, dtype, seed=9, device="cuda")
+    start = random_start(4, 3072, device="cuda")
+    got = stats_moments(h, slot, start.clone(), backend="triton")
+    want = stats_moments_reference(h, slot, start.clone())
+    assert_sums_close(got, want, magnitudes(h, slot, start), 4097, f"{dtype} BERT-base shape", CELLS)
+    exact = (h.float() * 8).round().clamp(-128, 128).div(8).to(dtype)  # exact in any order: each row once
+    zeros = torch.zeros(4, 3, 3072, dtype=torch.float64, device="cuda")
+    assert_equal(stats_moments(exact, slot, zeros.clone(), backend="triton"),
+                 stats_moments_reference(exact, slot, zeros.clone()), f"{dtype} exact moments", CELLS)
+
+
 @pytest.mark.parametrize("backend", ("torch", "ext", "triton"))
 def test_every_row_untracked_leaves_out_alone(backend, request):
     if backend == "ext":
