@@ -104,7 +104,7 @@ def summary_lines(results: dict) -> list[str]:
     fr = [q for q in results["fractions"] if q > 0]
     n_tests = 0
     for head in results["tasks"]:
-        tasks = [t for t in results["tasks"][head] if learned(results, head, t)]
+        tasks = [t for t in results["tasks"][head] if learned(results, head, t) and t in results["pooled"][head]]
         at_chance = [t for t in results["tasks"][head] if t not in tasks]
         parts = []
         for key in results["perturbations"]:
@@ -260,6 +260,11 @@ def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BE
                   "|---|---|---|" + "---|" * len(fr) + "---|"]
         for head in heads:
             for task, per_seed in results["tasks"][head].items():
+                if task not in results["pooled"][head]:  # every seed stayed at chance: scored, not perturbed
+                    lines.append(f"| {task} (chance) | {head} | - | " + " | ".join("not perturbed" for _ in fr)
+                                 + " | - |")
+                    continue
+                per_seed = [r for r in per_seed if r["perturbation"]]
                 pool = results["pooled"][head][task][key]
                 clean = _mean([r["perturbation"][key]["clean_accuracy"] for r in per_seed])
                 draws = [d for r in per_seed for d in r["perturbation"][key]["random_draws"][-1]]

@@ -9,7 +9,8 @@
 Every task is tuned with each head of ``--heads`` (``verbalizer``: the frozen class-word head, the closest analogue
 of the paper's masked-LM head; ``linear``: a linear head trained with the prompt) and each seed, then scored and
 perturbed three ways (gaussian noise at a fixed sigma, gaussian noise in units of each neuron's own std, mean
-ablation) beside ``--draws`` random controls, on at least 800 test rows where the split has them. Runs live in
+ablation) beside ``--draws`` random controls, on at least 800 test rows where the split has them; a run that
+stays at chance (test accuracy within CHANCE_MARGIN of the majority rate) is scored, not perturbed. Runs live in
 ``--work/<task>/<head>/seed<k>``. Every step writes its output there and is skipped when that output exists, so an
 interrupted study continues where it stopped. The small results (JSON, CSV, PNG) and ``RESULTS.md`` go to
 ``--out``; numbers in RESULTS.md are read from those files, never typed in.
@@ -72,6 +73,9 @@ HEADS = ("verbalizer", "linear")
 PERTURBATIONS = {"gaussian": ("gaussian", "fixed", 0.1), "gaussian_neuron": ("gaussian", "neuron", 1.0),
                  "mean": ("mean", "fixed", 0.1)}
 BITFIT_PERTURBATIONS = ("gaussian_neuron", "mean")
+#: a run learns when its test accuracy is above the test rows' majority rate by more than this (RESULTS.md's rule,
+#: there on the seeds' mean); a run that stays at chance is scored but not perturbed: it has no accuracy to lose
+CHANCE_MARGIN = 0.03
 
 
 def settings_for(args, seed: int, head: str = "verbalizer", **over) -> TuneSettings:
@@ -176,16 +180,23 @@ def handwritten_init(model_name: str, text: str, prompt_len: int) -> torch.Tenso
     return backbone.get_input_embeddings().weight[ids].detach().clone()
 
 
+def learns(info: dict, name: str, settings: TuneSettings) -> bool:
+    """The run left chance: test accuracy above the majority rate of its test rows by more than CHANCE_MARGIN."""
+    return info["test_accuracy"] > majority_rate(name, settings) + CHANCE_MARGIN
+
+
 def study_run(work: Path, name: str, head: str, seed: int, args) -> dict | None:
     """Tune, score and perturb one (task, head, seed); its record for results.json (None with --cached-only when
-    the run is not finished)."""
+    the run is not finished). A run that stays at chance is not perturbed (its ``perturbation`` is empty)."""
     run = work / name / head / f"seed{seed}"
-    if args.cached_only and not all(perturb_file(run, k).exists() for k in PERTURBATIONS):
-        return None
     settings = settings_for(args, seed, head)
+    if args.cached_only and not (all(perturb_file(run, k).exists() for k in PERTURBATIONS) or (
+            (run / "run.json").is_file() and not learns(read_run(run), name, settings)
+            and all(scores_path(run, s).is_file() for s in (("pn", "neu") if name in MULTICLASS else (None,))))):
+        return None
     info = ensure_run(run, name, settings, args)
     ensure_scores(run, name)
-    perts = {k: ensure_perturb(run, args, k) for k in PERTURBATIONS}
+    perts = {k: ensure_perturb(run, args, k) for k in PERTURBATIONS} if learns(info, name, settings) else {}
     pred = task_predictivity(run)
     return {"seed": seed, "dev_accuracy": info["dev_accuracy"], "test_accuracy": info["test_accuracy"],
             "best_predictivity": float(pred.max()), "layer_profile": layer_profile(pred),
@@ -277,8 +288,8 @@ def main() -> int:
     # 2. per head: the paired test pooled over seeds, and the correlation of predictivity between tasks
     pooled, correlation = {}, {}
     for head, per_task in rows.items():
-        pooled[head] = {t: {k: pooled_test([r["_outcomes"][k] for r in recs]) for k in PERTURBATIONS}
-                        for t, recs in per_task.items()}
+        pooled[head] = {t: {k: pooled_test([r["_outcomes"][k] for r in recs if r["_outcomes"]]) for k in PERTURBATIONS}
+                        for t, recs in per_task.items() if any(r["_outcomes"] for r in recs)}
         names = list(per_task)
         preds = {n: combine_runs([task_predictivity(work / n / head / f"seed{r['seed']}") for r in per_task[n]])
                  for n in names}
@@ -378,7 +389,7 @@ def write_table_csv(results: dict, path: Path) -> None:
         for name, per_seed in per_task.items():
             acc = np.mean([r["test_accuracy"] for r in per_seed])
             pred = np.mean([r["best_predictivity"] for r in per_seed])
-            for key, pool in results["pooled"][head][name].items():
+            for key, pool in results["pooled"][head].get(name, {}).items():
                 for i, q in enumerate(pool["fractions"]):
                     if q == 0:
                         continue

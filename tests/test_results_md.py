@@ -87,6 +87,20 @@ def test_verdicts_follow_the_paired_interval_and_leave_out_tasks_at_chance(tmp_p
     assert "from the first study's runs" in text  # pruning.json without a head: the old applications
 
 
+def test_a_task_whose_runs_stayed_at_chance_is_listed_not_perturbed(tmp_path):
+    """run_study.py scores a run that stays at chance but does not perturb it: its record has no perturbation and
+    its task no pooled test; RESULTS.md lists it as not perturbed and leaves it out of the verdicts."""
+    out = _study(tmp_path, {"sst2": (-0.1, (-0.15, -0.05)), "rte": (0.0, (-0.1, 0.1))}, acc={"rte": 0.5})
+    results = json.loads((out / "results.json").read_text())
+    results["tasks"]["verbalizer"]["rte"][0]["perturbation"] = {}
+    del results["pooled"]["verbalizer"]["rte"]
+    (out / "results.json").write_text(json.dumps(results))
+    text = _write(out, tmp_path / "no-benchmarks")
+    assert "| rte (chance) | verbalizer | - | not perturbed | - |" in text
+    assert "mean ablation: sst2 costs more at 20%." in text and "At chance, not counted: rte." in text
+    assert "read 3 intervals at 95%" in text
+
+
 def test_speed_table_reads_the_newest_rows_of_the_benchmark_csv(tmp_path):
     out = _study(tmp_path, {"sst2": (-0.1, (-0.15, -0.05))})
     bench = tmp_path / "bench"
