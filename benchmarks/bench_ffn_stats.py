@@ -10,6 +10,9 @@ Providers, on the same inputs (R token rows, one tracked row per 128 tokens as w
                   released code of the skill-neuron paper works this way)
     fused-triton  ops.ffn_stats with backend="triton": statistics in the GEMM epilogue (CUDA only)
 
+Modes (--modes): ``sums`` and ``counts`` (the scoring passes: one tracked row per sequence) and ``moments`` (the
+pruning criteria's float64 sum, sum of squares and sum of |h|, over every token row: stats_moments in the hooks).
+
 Every provider's statistics are checked against hook-torch before timing. Timing (_common.bench_rounds:
 triton.testing.do_bench on a GPU, its protocol on the CPU) interleaves providers round by round (so a load change
 hits all of them alike); ratio_vs_plain pairs the samples of one round. On a GPU the FLOP rate (tflops) and the
@@ -53,6 +56,8 @@ def make_inputs(name, rows, dtype, device, mode, seed=0):
     b1 = None if gated else (torch.randn(width, generator=g) * 0.1).to(device, dtype)
     slot = torch.full((rows,), -1, dtype=torch.int64)
     slot[::TOKENS_PER_SEQ] = 0  # one tracked row per sequence
+    if mode == "moments":
+        slot[:] = 0  # the pruning criteria's moments: every real token
     label = torch.randint(0, 2, (rows,), generator=g)
     threshold = (torch.randn(1, width, generator=g, dtype=torch.float64) * 0.1) if mode == "counts" else None
     return dict(x=x, w1=w1, b1=b1, w_gate=wg, act=act, slot=slot.to(device), label=label.to(device),
@@ -63,6 +68,7 @@ def providers(inp, mode, device, with_ext, with_triton):
     """name -> (run(out) -> None, fresh out). Each run adds one batch to its ``out``."""
     from skillkern.ops.activations import apply_act
     from skillkern.ops.ffn_stats import ffn_stats
+    from skillkern.ops.stats_moments import stats_moments
     from skillkern.ops.stats_update import stats_update
 
     x, w1, b1, wg, act = inp["x"], inp["w1"], inp["b1"], inp["w_gate"], inp["act"]
@@ -70,10 +76,11 @@ def providers(inp, mode, device, with_ext, with_triton):
     tracked = (slot >= 0).nonzero().flatten()
     slot_t, label_t = slot[tracked], label[tracked]
     width = w1.shape[0]
-    out_dtype = torch.float64 if mode == "sums" else torch.int64
+    out_dtype = torch.int64 if mode == "counts" else torch.float64
+    cells = 3 if mode == "moments" else 2  # (slot, moment, neuron) or (slot, class, neuron)
 
     def fresh():
-        return torch.zeros(1, 2, width, dtype=out_dtype, device=device)
+        return torch.zeros(1, cells, width, dtype=out_dtype, device=device)
 
     def plain():
         if wg is None:
@@ -83,7 +90,10 @@ def providers(inp, mode, device, with_ext, with_triton):
     def hook(backend):
         def run(out):
             h = plain()
-            stats_update(h[tracked], slot_t, label_t, out, thr, backend=backend, check=False)
+            if mode == "moments":
+                stats_moments(h[tracked], slot_t, out, backend=backend, check=False)
+            else:
+                stats_update(h[tracked], slot_t, label_t, out, thr, backend=backend, check=False)
         return run
 
     thr_np = None if thr is None else thr.cpu().numpy()
@@ -94,14 +104,17 @@ def providers(inp, mode, device, with_ext, with_triton):
         h = plain().float()
         h_np = h.cpu().numpy() if h.is_cuda else h.numpy().copy()  # a host copy of every activation, as numpy
         rows = h_np[tracked_np].astype(np.float64)
-        if thr_np is None:
+        if mode == "moments":
+            for k, part in enumerate((rows, rows * rows, np.abs(rows))):
+                np.add.at(out_np[:, k], slot_np, part)
+        elif thr_np is None:
             np.add.at(out_np, (slot_np, label_np), rows)
         else:
             np.add.at(out_np, (slot_np, label_np), (rows > thr_np[slot_np]).astype(np.int64))
 
     def fused(out):
-        ffn_stats(x, w1, b1, act=act, w_gate=wg, slot=slot, label=label, out=out, threshold=thr, mode=mode,
-                  backend="triton")
+        ffn_stats(x, w1, b1, act=act, w_gate=wg, slot=slot, label=None if mode == "moments" else label, out=out,
+                  threshold=thr, mode=mode, backend="triton")
 
     result = {"plain-ffn": (lambda out: plain(), fresh), "hook-torch": (hook("torch"), fresh),
               "host-copy": (host_copy, lambda: fresh().cpu().numpy())}
@@ -146,7 +159,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
-    p.add_argument("--modes", default="sums,counts")
+    p.add_argument("--modes", default="sums,counts", help="comma-separated: sums, counts, moments")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: bfloat16 on CUDA, "
                    "float32 on CPU)")
     p.add_argument("--rows", type=int, default=32 * TOKENS_PER_SEQ, help="token rows per batch (32 x 128)")
@@ -174,7 +187,6 @@ def main() -> None:
     dev = device_name(device)
     known = peak(dev, dtype) if cuda else None
     peak_tflops = args.peak_tflops or (known and known[1])
-    with_ext = _ext.has_op("stats_update", device)
     with_triton = cuda and HAVE_TRITON
     dname = str(dtype).replace("torch.", "")
     rows_out = []
@@ -189,6 +201,7 @@ def main() -> None:
         flops = 2.0 * rows * hidden * width * gemms
         for mode in args.modes.split(","):
             inp = make_inputs(name, rows, dtype, device, mode)
+            with_ext = _ext.has_op("stats_moments" if mode == "moments" else "stats_update", device)
             provs = providers(inp, mode, device, with_ext, with_triton)
             verify(provs, mode)
             samples = time_providers(provs, args.repeats, device)

@@ -98,7 +98,7 @@ if [ $DRY = 1 ]; then
 else
   DEV=cuda
   M_ARGS=(--dtype float16 --quick --budget 0.3)
-  F_ARGS=(--quick --repeats 10)
+  F_ARGS=(--quick --repeats 10 --modes sums,counts,moments)
   P_ARGS=(--models roberta-base,llama-style --batches 1,32 --seqs 128 --repeats 10)
 fi
 [ $DRY = 1 ] || cp benchmarks/results/*_cuda.csv "$WORK"/ 2>/dev/null  # earlier GPU runs: rows are added to them

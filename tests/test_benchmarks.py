@@ -35,3 +35,18 @@ def test_a_rerun_replaces_its_own_rows_and_keeps_other_commits(tmp_path):
     assert len(second) == 4 and second[0] == older  # the other commit's row stays, first
     assert sorted(r["metric"] for r in second[1:]) == ["peak_rss_growth", "predicted_state", "throughput"]
     assert all(r["commit"] == first[0]["commit"] and r["median"] != "-1" for r in second[1:])
+
+
+def test_ffn_stats_bench_moments_mode_checks_every_provider(tmp_path):
+    """bench_ffn_stats.py --modes moments: every provider's moments over every token row are checked against the
+    PyTorch hook before timing (the script raises on a mismatch), and each gets a time and a ratio row."""
+    out = tmp_path / "ffn_stats_cpu.csv"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_ffn_stats.py"), "--device", "cpu", "--shapes",
+                    "bert-base", "--rows", "128", "--repeats", "1", "--modes", "moments", "--out", str(out)],
+                   check=True, capture_output=True, text=True, cwd=ROOT / "benchmarks")
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    providers = {r["provider"] for r in rows}
+    assert {"plain-ffn", "hook-torch", "host-copy"} <= providers
+    assert all(r["shape"].endswith(":mode=moments") for r in rows)
+    assert {r["metric"] for r in rows if r["provider"] == "hook-torch"} == {"time", "ratio_vs_plain"}
