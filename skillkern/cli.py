@@ -361,7 +361,14 @@ def _add_perturb_parser(sub) -> None:
                    help="gaussian noise scale: fixed sigma, or sigma x each neuron's activation std over the run's "
                         "first 256 training rows")
     p.add_argument("--draws", type=int, default=3, help="independent random controls per fraction (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="noise and random-control seed")
+    p.add_argument("--control", default="uniform", choices=["uniform", "matched"],
+                   help="random control: uniform (the paper's), or matched: as many massive-activation neurons "
+                        "(RMS over --outlier-factor x the layer median) as the skill selection holds, the rest "
+                        "uniform")
+    p.add_argument("--outlier-factor", type=float, default=16.0,
+                   help="with --control matched: RMS over this many times the layer median is massive (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="noise and random-control seed (the same seed draws the same "
+                                                       "random neurons in every run of a model)")
     p.add_argument("--max-test", type=int, default=None, help="first N test rows (default: the run's cap)")
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=int, default=32)
@@ -377,6 +384,7 @@ def cmd_perturb(args) -> int:
     for flag, low in (("--seed", 0), ("--max-test", 1), ("--batch-size", 1), ("--draws", 1)):
         _at_least(flag, getattr(args, flag[2:].replace("-", "_")), low)
     _number("--sigma", args.sigma, 0)
+    _number("--outlier-factor", args.outlier_factor, 0, low_open=True)
     if args.noise != "fixed" and args.mode != "gaussian":
         raise UsageError(f"--noise {args.noise} scales gaussian noise; it does nothing with --mode {args.mode}")
     _check_device(args.device)
@@ -398,6 +406,7 @@ def cmd_perturb(args) -> int:
                          "another path")
     result = perturb_run(args.run, mode=args.mode, fractions=args.fractions, neurons_from=args.neurons_from,
                          sigma=args.sigma, noise=args.noise, draws=args.draws, seed=args.seed,
+                         control=args.control, outlier_factor=args.outlier_factor,
                          max_test=args.max_test, split=args.split, batch_size=args.batch_size, device=args.device,
                          data=args.data, progress=not args.no_progress)
     save_perturbation(result, out)

@@ -11,8 +11,13 @@ METHOD.md sections 4-6. The selected neurons are perturbed at every token positi
 - ``zero``: ``a = 0``;
 - ``mean``: ``a = threshold`` averaged over the prompt slots (:func:`skillkern.runs.prompt_thresholds`).
 
-The control perturbs, in each layer, the same number of neurons drawn uniformly at random, ``draws`` times
-(independent seeded draws). Skill and control are judged on the same test rows by a paired test
+The control perturbs, in each layer, the same number of neurons drawn at random, ``draws`` times (independent
+seeded draws): ``uniform`` draws them uniformly (the paper's control); ``matched`` first finds the layer's
+*massive-activation* neurons (:func:`massive_neurons`: an RMS activation over ``outlier_factor`` times the layer's
+median, over the same training rows as ``noise="neuron"``) and draws as many of them as the skill selection of
+that layer holds (usually none), the rest uniformly from the other neurons. In all-MiniLM-L6-v2 five such neurons
+(RMS 24-37x the median; the next is 9x) break the model to chance when perturbed alone, so a uniform control's
+accuracy mostly says whether a draw hit one of them. Skill and control are judged on the same test rows by a paired test
 (:func:`paired_difference`): a bootstrap over rows (and draws, and runs) gives a confidence interval on the accuracy
 difference, and McNemar's exact test compares the skill perturbation with each random draw.
 """
@@ -37,12 +42,47 @@ logger = logging.getLogger(__name__)
 
 MODES = ("gaussian", "zero", "mean")
 NOISE_SCALES = ("fixed", "neuron")
+CONTROLS = ("uniform", "matched")
+#: default RMS factor over the layer median that makes a neuron massive (all-MiniLM-L6-v2: 24-37x vs at most 9x)
+OUTLIER_FACTOR = 16.0
 
 
-def random_selection(counts: Sequence[int], width: int, seed: int) -> list[torch.Tensor]:
-    """The control: per layer, ``counts[l]`` neurons drawn uniformly without replacement (seeded)."""
+def massive_neurons(rms: torch.Tensor, factor: float = OUTLIER_FACTOR) -> list[torch.Tensor]:
+    """Per layer, the int64 indices of the neurons whose RMS activation exceeds ``factor`` times the layer's
+    median RMS.
+
+    Args:
+        rms: (L, D) root mean square activation of every neuron (over real token positions).
+    """
+    if not factor > 0:
+        raise ValueError(f"the outlier factor must be positive, got {factor!r}")
+    med = rms.median(dim=1, keepdim=True).values
+    return [torch.nonzero(row > factor * m).flatten() for row, m in zip(rms, med)]
+
+
+def random_selection(counts: Sequence[int], width: int, seed: int, *, skill: Optional[Sequence[torch.Tensor]] = None,
+                     massive: Optional[Sequence[torch.Tensor]] = None) -> list[torch.Tensor]:
+    """The control: per layer, ``counts[l]`` neurons drawn without replacement (seeded).
+
+    Uniform without ``massive``. With ``massive`` (per-layer indices, :func:`massive_neurons`) and ``skill`` (the
+    skill selection, per layer), the matched control: as many massive neurons as ``skill[l]`` holds, drawn from
+    ``massive[l]``, and the rest uniformly from the other neurons of the layer.
+    """
     gen = torch.Generator().manual_seed(int(seed))
-    return [torch.randperm(width, generator=gen)[:k].sort().values for k in counts]
+    if massive is None:
+        return [torch.randperm(width, generator=gen)[:k].sort().values for k in counts]
+    if skill is None:
+        raise ValueError("the matched control needs the skill selection")
+    out = []
+    for k, sel, big in zip(counts, skill, massive):
+        is_big = torch.zeros(width, dtype=torch.bool)
+        is_big[big] = True
+        m = int(is_big[sel].sum())
+        rest = torch.nonzero(~is_big).flatten()
+        pick = torch.cat([big[torch.randperm(big.numel(), generator=gen)[:m]],
+                          rest[torch.randperm(rest.numel(), generator=gen)[:k - m]]])
+        out.append(pick.sort().values)
+    return out
 
 
 def perturbation(selection: Sequence[torch.Tensor], mode: str = "gaussian", sigma: float = 0.1,
@@ -124,7 +164,7 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
                 neurons_from: Optional[str | Path] = None, sigma: float = 0.1, noise: str = "fixed",
                 draws: int = 3, seed: int = 0, max_test: Optional[int] = None, split: str = "test",
                 batch_size: int = 32, device=None, data: Optional[str] = None, std_rows: int = 256,
-                progress: bool = True) -> dict:
+                control: str = "uniform", outlier_factor: float = OUTLIER_FACTOR, progress: bool = True) -> dict:
     """Accuracy of a run's model with its (or another run's) skill neurons perturbed, beside the random control.
 
     The run, the scores the neurons come from and the split are checked before the model is loaded.
@@ -136,6 +176,11 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
         noise: ``fixed`` (gaussian sigma) or ``neuron`` (sigma times each neuron's activation std,
             :func:`neuron_std` over the first ``std_rows`` training rows).
         draws: independent random controls per fraction.
+        seed: seeds the noise and the random draws (give independent runs different seeds: the same seed draws the
+            same random neurons in every run of a model).
+        control: ``uniform`` or ``matched`` (massive-activation neurons matched to the skill selection; the
+            moments come from the first ``std_rows`` training rows, :func:`token_moments`).
+        outlier_factor: RMS over the layer median that makes a neuron massive (``matched``).
         max_test: first N rows of the test split (default: the run's ``max_test``).
 
     Returns:
@@ -156,6 +201,10 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
         raise ValueError(f"fractions must be in [0, 1], got {list(fractions)}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    if control not in CONTROLS:
+        raise ValueError(f"unknown control {control!r}; choose one of {CONTROLS}")
+    if not outlier_factor > 0:
+        raise ValueError(f"the outlier factor must be positive, got {outlier_factor!r}")
     info = check_run(run)
     s = TuneSettings(**info["settings"])
     source = Path(neurons_from) if neurons_from is not None else Path(run)
@@ -174,13 +223,17 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
         raise ValueError(f"{flag} {source}: its scores cover {shape[0]} layers x {shape[1]} neurons, but the model "
                          f"of {run} has {len(widths)} layers of widths {sorted(set(widths))}; take the neurons "
                          "of a run on the same model")
-    scale = None
-    if mode == "gaussian" and noise == "neuron":
-        scale = neuron_std(pm, take(run_splits(task, s)[0], std_rows), batch_size, s.max_length)
+    scale = massive = None
+    if (mode == "gaussian" and noise == "neuron") or control == "matched":
+        moments = token_moments(pm, take(run_splits(task, s)[0], std_rows), batch_size, s.max_length)
+        if mode == "gaussian" and noise == "neuron":
+            scale = moments.variance().sqrt()
+        if control == "matched":
+            massive = massive_neurons((moments.totals()[:, 1] / moments.positions()).sqrt(), outlier_factor)
     clean_rows = correct_rows(pm, test, batch_size, s.max_length)
     rows = _curve(pm, test, preds, fractions, clean_rows=clean_rows, mode=mode, sigma=sigma, scale=scale,
                   prompt_thresholds=values, draws=draws, seed=seed, batch_size=batch_size,
-                  max_length=s.max_length, progress=progress)
+                  max_length=s.max_length, massive=massive, progress=progress)
     return {
         "kind": PERTURB_KIND,
         "run": str(run), "task": info["task"], "subtask": info.get("subtask"),
@@ -189,6 +242,9 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
         "mode": mode, "sigma": sigma if mode == "gaussian" else None,
         "noise": noise if mode == "gaussian" else None,
         "noise_std_rows": min(std_rows, info["rows"]["train"]) if scale is not None else None,
+        "control": control, "outlier_factor": outlier_factor if massive is not None else None,
+        "massive_neurons": [t.tolist() for t in massive] if massive is not None else None,
+        "skill_massive": [r["skill_massive"] for r in rows] if massive is not None else None,
         "draws": draws, "seed": seed, "split": split,
         "test_rows": len(test), "clean_accuracy": float(clean_rows.double().mean()), "head": info["head_description"],
         "fractions": [r["fraction"] for r in rows], "skill": [r["skill"] for r in rows],
@@ -203,8 +259,9 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
 
 def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean_rows: torch.Tensor, mode: str,
            sigma: float, scale: Optional[torch.Tensor], prompt_thresholds: Optional[torch.Tensor], draws: int,
-           seed: int, batch_size: int, max_length: int, progress: bool) -> list:
-    """Per-row outcomes with the skill neurons, then ``draws`` times as many random ones, perturbed, for each q."""
+           seed: int, batch_size: int, max_length: int, massive: Optional[list], progress: bool) -> list:
+    """Per-row outcomes with the skill neurons, then ``draws`` times as many random ones, perturbed, for each q
+    (``massive``: per-layer massive-activation neurons for the matched control, or None for uniform)."""
     from tqdm.auto import tqdm
 
     width = next(iter(preds.values())).shape[1]
@@ -222,7 +279,8 @@ def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean_row
 
         skill_rows = run(skill, 0)
         # draw 0 keeps the single control of earlier versions (seed * 7919 + i); later draws get their own seeds
-        random_rows = torch.stack([run(random_selection(counts, width, seed=seed * 7919 + i + 1_000_003 * d), d + 1)
+        random_rows = torch.stack([run(random_selection(counts, width, seed=seed * 7919 + i + 1_000_003 * d,
+                                                        skill=skill, massive=massive), d + 1)
                                    for d in range(draws)])
         test_ = paired_difference(skill_rows[None], random_rows[None], seed=seed * 31 + i)
         acc_random = [float(r.double().mean()) for r in random_rows]
@@ -230,6 +288,8 @@ def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean_row
                      "random": float(sum(acc_random) / draws), "random_draws": acc_random,
                      "difference": test_["difference"], "difference_ci": test_["ci"],
                      "mcnemar_p": [mcnemar_p(skill_rows, r) for r in random_rows],
+                     "skill_massive": None if massive is None else [int(torch.isin(a, b).sum())
+                                                                    for a, b in zip(skill, massive)],
                      "outcomes": (encode_outcomes(skill_rows), [encode_outcomes(r) for r in random_rows])})
         logger.info("q=%.2f: %d neurons, accuracy %.4f (skill) vs %.4f (random, %d draws); difference %+.4f "
                     "[%+.4f, %+.4f]", q, sum(counts), rows[-1]["skill"], rows[-1]["random"], draws,
@@ -237,17 +297,22 @@ def _curve(pm, test: list, preds: dict, fractions: Sequence[float], *, clean_row
     return rows
 
 
-def neuron_std(pm, examples: Sequence, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-    """(L, D) float64: each neuron's activation standard deviation (sample, n - 1) over every real token position
-    (prompt slots included) of ``examples`` through the clean prompted model ``pm``, from the streaming moments
-    pass (:func:`skillkern.scoring.collect_moments`; the one-pass variance's rounding error is bounded in
-    :mod:`skillkern.stats`)."""
+def token_moments(pm, examples: Sequence, batch_size: int = 32, max_length: int = 128):
+    """The :class:`~skillkern.stats.NeuronMoments` of every FFN neuron over every real token position (prompt
+    slots included) of ``examples`` through the clean prompted model ``pm``: the streaming moments pass
+    (:func:`skillkern.scoring.collect_moments`)."""
     from .scoring import collect_moments
 
-    moments = collect_moments(pm.backbone, pm.tokenizer, examples, positions="tokens",
-                              forward=lambda _model, batch: pm(**batch.inputs), batch_size=batch_size,
-                              max_length=max_length)
-    return moments.variance().sqrt()
+    return collect_moments(pm.backbone, pm.tokenizer, examples, positions="tokens",
+                           forward=lambda _model, batch: pm(**batch.inputs), batch_size=batch_size,
+                           max_length=max_length)
+
+
+def neuron_std(pm, examples: Sequence, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+    """(L, D) float64: each neuron's activation standard deviation (sample, n - 1) over every real token position
+    of ``examples`` (:func:`token_moments`; the one-pass variance's rounding error is bounded in
+    :mod:`skillkern.stats`)."""
+    return token_moments(pm, examples, batch_size, max_length).variance().sqrt()
 
 
 def encode_outcomes(correct: torch.Tensor) -> str:

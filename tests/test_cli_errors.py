@@ -329,6 +329,7 @@ CASES = [
     ("perturb-sigma", PO + " --sigma -1", ["--sigma must be >= 0"], None, None, False),
     ("perturb-seed", PO + " --seed -1", ["--seed must be >= 0"], None, None, False),
     ("perturb-draws", PO + " --draws 0", ["--draws must be >= 1"], None, None, False),
+    ("perturb-outlier-factor", PO + " --outlier-factor 0", ["--outlier-factor must be > 0"], None, None, False),
     ("perturb-noise-mode", PO + " --mode mean --noise neuron", ["--noise neuron", "--mode mean"], None, None,
      False),
     ("perturb-max-test", PO + " --max-test 0", ["--max-test must be >= 1"], None, None, False),

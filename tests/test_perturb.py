@@ -11,8 +11,8 @@ import torch
 from skillkern.batching import iter_batches
 from skillkern.data import Example
 from skillkern.models import ARCHITECTURES, capture_neurons, load_model
-from skillkern.perturb import (decode_outcomes, encode_outcomes, mcnemar_p, neuron_std, paired_difference,
-                               perturbation)
+from skillkern.perturb import (decode_outcomes, encode_outcomes, massive_neurons, mcnemar_p, neuron_std,
+                               paired_difference, perturbation, random_selection)
 from skillkern.prompt import PromptModel, describe_head
 from skillkern.tune import correct_rows, evaluate
 from tiny_models import MINILM_VOCAB, tiny_model
@@ -144,6 +144,40 @@ def test_neuron_scaled_noise():
     torch.testing.assert_close(scaled[..., 1], 2.0 * plain[..., 1])  # the same draw, times each neuron's scale
     torch.testing.assert_close(scaled[..., 4], 0.5 * plain[..., 4])
     assert torch.equal(scaled[..., [0, 2, 3, 5]], h[..., [0, 2, 3, 5]])
+
+
+def test_massive_neurons_are_far_above_their_layer_median():
+    rms = torch.full((3, 40), 0.2, dtype=torch.float64)
+    rms[0, 7], rms[0, 9] = 4.0, 3.0   # 20x and 15x the median: only the first is massive at 16
+    rms[2, 0] = 10.0
+    got = massive_neurons(rms, 16.0)
+    assert [t.tolist() for t in got] == [[7], [], [0]]
+    assert [t.tolist() for t in massive_neurons(rms, 10.0)] == [[7, 9], [], [0]]
+    with pytest.raises(ValueError, match="outlier factor must be positive"):
+        massive_neurons(rms, 0.0)
+
+
+def test_uniform_and_matched_random_selection():
+    width, counts = 50, [5, 10, 0]
+    g = torch.Generator().manual_seed(11)
+    uniform = random_selection(counts, width, seed=11)
+    assert [t.tolist() for t in uniform] == [torch.randperm(width, generator=g)[:k].sort().values.tolist()
+                                             for k in counts]  # the paper's control, as before
+    massive = [torch.tensor([3, 8, 40]), torch.tensor([1]), torch.tensor([], dtype=torch.int64)]
+    for seed in range(20):
+        none = torch.tensor([], dtype=torch.int64)
+        for skill, want in (([torch.tensor([0, 2, 4, 6, 10]), torch.arange(20, 30), none], [0, 0, 0]),
+                            ([torch.tensor([3, 8, 9, 10, 11]), torch.tensor([1, *range(30, 39)]),
+                              torch.tensor([], dtype=torch.int64)], [2, 1, 0])):
+            sel = random_selection(counts, width, seed=seed, skill=skill, massive=massive)
+            assert [t.numel() for t in sel] == counts and all(t.unique().numel() == t.numel() for t in sel)
+            assert [int(torch.isin(t, m).sum()) for t, m in zip(sel, massive)] == want
+            assert all(bool((t >= 0).all() and (t < width).all()) for t in sel)
+    a = random_selection(counts, width, seed=5, skill=skill, massive=massive)
+    b = random_selection(counts, width, seed=5, skill=skill, massive=massive)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # seeded
+    with pytest.raises(ValueError, match="needs the skill selection"):
+        random_selection(counts, width, seed=0, massive=massive)
 
 
 def test_neuron_std_equals_brute_force(tokenizer):

@@ -156,3 +156,15 @@ def test_perturbing_planted_neurons_drops_accuracy_far_below_random(planted_run,
     low, high = res["difference_ci"][1]
     assert high < -0.15  # the paired interval excludes "no difference" by a wide margin
     assert max(res["mcnemar_p"][1]) < 1e-6
+
+
+def test_the_matched_control_is_conservative_where_skill_and_magnitude_coincide(planted_run):
+    """In this model the planted neurons are the only active ones, so they are also the only massive ones: the
+    matched control draws them as often as the skill selection holds them, and sees no difference. It asks
+    whether skill neurons matter beyond their activation magnitude, and cannot answer where the two coincide."""
+    run, _ = planted_run
+    res = perturb_run(run, mode="mean", fractions=(0.0, 0.05), draws=3, seed=0, control="matched", progress=False)
+    assert res["control"] == "matched" and res["outlier_factor"] == 16.0
+    assert res["massive_neurons"] == [[j] for j in PLANTED]
+    assert res["skill_massive"] == [[0, 0], [1, 1]]
+    assert res["random_draws"][1] == [res["skill"][1]] * 3 and res["difference"][1] == 0.0
