@@ -92,6 +92,41 @@ def learned(results: dict, head: str, task: str) -> bool:
     return _mean(accs) > results["majority"][task] + 0.03
 
 
+def massive_lines(results: dict) -> list[str]:
+    """With the matched control: the massive-activation neurons the runs found, and how often skill selections hold
+    them (from the perturbation summaries in results.json)."""
+    if results.get("control") != "matched":
+        return []
+    found: dict = {}
+    runs = holding = 0
+    factor = None
+    for per_task in results["tasks"].values():
+        for recs in per_task.values():
+            for r in recs:
+                pert = next(iter(r["perturbation"].values()), None)
+                if not pert or pert.get("massive_neurons") is None:
+                    continue
+                runs += 1
+                factor = pert["outlier_factor"]
+                for layer, ids in enumerate(pert["massive_neurons"]):
+                    for i in ids:
+                        found[(layer, i)] = found.get((layer, i), 0) + 1
+                holding += any(sum(row) for row in pert["skill_massive"])
+    if not runs:
+        return []
+    names = ", ".join(f"layer {layer} #{i}" + ("" if n == runs else f" ({n} of {runs} runs)")
+                      for (layer, i), n in sorted(found.items()))
+    return [f"- **Massive-activation neurons decide a uniform random control.** In the {runs} perturbed runs a few "
+            f"neurons have an RMS activation over {factor:g}x their layer's median: {names}. "
+            "Perturbing a random set that contains one of them can break the model to chance, so the accuracy of a "
+            "uniform random control mostly says whether a draw hit one. The random control here is matched: it "
+            "holds as many massive neurons as the skill selection (the skill selection holds at least one in "
+            f"{holding} of {runs} runs, at some fraction), and every run draws its own neurons. (An earlier version "
+            "of this study used uniform draws with one seed, the same neurons in every run: its significant "
+            "differences, in both directions, mostly reflected which of those draws hit a massive neuron; it is "
+            "superseded.)"]
+
+
 def summary_lines(results: dict) -> list[str]:
     """The "what holds, what does not" section: computed statements, no typed numbers."""
     q = max(results["fractions"])
@@ -125,6 +160,7 @@ def summary_lines(results: dict) -> list[str]:
                      "of each layer (95% paired interval pooled over seeds, test rows and random draws; tasks whose "
                      "prompt left chance): " + ". ".join(parts) + "."
                      + (f" At chance, not counted: {', '.join(at_chance)}." if at_chance else ""))
+    lines += massive_lines(results)
     if n_tests:
         lines.append(f"- **Multiplicity**: the lines above read {n_tests} intervals at 95%; about "
                      f"{0.05 * n_tests:.1f} of them are expected to exclude zero by chance alone, so a single "
@@ -191,6 +227,7 @@ def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BE
     s = results["settings"]
     fr = [q for q in results["fractions"] if q > 0]
     heads = list(results["tasks"])
+    keys = list(results["perturbations"])
     seeds = sorted({len(v) for per in results["seeds"].values() for v in per.values()})
     lines = [
         "# Results: skill neurons of all-MiniLM-L6-v2, reproduced on real data",
@@ -224,9 +261,12 @@ def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BE
         "METHOD.md tunes a separate prompt per sub-task; we reuse the 3-class prompt to halve the tuning cost.",
         "- AG News and DBpedia: the paper used unspecified binary variants; we use their first two classes "
         "(World vs Sports; Company vs EducationalInstitution), class-balanced.",
-        "- Perturbation of q% of each layer's neurons at every position of every layer, three ways: "
-        + "; ".join(PERTURBATION_NAMES.values()) + ". Beside each, " + f"{s['draws']} independent draws of as many "
-        "uniformly random neurons per layer. Skill vs random is judged on the same test rows by a paired "
+        f"- Perturbation of q% of each layer's neurons at every position of every layer, {len(keys)} way(s): "
+        + "; ".join(PERTURBATION_NAMES[k] for k in keys) + ". Beside each, " + f"{s['draws']} independent draws of as "
+        + ("many random neurons per layer, each run with its own seed, **matched for massive-activation neurons** (as "
+           "many of them as the skill selection holds, the rest uniform; `skillkern perturb --control matched`)."
+           if results.get("control") == "matched" else "many uniformly random neurons per layer.")
+        + " Skill vs random is judged on the same test rows by a paired "
         "bootstrap (2,000 resamples of seeds, test rows and random draws) giving a 95% interval on the accuracy "
         "difference; McNemar's exact test per run and draw is in the JSON.",
         f"- Seeds per task: {', '.join(map(str, seeds))} (per task and head in results.json). The paper ran 5.",

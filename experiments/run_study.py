@@ -24,6 +24,7 @@ import logging
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -115,17 +116,32 @@ def perturb_file(run: Path, key: str, neurons_from: Path | None = None) -> Path:
     return run / (f"perturb_{key}.json" if neurons_from is None else f"perturb_{key}_prompt_neurons.json")
 
 
+def perturb_seed(run: Path) -> int:
+    """The seed of a run's random draws and noise: its own (a CRC of ``task/head/seed<k>``), so that no two runs
+    draw the same random neurons (one shared seed drew the same neurons of the same frozen model in every run, and
+    pooling runs then counted one draw as many)."""
+    return zlib.crc32("/".join(run.parts[-3:]).encode()) % 1_000_003
+
+
 def ensure_perturb(run: Path, args, key: str = "gaussian", neurons_from: Path | None = None) -> dict:
-    """The run's perturbation result ``key`` (:data:`PERTURBATIONS`), computed and saved when missing."""
+    """The run's perturbation result ``key`` (:data:`PERTURBATIONS`), computed and saved when missing; an
+    existing result made with another control or seed is an error, never silently reused."""
     out = perturb_file(run, key, neurons_from)
+    seed = perturb_seed(run)
     if not done(out):
         mode, noise, sigma = PERTURBATIONS[key]
         t = time.perf_counter()
         result = perturb_run(run, mode=mode, noise=noise, sigma=sigma, fractions=args.fractions,
-                             neurons_from=neurons_from, draws=args.draws, seed=0, progress=False)
+                             neurons_from=neurons_from, draws=args.draws, seed=seed, control=args.control,
+                             progress=False)
         save_perturbation(result, out)
         log.info("perturbed %s (%s) in %.0fs", run, key, time.perf_counter() - t)
-    return json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    made = (result.get("control", "uniform"), result.get("seed"))
+    if made != (args.control, seed):
+        raise SystemExit(f"{out} was made with control {made[0]} and seed {made[1]}, not control {args.control} and "
+                         f"seed {seed}: move it away to recompute it, or pass --control {made[0]}")
+    return result
 
 
 def summary(pert: dict | None) -> dict | None:
@@ -190,13 +206,13 @@ def study_run(work: Path, name: str, head: str, seed: int, args) -> dict | None:
     the run is not finished). A run that stays at chance is not perturbed (its ``perturbation`` is empty)."""
     run = work / name / head / f"seed{seed}"
     settings = settings_for(args, seed, head)
-    if args.cached_only and not (all(perturb_file(run, k).exists() for k in PERTURBATIONS) or (
+    if args.cached_only and not (all(perturb_file(run, k).exists() for k in args.perturbations) or (
             (run / "run.json").is_file() and not learns(read_run(run), name, settings)
             and all(scores_path(run, s).is_file() for s in (("pn", "neu") if name in MULTICLASS else (None,))))):
         return None
     info = ensure_run(run, name, settings, args)
     ensure_scores(run, name)
-    perts = {k: ensure_perturb(run, args, k) for k in PERTURBATIONS} if learns(info, name, settings) else {}
+    perts = {k: ensure_perturb(run, args, k) for k in args.perturbations} if learns(info, name, settings) else {}
     pred = task_predictivity(run)
     return {"seed": seed, "dev_accuracy": info["dev_accuracy"], "test_accuracy": info["test_accuracy"],
             "best_predictivity": float(pred.max()), "layer_profile": layer_profile(pred),
@@ -225,6 +241,10 @@ def main() -> int:
     p.add_argument("--max-test", type=int, default=800)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--draws", type=int, default=3, help="random controls per fraction")
+    p.add_argument("--control", default="matched", choices=["matched", "uniform"],
+                   help="the random control (skillkern perturb --control; default matched)")
+    p.add_argument("--perturbations", default=",".join(PERTURBATIONS),
+                   help=f"comma-separated perturbations to run and report (default {','.join(PERTURBATIONS)})")
     p.add_argument("--skip-extras", action="store_true", help="only tune/score/perturb")
     p.add_argument("--cached-only", action="store_true",
                    help="compute nothing: report what earlier invocations finished (missing parts are left out); "
@@ -246,6 +266,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     args.fractions = FRACTIONS
     tasks = [t for t in args.tasks.split(",") if t]
+    args.perturbations = [k for k in args.perturbations.split(",") if k]
+    if not args.perturbations or any(k not in PERTURBATIONS for k in args.perturbations):
+        raise SystemExit(f"--perturbations: choose from {list(PERTURBATIONS)}, got {args.perturbations}")
     heads = [h for h in args.heads.split(",") if h]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -288,7 +311,8 @@ def main() -> int:
     # 2. per head: the paired test pooled over seeds, and the correlation of predictivity between tasks
     pooled, correlation = {}, {}
     for head, per_task in rows.items():
-        pooled[head] = {t: {k: pooled_test([r["_outcomes"][k] for r in recs if r["_outcomes"]]) for k in PERTURBATIONS}
+        pooled[head] = {t: {k: pooled_test([r["_outcomes"][k] for r in recs if r["_outcomes"]])
+                            for k in args.perturbations}
                         for t, recs in per_task.items() if any(r["_outcomes"] for r in recs)}
         names = list(per_task)
         preds = {n: combine_runs([task_predictivity(work / n / head / f"seed{r['seed']}") for r in per_task[n]])
@@ -350,7 +374,8 @@ def main() -> int:
         "study_tasks": {"learning": list(LEARNING_TASKS), "chance": [t for t in TASKS if t not in LEARNING_TASKS]},
         "settings": {k: getattr(args, k) for k in ("prompt_len", "epochs", "lr", "max_length", "max_train",
                                                     "max_dev", "max_test", "eval_every", "draws")},
-        "perturbations": {k: dict(zip(("mode", "noise", "sigma"), v)) for k, v in PERTURBATIONS.items()},
+        "perturbations": {k: dict(zip(("mode", "noise", "sigma"), PERTURBATIONS[k])) for k in args.perturbations},
+        "control": args.control,
         "fractions": list(FRACTIONS), "seeds": {h: {t: [r["seed"] for r in v] for t, v in per.items()}
                                                 for h, per in rows.items()},
         "tasks": rows, "pooled": pooled, "correlation": correlation,

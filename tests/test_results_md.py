@@ -101,6 +101,21 @@ def test_a_task_whose_runs_stayed_at_chance_is_listed_not_perturbed(tmp_path):
     assert "read 3 intervals at 95%" in text
 
 
+def test_the_matched_control_names_the_massive_neurons(tmp_path):
+    out = _study(tmp_path, {"sst2": (-0.1, (-0.15, -0.05)), "imdb": (0.0, (-0.1, 0.1))})
+    results = json.loads((out / "results.json").read_text())
+    results["control"] = "matched"
+    for task, massive, holds in (("sst2", [[3], [1, 7]], [[0, 0], [0, 1]]), ("imdb", [[3], [7]], [[0, 0], [0, 0]])):
+        for pert in results["tasks"]["verbalizer"][task][0]["perturbation"].values():
+            pert.update(massive_neurons=massive, skill_massive=holds, outlier_factor=16.0)
+    (out / "results.json").write_text(json.dumps(results))
+    text = _write(out, tmp_path / "no-benchmarks")
+    assert ("In the 2 perturbed runs a few neurons have an RMS activation over 16x their layer's median: layer 0 #3, "
+            "layer 1 #1 (1 of 2 runs), layer 1 #7." in text)
+    assert "holds at least one in 1 of 2 runs" in text
+    assert "**matched for massive-activation neurons**" in text
+
+
 def test_speed_table_reads_the_newest_rows_of_the_benchmark_csv(tmp_path):
     out = _study(tmp_path, {"sst2": (-0.1, (-0.15, -0.05))})
     bench = tmp_path / "bench"
