@@ -343,6 +343,11 @@ def test_cli_tune_score_perturb_end_to_end(tiny_dir, tmp_path):
     assert res["skill"][0] == res["random"][0] == res["clean_accuracy"]
     assert sum(res["neurons_per_layer"][1]) == 2 * 2 * int(0.1 * WIDTH)  # 2 layers x 2q per layer
     assert (run / "perturb_gaussian.png").is_file() and "skill" in r.stdout
+    subprocess.run(base + ["perturb", "--run", str(run), "--mode", "mean", "--fractions", "0,0.1", "--control",
+                           "matched", "--no-progress"], check=True, cwd=ROOT, capture_output=True, text=True)
+    res = json.loads((run / "perturb_mean.json").read_text())
+    assert res["control"] == "matched" and len(res["massive_neurons"]) == len(res["neurons_per_layer"][1])
+    assert len(res["skill_massive"]) == 2 and res["random_draws"][0] == [res["clean_accuracy"]] * 3
     bad = subprocess.run(base + ["perturb", "--run", str(tmp_path / "nope")], cwd=ROOT, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "not a run folder" in bad.stderr
