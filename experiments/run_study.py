@@ -207,12 +207,14 @@ def study_run(work: Path, name: str, head: str, seed: int, args) -> dict | None:
     run = work / name / head / f"seed{seed}"
     settings = settings_for(args, seed, head)
     if args.cached_only and not (all(perturb_file(run, k).exists() for k in args.perturbations) or (
-            (run / "run.json").is_file() and not learns(read_run(run), name, settings)
+            (run / "run.json").is_file() and not args.quick and not learns(read_run(run), name, settings)
             and all(scores_path(run, s).is_file() for s in (("pn", "neu") if name in MULTICLASS else (None,))))):
         return None
     info = ensure_run(run, name, settings, args)
     ensure_scores(run, name)
-    perts = {k: ensure_perturb(run, args, k) for k in args.perturbations} if learns(info, name, settings) else {}
+    # --quick perturbs every run: its tiny runs stay at chance, and the smoke test must exercise perturbation
+    perts = ({k: ensure_perturb(run, args, k) for k in args.perturbations}
+             if args.quick or learns(info, name, settings) else {})
     pred = task_predictivity(run)
     return {"seed": seed, "dev_accuracy": info["dev_accuracy"], "test_accuracy": info["test_accuracy"],
             "best_predictivity": float(pred.max()), "layer_profile": layer_profile(pred),
@@ -295,8 +297,9 @@ def main() -> int:
                 rec = study_run(work, name, head, seed, args)
                 if rec is not None:
                     rows[head].setdefault(name, []).append(rec)
-                    shutil.copy(perturb_file(work / name / head / f"seed{seed}", "mean").with_suffix(".png"),
-                                out / "perturbation" / f"{name}_{head}_seed{seed}.png")
+                    png = perturb_file(work / name / head / f"seed{seed}", "mean").with_suffix(".png")
+                    if png.is_file():  # runs at chance are not perturbed
+                        shutil.copy(png, out / "perturbation" / f"{name}_{head}_seed{seed}.png")
     rows = {h: {t: rows[h][t] for t in tasks if t in rows[h]} for h in heads}
     rows = {h: v for h, v in rows.items() if v}
 
