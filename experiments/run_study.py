@@ -206,15 +206,18 @@ def study_run(work: Path, name: str, head: str, seed: int, args) -> dict | None:
     the run is not finished). A run that stays at chance is not perturbed (its ``perturbation`` is empty)."""
     run = work / name / head / f"seed{seed}"
     settings = settings_for(args, seed, head)
-    if args.cached_only and not (all(perturb_file(run, k).exists() for k in args.perturbations) or (
-            (run / "run.json").is_file() and not args.quick and not learns(read_run(run), name, settings)
-            and all(scores_path(run, s).is_file() for s in (("pn", "neu") if name in MULTICLASS else (None,))))):
+    perturbed = all(perturb_file(run, k).exists() for k in args.perturbations)
+    # --quick perturbs every run: its tiny runs stay at chance, and the smoke test must exercise perturbation
+    tuned = (run / "run.json").is_file()
+    at_chance = not perturbed and not args.quick and tuned and not learns(read_run(run), name, settings)
+    if args.cached_only and not (perturbed or (at_chance and all(
+            scores_path(run, s).is_file() for s in (("pn", "neu") if name in MULTICLASS else (None,))))):
         return None
     info = ensure_run(run, name, settings, args)
     ensure_scores(run, name)
-    # --quick perturbs every run: its tiny runs stay at chance, and the smoke test must exercise perturbation
-    perts = ({k: ensure_perturb(run, args, k) for k in args.perturbations}
-             if args.quick or learns(info, name, settings) else {})
+    if not perturbed and not args.quick and not tuned:
+        at_chance = not learns(info, name, settings)  # tuned just now
+    perts = {} if at_chance else {k: ensure_perturb(run, args, k) for k in args.perturbations}
     pred = task_predictivity(run)
     return {"seed": seed, "dev_accuracy": info["dev_accuracy"], "test_accuracy": info["test_accuracy"],
             "best_predictivity": float(pred.max()), "layer_profile": layer_profile(pred),

@@ -17,8 +17,8 @@ seeded draws): ``uniform`` draws them uniformly (the paper's control); ``matched
 median, over the same training rows as ``noise="neuron"``) and draws as many of them as the skill selection of
 that layer holds (usually none), the rest uniformly from the other neurons. In all-MiniLM-L6-v2 five such neurons
 (RMS 24-37x the median; the next is 9x) break the model to chance when perturbed alone, so a uniform control's
-accuracy mostly says whether a draw hit one of them. Skill and control are judged on the same test rows by a paired test
-(:func:`paired_difference`): a bootstrap over rows (and draws, and runs) gives a confidence interval on the accuracy
+accuracy mostly says whether a draw hit one of them. Skill and control are judged on the same test rows by a
+paired test (:func:`paired_difference`): a bootstrap over rows (and draws, and runs) gives a confidence interval on the accuracy
 difference, and McNemar's exact test compares the skill perturbation with each random draw.
 """
 
@@ -229,7 +229,7 @@ def perturb_run(run: str | Path, *, mode: str = "gaussian", fractions: Sequence[
         if mode == "gaussian" and noise == "neuron":
             scale = moments.variance().sqrt()
         if control == "matched":
-            massive = massive_neurons((moments.totals()[:, 1] / moments.positions()).sqrt(), outlier_factor)
+            massive = massive_neurons(moments.l2_norm() / math.sqrt(moments.positions()), outlier_factor)  # RMS
     clean_rows = correct_rows(pm, test, batch_size, s.max_length)
     rows = _curve(pm, test, preds, fractions, clean_rows=clean_rows, mode=mode, sigma=sigma, scale=scale,
                   prompt_thresholds=values, draws=draws, seed=seed, batch_size=batch_size,
