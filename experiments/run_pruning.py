@@ -112,10 +112,53 @@ def run_all(runs: list[Path], out: Path, args) -> dict:
                          cell["test_accuracy_pruned_retuned"])
     majority = {task: majority_rate(run) for (task, _), run in sorted(seen.items())}
     results = aggregate(cells, majority, args.criteria, args.fractions)
+    for (task, seed), run in sorted(seen.items()):
+        mine = [c for c in cells if (c["task"], c["run_seed"]) == (task, seed)]
+        found = massive_kept(run, args.work, task, seed, mine)
+        if found is not None:
+            results["tasks"][task].setdefault("massive", {})[str(seed)] = found
     results.update(fill=args.fill, layers=args.layers, retune_epochs=args.retune_epochs, quick=args.quick)
     atomic_write_text(out / "pruning_criteria.json", json.dumps(results, indent=1) + "\n")
     plot_criteria(results, out / "pruning_criteria.png")
     return results
+
+
+def massive_kept(run: Path, work: Path, task: str, seed: int, cells: list[dict]) -> dict | None:
+    """Which of the run's massive-activation neurons each cell's criterion kept.
+
+    A massive neuron is one whose activation norm over the moments' positions is more than
+    ``skillkern.perturb.OUTLIER_FACTOR`` times its layer's median (:func:`skillkern.perturb.massive_neurons`, the
+    matched random control's rule); MiniLM has a handful, and folding one at its mean breaks the model. The kept
+    sets are recomputed with :func:`skillkern.prune.select_neurons` from the same moments file, scores and seed as
+    the cells (every selection is deterministic), so cells written before this existed are covered too.
+
+    Returns:
+        ``{"factor": the outlier factor, "neurons": {layer: [index, ...]} of the pruned layers, "kept":
+        {"criterion|q": count}}``, or None
+        when the run's moments file is not in ``work`` (nothing is recomputed then).
+    """
+    from skillkern.perturb import OUTLIER_FACTOR, massive_neurons
+    from skillkern.prune import select_neurons
+    from skillkern.runs import load_run, run_predictivity, skill_selection
+    from skillkern.stats import NeuronMoments
+
+    path = work / task.replace("/", "__").replace(":", "_") / f"seed{seed}" / "moments.safetensors"
+    if not path.is_file() or not cells:
+        log.info("%s seed %d: no moments file in %s; the massive neurons kept are not counted", task, seed, work)
+        return None
+    moments, _ = NeuronMoments.load(path)
+    massive = massive_neurons(moments.l2_norm(), OUTLIER_FACTOR)  # same positions per neuron: norm ranks as RMS
+    pm, _task, _info = load_run(run)
+    preds = run_predictivity(run) if any(c["criterion"] == "skill" for c in cells) else None
+    layers = cells[0]["pruned_layers"]
+    out = {"factor": OUTLIER_FACTOR, "neurons": {str(layer): massive[layer].tolist() for layer in layers}, "kept": {}}
+    for c in cells:
+        counts = {layer: c["kept_per_layer"] for layer in c["pruned_layers"]}
+        kept = select_neurons(pm.backbone, c["criterion"], counts, moments=moments, seed=seed,
+                              skill=skill_selection(preds, c["keep"]) if c["criterion"] == "skill" else None)
+        out["kept"][f"{c['criterion']}|{c['keep']:g}"] = sum(
+            int(torch.isin(kept[layer], massive[layer]).sum()) for layer in counts)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- aggregation
@@ -232,6 +275,7 @@ def criteria_table(results: dict) -> list[str]:
                         row.append(text)
                 out.append(f"| {criterion} | " + " | ".join(row) + " |")
             out.append("")
+            out += massive_table(e.get("massive"), results["criteria"], fr)
     total = sum(tally.values())
     summary = (f"On the tasks that learn, against the strongest other criterion at each kept fraction and setting "
                f"(paired over seeds, 95% interval of the difference), skill neurons win {tally['win']}, tie "
@@ -245,6 +289,32 @@ def criteria_table(results: dict) -> list[str]:
             "of the prompt on the pruned model. ± is the 95% t-interval over seeds; the seeds share the test rows, "
             "so it measures seed-to-seed variation, not test-set sampling.")
     return [summary, "", note] + out
+
+
+def massive_table(massive: dict | None, criteria, fractions) -> list[str]:
+    """Markdown lines: how many of the massive-activation neurons of the pruned layers each criterion kept, per
+    seed (:func:`massive_kept`); nothing when they were not counted."""
+    if not massive:
+        return []
+    seeds = sorted(massive, key=int)
+    named = {s: "; ".join(f"layer {layer} " + ", ".join(f"#{j}" for j in idx)
+                          for layer, idx in massive[s]["neurons"].items() if idx) or "none" for s in seeds}
+    where = (named[seeds[0]] if len(set(named.values())) == 1 else
+             "; ".join(f"seed {s}: {named[s]}" for s in seeds))
+    total = {s: sum(len(i) for i in massive[s]["neurons"].values()) for s in seeds}
+    factor = massive[seeds[0]]["factor"]
+    lines = [f"Massive-activation neurons in the pruned layers (activation norm over {factor:g}x the layer median, "
+             f"the matched perturbation control's rule): {where}. How many of them each criterion keeps, per seed "
+             f"({', '.join(seeds)}):", "",
+             "| criterion | " + " | ".join(f"{q * 100:g}%" for q in fractions) + " |",
+             "|---|" + "---|" * len(fractions)]
+    for criterion in criteria:
+        row = []
+        for q in fractions:
+            kept = [massive[s]["kept"].get(f"{criterion}|{q:g}") for s in seeds]
+            row.append("-" if None in kept else ", ".join(f"{k}/{total[s]}" for k, s in zip(kept, seeds)))
+        lines.append(f"| {criterion} | " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def plot_criteria(results: dict, path: Path) -> None:

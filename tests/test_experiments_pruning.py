@@ -66,9 +66,50 @@ def test_quick_comparison_is_resumable_and_reported(two_runs, tmp_path, monkeypa
     assert vs["flap"]["verdict"] in ("win", "tie", "lose")
     assert (out / "pruning_criteria.png").stat().st_size > 1000
 
+    # the massive neurons each criterion kept, recomputed from the moments files: against the cells' own counts
+    from skillkern.perturb import massive_neurons
+    from skillkern.stats import NeuronMoments
+
+    for seed in (0, 1):
+        m = toy["massive"][str(seed)]
+        moments, _ = NeuronMoments.load(out / "work" / "toy" / f"seed{seed}" / "moments.safetensors")
+        want = massive_neurons(moments.l2_norm(), m["factor"])
+        assert m["neurons"] == {str(layer): want[layer].tolist() for layer in cell["pruned_layers"]}
+        assert set(m["kept"]) == {f"{c}|{q:g}" for c in results["criteria"] for q in results["fractions"]}
+        total = sum(map(len, m["neurons"].values()))
+        assert all(0 <= k <= total for k in m["kept"].values())
+
+    # a planted massive neuron (its norm 100x the largest of layer 1): every moment criterion keeps it first,
+    # skill and random exactly when their own selections hold it
+    from skillkern.perturb import random_selection
+    from skillkern.runs import run_predictivity, skill_selection
+
+    moments, _ = NeuronMoments.load(out / "work" / "toy" / "seed0" / "moments.safetensors")
+    j = int(moments.l2_norm()[1].argmax())
+    moments.moments[1, :, 1, j] *= 1e4   # sum of squares: norm x 100
+    moments.moments[1, :, 2, j] *= 1e2   # sum of |a|
+    planted = tmp_path / "planted"
+    (planted / "toy" / "seed0").mkdir(parents=True)
+    moments.save(planted / "toy" / "seed0" / "moments.safetensors")
+    seed0 = [json.loads(p.read_text()) for p in sorted((out / "cells" / "toy" / "seed0").glob("*.json"))]
+    m = script.massive_kept(two_runs[0], planted, "toy", 0, seed0)
+    assert j in m["neurons"]["1"]
+    k = {q: next(c["kept_per_layer"] for c in seed0 if c["keep"] == q) for q in results["fractions"]}
+    preds = run_predictivity(two_runs[0])
+    for q in results["fractions"]:
+        for criterion in ("flap", "wanda", "magnitude"):
+            assert m["kept"][f"{criterion}|{q:g}"] >= 1
+        skill = skill_selection(preds, q)
+        assert m["kept"][f"skill|{q:g}"] == sum(int(i in skill[layer][: k[q]].tolist()) for layer in (0, 1)
+                                                for i in m["neurons"][str(layer)])
+        drawn = random_selection([k[q], k[q]], moments.width, 0)
+        assert m["kept"][f"random|{q:g}"] == sum(int(i in drawn[layer].tolist()) for layer in (0, 1)
+                                                 for i in m["neurons"][str(layer)])
+
     lines = script.criteria_table(results)
     text = "\n".join(lines)
     assert "skill neurons win" in lines[0] or "no verdict" in lines[0].lower()
+    assert "Massive-activation neurons in the pruned layers" in text
     assert "| skill |" in text and "| random |" in text and "**toy**" in text
 
     # a second run computes nothing: every cell is on disk
@@ -85,3 +126,16 @@ def test_verdicts_and_intervals():
     assert script.verdict({"mean": -0.1, "ci95": 0.05}) == "lose"
     assert script.verdict({"mean": 0.01, "ci95": 0.05}) == "tie"
     assert script.verdict({"mean": 0.1, "ci95": None}).startswith("n/a")
+
+
+def test_massive_table_counts_per_seed():
+    script = _script()
+    massive = {str(s): {"factor": 16.0, "neurons": {"2": [218, 1004], "3": [358], "4": []},
+                        "kept": {"skill|0.1": s, "flap|0.1": 3}} for s in (0, 1)}
+    text = "\n".join(script.massive_table(massive, ["skill", "flap", "wanda"], [0.1]))
+    assert "layer 2 #218, #1004; layer 3 #358." in text and "per seed (0, 1)" in text
+    assert "| skill | 0/3, 1/3 |" in text and "| flap | 3/3, 3/3 |" in text and "| wanda | - |" in text
+    massive["1"]["neurons"] = {"2": [5], "3": [], "4": []}
+    assert "seed 0: layer 2 #218, #1004; layer 3 #358; seed 1: layer 2 #5" in "\n".join(
+        script.massive_table(massive, ["skill"], [0.1]))
+    assert script.massive_table(None, ["skill"], [0.1]) == []
