@@ -581,19 +581,25 @@ def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESU
     return lines
 
 
+def results_md_path(out: Path, quick: bool) -> Path:
+    """Where RESULTS.md goes: the repository root for the committed study (``--out experiments/study``), else
+    ``out/RESULTS.md``, so that a preview in another folder or a --quick study never replaces the committed file."""
+    committed = (ROOT / "experiments" / "study").resolve()
+    return ROOT / "RESULTS.md" if not quick and Path(out).resolve() == committed else Path(out) / "RESULTS.md"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "experiments" / "study"),
                    help="the study's result folder (results.json, pruning.json, ...)")
     p.add_argument("--results-md", default=None,
-                   help="file to write (default: RESULTS.md at the repository root; OUT/RESULTS.md for a --quick "
-                        "study)")
+                   help="file to write (default: RESULTS.md at the repository root for the committed study, "
+                        "OUT/RESULTS.md for any other --out or a --quick study)")
     p.add_argument("--benchmarks", default=str(BENCHMARK_RESULTS), help="folder of the benchmark CSVs")
     args = p.parse_args(argv)
     out = Path(args.out)
     results = json.loads((out / "results.json").read_text())
-    path = Path(args.results_md) if args.results_md else (out / "RESULTS.md" if results.get("quick")
-                                                          else ROOT / "RESULTS.md")
+    path = Path(args.results_md) if args.results_md else results_md_path(out, bool(results.get("quick")))
     write_results_md(results, out, path, Path(args.benchmarks))
     print(f"wrote {path}")
     return 0

@@ -298,10 +298,10 @@ def main() -> int:
     if "transfer" in parts:
         part_transfer(tasks, work, out, args)
     if (out / "results.json").is_file():  # regenerate RESULTS.md with the new sections
-        from results_md import write_results_md
+        from results_md import results_md_path, write_results_md
 
         results = json.loads((out / "results.json").read_text())
-        write_results_md(results, out, ROOT / "RESULTS.md" if not results.get("quick") else out / "RESULTS.md")
+        write_results_md(results, out, results_md_path(out, bool(results.get("quick"))))
     return 0
 
 

@@ -12,8 +12,9 @@ perturbed three ways (gaussian noise at a fixed sigma, gaussian noise in units o
 ablation) beside ``--draws`` random controls, on at least 800 test rows where the split has them; a run that
 stays at chance (test accuracy within CHANCE_MARGIN of the majority rate) is scored, not perturbed. Runs live in
 ``--work/<task>/<head>/seed<k>``. Every step writes its output there and is skipped when that output exists, so an
-interrupted study continues where it stopped. The small results (JSON, CSV, PNG) and ``RESULTS.md`` go to
-``--out``; numbers in RESULTS.md are read from those files, never typed in.
+interrupted study continues where it stopped. The small results (JSON, CSV, PNG) go to ``--out``, RESULTS.md to
+the repository root (``--out``/RESULTS.md when ``--out`` is not the committed experiments/study, so a preview
+never replaces the committed file); numbers in RESULTS.md are read from those files, never typed in.
 """
 
 from __future__ import annotations
@@ -235,7 +236,8 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds for every task")
     p.add_argument("--extra-seeds", default="", help="task=seeds;... extra seeds for some tasks, e.g. sst2=3,4")
     p.add_argument("--work", default="runs/study", help="run folders (large; not committed)")
-    p.add_argument("--out", default="experiments/study", help="small results + RESULTS.md")
+    p.add_argument("--out", default="experiments/study",
+                   help="small results; RESULTS.md goes to the repository root for the default folder, else here")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--epochs", type=float, default=3)
@@ -392,9 +394,9 @@ def main() -> int:
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_table_csv(results, out / "table.csv")
     plot_overview(results, out / "perturbation_overview.png")
-    from results_md import write_results_md  # experiments/results_md.py
+    from results_md import results_md_path, write_results_md  # experiments/results_md.py
 
-    write_results_md(results, out, ROOT / "RESULTS.md" if not args.quick else out / "RESULTS.md")
+    write_results_md(results, out, results_md_path(out, args.quick))
     log.info("study done in %.0fs; wrote %s", time.perf_counter() - started, out)
     return 0
 

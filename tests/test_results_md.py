@@ -181,3 +181,22 @@ def test_pruning_criteria_section_from_its_json(tmp_path):
     assert "skill neurons win 2, tie 0 and lose 0 of 2 comparisons" in text
     assert "| skill | 0.810 ± 0.020 (win vs flap) | 0.810 ± 0.020 (win vs flap) |" in text
     assert "pruning_criteria/pruning_criteria.png" in text
+
+
+def test_a_preview_elsewhere_never_replaces_the_committed_results_md(tmp_path):
+    """RESULTS.md goes to the repository root only for the committed result folder; any other --out (a preview,
+    a --quick study) gets its own OUT/RESULTS.md."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_md_mod", ROOT / "experiments" / "results_md.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.results_md_path(ROOT / "experiments" / "study", False) == mod.ROOT / "RESULTS.md"
+    assert mod.results_md_path(ROOT / "experiments" / "study", True) == ROOT / "experiments" / "study" / "RESULTS.md"
+    assert mod.results_md_path(tmp_path, False) == tmp_path / "RESULTS.md"
+    out = _study(tmp_path, {"sst2": (-0.1, (-0.15, -0.05))})
+    before = (ROOT / "RESULTS.md").read_bytes()
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "results_md.py"), "--out", str(out),
+                        "--benchmarks", str(tmp_path / "none")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "RESULTS.md").is_file() and (ROOT / "RESULTS.md").read_bytes() == before
