@@ -33,7 +33,6 @@ from skillkern.tune import TuneSettings, evaluate
 
 from run_study import TASKS, task_data  # experiments/run_study.py (a script's own folder is first on sys.path)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("applications")
 

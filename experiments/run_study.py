@@ -40,7 +40,6 @@ from skillkern.transfer import task_predictivity as combined_predictivity
 from skillkern.runs import read_run, run_predictivity, run_splits, score_run, scores_path, tune_run
 from skillkern.tune import TuneSettings
 
-ROOT = Path(__file__).resolve().parents[1]
 
 log = logging.getLogger("study")
 
