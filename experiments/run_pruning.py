@@ -284,11 +284,30 @@ def criteria_table(results: dict) -> list[str]:
     if cells:
         summary += (f" By point estimate (mean over seeds), skill neurons are below the best other criterion in "
                     f"{below} of {cells} cells.")
+    share = massive_share(results)
+    if share:
+        summary += (" Of the massive-activation neurons in the pruned layers (tables below), the criteria keep "
+                    + ", ".join(f"{c} {v * 100:.0f}%" for c, v in share.items())
+                    + " (mean over the tasks that learn, their seeds and the kept fractions).")
     note = (f"Every criterion keeps the same number of neurons in each pruned layer ({results['layers']}) and folds "
             f"the others at the same fill value ({results['fill']}); re-tuning: {results['retune_epochs']} epoch(s) "
             "of the prompt on the pruned model. ± is the 95% t-interval over seeds; the seeds share the test rows, "
             "so it measures seed-to-seed variation, not test-set sampling.")
     return [summary, "", note] + out
+
+
+def massive_share(results: dict) -> dict[str, float]:
+    """Per criterion, the share of the massive-activation neurons of the pruned layers it keeps, averaged over the
+    tasks that learn, their seeds (those with any massive neuron) and the kept fractions; empty when not counted."""
+    shares: dict[str, list[float]] = {}
+    for e in results["tasks"].values():
+        if not e["learns"]:
+            continue
+        for m in (e.get("massive") or {}).values():
+            total = sum(map(len, m["neurons"].values()))
+            for key, kept in m["kept"].items() if total else ():
+                shares.setdefault(key.split("|")[0], []).append(kept / total)
+    return {c: float(np.mean(shares[c])) for c in results["criteria"] if c in shares}
 
 
 def massive_table(massive: dict | None, criteria, fractions) -> list[str]:

@@ -139,3 +139,16 @@ def test_massive_table_counts_per_seed():
     assert "seed 0: layer 2 #218, #1004; layer 3 #358; seed 1: layer 2 #5" in "\n".join(
         script.massive_table(massive, ["skill"], [0.1]))
     assert script.massive_table(None, ["skill"], [0.1]) == []
+
+
+def test_massive_share_averages_the_tasks_that_learn():
+    script = _script()
+    m = {"factor": 16.0, "neurons": {"2": [1, 2], "3": [3, 4]}, "kept": {"skill|0.1": 1, "skill|0.5": 2, "flap|0.1": 4,
+                                                                       "flap|0.5": 4}}
+    none = {"factor": 16.0, "neurons": {"2": []}, "kept": {"skill|0.1": 0, "flap|0.1": 0}}
+    results = {"criteria": ["skill", "flap", "random"],
+               "tasks": {"a": {"learns": True, "massive": {"0": m, "1": none}},
+                         "b": {"learns": False, "massive": {"0": dict(m, kept={"skill|0.1": 4, "flap|0.1": 0})}},
+                         "c": {"learns": True}}}
+    assert script.massive_share(results) == {"skill": pytest.approx(0.375), "flap": 1.0}
+    assert script.massive_share({"criteria": ["skill"], "tasks": {"c": {"learns": True}}}) == {}
