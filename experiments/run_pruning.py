@@ -4,16 +4,19 @@
     python experiments/run_pruning.py --quick --runs RUN [RUN ...] --out /tmp/pc      # a tiny smoke version (CI)
 
 For every tuned and scored run folder given (a task's seeds are the runs of that task), every criterion of
-``skillkern prune --criterion`` (skill, flap, wanda, magnitude, random) and every kept fraction (2%, 10%, 25%, 50%
-of each pruned layer), one ``prune_run`` with ``--retune``: the test accuracy of the pruned model and of the pruned
+``skillkern prune --criterion`` (skill, flap, wanda, magnitude, random; and ``skill+massive``: skill neurons with
+``--keep-massive``, the layer's few massive-activation neurons kept first) and every kept fraction (2%, 10%, 25%,
+50% of each pruned layer), one ``prune_run`` with ``--retune``: the test accuracy of the pruned model and of the pruned
 model after a short re-tuning of the prompt. Every criterion keeps the same count per layer and folds the pruned
 neurons at the same fill value (``--fill``, default ``tokens``: their mean over every real token of the training
 rows, so that only the choice of neurons differs); the moments are computed once per run and reused.
 
-Resumable: each cell (run, criterion, fraction) is one small JSON file, ``OUT/cells/<task>/seed<k>/<criterion>_<q>.json``,
-skipped when present; the pruned models go to ``--work`` and are deleted once their cell is written. At the end
-``OUT/pruning_criteria.json`` (means and 95% confidence intervals over seeds, and the paired comparison of skill
-neurons with each other criterion) and ``OUT/pruning_criteria.png``. ``experiments/results_md.py`` turns
+Resumable: each cell (run, criterion, fraction) is one small JSON file,
+``OUT/cells/<task>/seed<k>/<criterion>_<q>.json``, skipped when present; the pruned models go to ``--work`` and
+are deleted once their cell is written. At the end
+``OUT/pruning_criteria.json`` (means and 95% confidence intervals over seeds, the paired comparison of each
+task-aware criterion with each task-agnostic one, and how many massive-activation neurons each criterion kept)
+and ``OUT/pruning_criteria.png``. ``experiments/results_md.py`` turns
 ``experiments/study/pruning_criteria/pruning_criteria.json`` into a section of RESULTS.md with
 :func:`criteria_table` (the PNG is :func:`plot_criteria`'s); nothing is typed in by hand.
 """
@@ -39,6 +42,8 @@ from skillkern.tune import TuneSettings
 log = logging.getLogger("pruning")
 
 FRACTIONS = (0.02, 0.1, 0.25, 0.5)
+#: every criterion of ``skillkern prune``, and skill neurons with the massive-activation neurons kept first
+DEFAULT_CRITERIA = CRITERIA + ("skill+massive",)
 QUICK_FRACTIONS = (0.1, 0.5)
 SETTINGS = ("pruned", "retuned")
 #: two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: 1.96)
@@ -61,15 +66,30 @@ def cell_file(out: Path, task: str, seed: int, criterion: str, fraction: float) 
     return out / "cells" / task.replace("/", "__").replace(":", "_") / f"seed{seed}" / f"{criterion}_{fraction:g}.json"
 
 
+def parse_criterion(name: str) -> tuple[str, bool]:
+    """``criterion`` or ``criterion+massive`` (that criterion with ``keep_massive``) -> (criterion, keep_massive)."""
+    base, plus, rest = name.partition("+")
+    if base not in CRITERIA or (plus and rest != "massive"):
+        raise ValueError(f"unknown criterion {name!r}: one of {', '.join(CRITERIA)}, optionally with +massive")
+    return base, bool(plus)
+
+
+def task_aware(name: str) -> bool:
+    """Skill neurons, with or without the massive neurons kept: the criteria compared with the task-agnostic ones."""
+    return parse_criterion(name)[0] == "skill"
+
+
 def run_cell(run: Path, task: str, seed: int, criterion: str, fraction: float, args) -> dict:
     """One prune_run (+ re-tuning) of ``run``; its pruned folder is removed, the moments file kept for reuse."""
     folder = args.work / task.replace("/", "__").replace(":", "_") / f"seed{seed}"
     moments = folder / "moments.safetensors"
-    uses_moments = criterion in MOMENT_CRITERIA or args.fill == "tokens"
+    base, keep_massive = parse_criterion(criterion)
+    uses_moments = base in MOMENT_CRITERIA or args.fill == "tokens" or keep_massive
     target = folder / f"{criterion}_{fraction:g}"
-    r = prune_run(run, target, keep=fraction, layers=args.layers, criterion=criterion, fill=args.fill,
-                  seed=seed, moments=moments if uses_moments and moments.is_file() else None, retune=True,
-                  retune_epochs=args.retune_epochs, progress=False, overwrite=True)
+    r = prune_run(run, target, keep=fraction, layers=args.layers, criterion=base, fill=args.fill,
+                  seed=seed, keep_massive=keep_massive, moments=moments if uses_moments and moments.is_file() else None,
+                  retune=True, retune_epochs=args.retune_epochs, progress=False, overwrite=True)
+    r["criterion"] = criterion
     if uses_moments and not moments.is_file():
         shutil.copyfile(target / "moments.safetensors", moments)
     shutil.rmtree(target)
@@ -149,13 +169,14 @@ def massive_kept(run: Path, work: Path, task: str, seed: int, cells: list[dict])
     moments, _ = NeuronMoments.load(path)
     massive = massive_neurons(moments.l2_norm(), OUTLIER_FACTOR)  # same positions per neuron: norm ranks as RMS
     pm, _task, _info = load_run(run)
-    preds = run_predictivity(run) if any(c["criterion"] == "skill" for c in cells) else None
+    preds = run_predictivity(run) if any(task_aware(c["criterion"]) for c in cells) else None
     layers = cells[0]["pruned_layers"]
     out = {"factor": OUTLIER_FACTOR, "neurons": {str(layer): massive[layer].tolist() for layer in layers}, "kept": {}}
     for c in cells:
         counts = {layer: c["kept_per_layer"] for layer in c["pruned_layers"]}
-        kept = select_neurons(pm.backbone, c["criterion"], counts, moments=moments, seed=seed,
-                              skill=skill_selection(preds, c["keep"]) if c["criterion"] == "skill" else None)
+        base, keep_massive = parse_criterion(c["criterion"])
+        kept = select_neurons(pm.backbone, base, counts, moments=moments, seed=seed, keep_massive=keep_massive,
+                              skill=skill_selection(preds, c["keep"]) if base == "skill" else None)
         out["kept"][f"{c['criterion']}|{c['keep']:g}"] = sum(
             int(torch.isin(kept[layer], massive[layer]).sum()) for layer in counts)
     return out
@@ -183,9 +204,9 @@ def verdict(diff: dict) -> str:
 
 
 def aggregate(cells: list[dict], majority: dict, criteria, fractions) -> dict:
-    """Per task, criterion, fraction and setting: accuracies per seed, mean and 95% CI over seeds; the paired
-    difference of skill neurons with each other criterion (same seed, same test rows) and its verdict; and
-    the comparison with the strongest other criterion (highest mean) at each point."""
+    """Per task, criterion, fraction and setting: accuracies per seed, mean and 95% CI over seeds; for each
+    task-aware criterion (``skill``, ``skill+massive``: ``vs``), the paired difference with each task-agnostic
+    criterion (same seed, same test rows), its verdict, and the strongest of them (highest mean) at each point."""
     tasks: dict[str, dict] = {}
     for c in cells:
         t = tasks.setdefault(c["task"], {"seeds": set(), "original": {}, "acc": {}})
@@ -199,7 +220,7 @@ def aggregate(cells: list[dict], majority: dict, criteria, fractions) -> dict:
         original = [t["original"][s] for s in seeds]
         entry = {"seeds": seeds, "majority": majority.get(task), "original": mean_ci(original),
                  "learns": majority.get(task) is None or float(np.mean(original)) > majority[task] + CHANCE_MARGIN,
-                 "cells": {}, "skill_vs": {}}
+                 "cells": {}, "vs": {}}
         for criterion in criteria:
             for q in fractions:
                 for setting in SETTINGS:
@@ -208,21 +229,21 @@ def aggregate(cells: list[dict], majority: dict, criteria, fractions) -> dict:
                         continue
                     values = [per_seed[s] for s in seeds]
                     entry["cells"][f"{criterion}|{q:g}|{setting}"] = dict(mean_ci(values), per_seed=values)
-        if "skill" in criteria:
+        for aware in (c for c in criteria if task_aware(c)):
             for q in fractions:
                 for setting in SETTINGS:
-                    skill = t["acc"].get(("skill", q, setting), {})
+                    mine = t["acc"].get((aware, q, setting), {})
                     point = {}
-                    for other in (c for c in criteria if c != "skill"):
+                    for other in (c for c in criteria if not task_aware(c)):
                         theirs = t["acc"].get((other, q, setting), {})
-                        if set(skill) != set(seeds) or set(theirs) != set(seeds):
+                        if set(mine) != set(seeds) or set(theirs) != set(seeds):
                             continue
-                        d = mean_ci([skill[s] - theirs[s] for s in seeds])
+                        d = mean_ci([mine[s] - theirs[s] for s in seeds])
                         point[other] = dict(d, verdict=verdict(d))
                     if point:
                         best = max(point, key=lambda o: float(np.mean([t["acc"][(o, q, setting)][s] for s in seeds])))
                         point["strongest"] = best
-                        entry["skill_vs"][f"{q:g}|{setting}"] = point
+                        entry["vs"].setdefault(aware, {})[f"{q:g}|{setting}"] = point
         out["tasks"][task] = entry
     return out
 
@@ -242,8 +263,9 @@ def criteria_table(results: dict) -> list[str]:
     lines = ["| criterion | " + " | ".join(f"{q * 100:g}% {s}" for q in fr for s in SETTINGS) + " |",
              "|---|" + "---|" * (2 * len(fr))]
     head, out = lines[:], []
-    tally = {"win": 0, "tie": 0, "lose": 0}
-    below = cells = 0  # point estimates: skill's mean under the best other criterion's mean
+    aware = [c for c in results["criteria"] if task_aware(c)]
+    tally = {a: {"win": 0, "tie": 0, "lose": 0} for a in aware}
+    below = {a: [0, 0] for a in aware}  # point estimates: cells under the best task-agnostic mean, cells
     for learns in (True, False):
         group = [(t, e) for t, e in results["tasks"].items() if e["learns"] == learns]
         if not group:
@@ -259,31 +281,39 @@ def criteria_table(results: dict) -> list[str]:
                 row = []
                 for q in fr:
                     for setting in SETTINGS:
-                        text = _cell_text(e["cells"].get(f"{criterion}|{q:g}|{setting}"))
-                        vs = e["skill_vs"].get(f"{q:g}|{setting}")
-                        if criterion == "skill" and learns and e["cells"].get(f"skill|{q:g}|{setting}"):
-                            best = max((c["mean"] for k, c in e["cells"].items()
-                                        if k.endswith(f"|{q:g}|{setting}") and not k.startswith("skill|")), default=None)
+                        mine = e["cells"].get(f"{criterion}|{q:g}|{setting}")
+                        text = _cell_text(mine)
+                        if criterion in tally and learns and mine:
+                            best = max((c["mean"] for k, c in e["cells"].items() if k.endswith(f"|{q:g}|{setting}")
+                                        and not task_aware(k.split("|")[0])), default=None)
                             if best is not None:
-                                cells += 1
-                                below += e["cells"][f"skill|{q:g}|{setting}"]["mean"] < best
-                        if criterion == "skill" and vs and vs[vs["strongest"]]["verdict"] in tally:
+                                below[criterion][1] += 1
+                                below[criterion][0] += mine["mean"] < best
+                        vs = e["vs"].get(criterion, {}).get(f"{q:g}|{setting}")
+                        if vs and vs[vs["strongest"]]["verdict"] in tally[criterion]:
                             v = vs[vs["strongest"]]["verdict"]
                             text += f" ({v} vs {vs['strongest']})"
                             if learns:
-                                tally[v] += 1
+                                tally[criterion][v] += 1
                         row.append(text)
                 out.append(f"| {criterion} | " + " | ".join(row) + " |")
             out.append("")
             out += massive_table(e.get("massive"), results["criteria"], fr)
-    total = sum(tally.values())
-    summary = (f"On the tasks that learn, against the strongest other criterion at each kept fraction and setting "
-               f"(paired over seeds, 95% interval of the difference), skill neurons win {tally['win']}, tie "
-               f"{tally['tie']} and lose {tally['lose']} of {total} comparisons." if total else
+    parts = []
+    for a in aware:
+        name = "skill neurons" if a == "skill" else f"{a} (skill neurons, the massive neurons kept first)"
+        total = sum(tally[a].values())
+        if total:
+            parts.append(f"{name} win {tally[a]['win']}, tie {tally[a]['tie']} and lose {tally[a]['lose']} of "
+                         f"{total} comparisons")
+    summary = ("On the tasks that learn, against the strongest task-agnostic criterion at each kept fraction and "
+               "setting (paired over seeds, 95% interval of the difference), " + "; ".join(parts) + "." if parts else
                "No comparison with two seeds or more on a task that learns: no verdict.")
-    if cells:
-        summary += (f" By point estimate (mean over seeds), skill neurons are below the best other criterion in "
-                    f"{below} of {cells} cells.")
+    points = [f"{'skill neurons' if a == 'skill' else a} in {below[a][0]} of {below[a][1]} cells"
+              for a in aware if below[a][1]]
+    if points:
+        summary += (" By point estimate (mean over seeds), below the best task-agnostic criterion: "
+                    + "; ".join(points) + ".")
     share = massive_share(results)
     if share:
         summary += (" Of the massive-activation neurons in the pruned layers (tables below), the criteria keep "
@@ -388,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="result folder (cells/, pruning_criteria.json and .png)")
     p.add_argument("--work", type=Path, default=None, help="where pruned models are built (default OUT/work; each "
                                                            "is deleted once its cell is written)")
-    p.add_argument("--criteria", default=",".join(CRITERIA))
+    p.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
+                   help=f"comma-separated criteria of skillkern prune, each optionally with +massive (--keep-massive) "
+                        f"(default {','.join(DEFAULT_CRITERIA)})")
     p.add_argument("--fractions", default=None, help=f"kept fractions (default {','.join(map(str, FRACTIONS))})")
     p.add_argument("--layers", default="top:0.75")
     p.add_argument("--fill", default="tokens", choices=["tokens", "prompt"],
@@ -404,9 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.criteria = [c for c in args.criteria.split(",") if c]
-    bad = sorted(set(args.criteria) - set(CRITERIA))
-    if bad:
-        p.error(f"unknown criteria {bad}; choose from {', '.join(CRITERIA)}")
+    for name in args.criteria:
+        try:
+            parse_criterion(name)
+        except ValueError as err:
+            p.error(f"--criteria: {err}")
     if args.quick:
         args.fractions = args.fractions or ",".join(map(str, QUICK_FRACTIONS))
         args.retune_epochs = 0.25

@@ -445,6 +445,9 @@ def _add_prune_parser(sub) -> None:
                    help="--criterion flap: per-layer widths from FLAP's global ranking of standardised scores, with "
                         "the same total as --keep")
     p.add_argument("--seed", type=int, default=None, help="--criterion random: the seed (default 0)")
+    p.add_argument("--keep-massive", action="store_true",
+                   help="keep each pruned layer's massive-activation neurons (activation norm over 16x the layer "
+                        "median) first, then the criterion's best of the others, at the same count")
     p.add_argument("--moments", default=None, metavar="FILE",
                    help="reuse the moments.safetensors of an earlier prune of the same run instead of a pass over "
                         "its training rows")
@@ -477,12 +480,14 @@ def cmd_prune(args) -> int:
             raise UsageError(f"--seed applies to --criterion random only, not {args.criterion}")
         _at_least("--seed", args.seed, 0)
     fill = args.fill or ("prompt" if args.criterion == "skill" else "tokens")
-    if args.moments is not None and args.criterion not in MOMENT_CRITERIA and fill != "tokens":
+    if args.moments is not None and args.criterion not in MOMENT_CRITERIA and fill != "tokens" \
+            and not args.keep_massive:
         raise UsageError(f"--moments: --criterion {args.criterion} with --fill {fill} uses no moments; drop it")
     _check_device(args.device)
     _check_data(args.data)
     r = prune_run(args.run, args.out, keep=args.keep, layers=args.layers, criterion=args.criterion, fill=fill,
-                  flap_adaptive=args.flap_adaptive, seed=args.seed or 0, moments=args.moments,
+                  flap_adaptive=args.flap_adaptive, seed=args.seed or 0, keep_massive=args.keep_massive,
+                  moments=args.moments,
                   retune=args.retune, retune_epochs=args.retune_epochs, device=args.device, data=args.data,
                   progress=not args.no_progress, overwrite=args.overwrite)
     print(f"pruned layers {r['pruned_layers']} of {args.run} by {r['criterion']} to widths {r['widths']} "

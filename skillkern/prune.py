@@ -385,7 +385,8 @@ def flap_adaptive_counts(scores: torch.Tensor, counts: dict[int, int]) -> dict[i
 
 def select_neurons(model: nn.Module, criterion: str, counts: dict[int, int], *,
                    moments: Optional[NeuronMoments] = None, skill: Optional[Sequence[torch.Tensor]] = None,
-                   seed: int = 0, flap_adaptive: bool = False) -> dict[int, torch.Tensor]:
+                   seed: int = 0, flap_adaptive: bool = False, keep_massive: bool = False,
+                   outlier_factor: Optional[float] = None) -> dict[int, torch.Tensor]:
     """The neurons each pruned layer keeps under ``criterion``.
 
     Args:
@@ -394,10 +395,32 @@ def select_neurons(model: nn.Module, criterion: str, counts: dict[int, int], *,
         moments: the moments of ``model``'s neurons (criteria ``flap``, ``wanda``, ``magnitude``).
         skill: per-layer skill neurons, best first (criterion ``skill``: :func:`skillkern.runs.skill_selection`).
         seed: the random criterion's generator seed (per layer, uniformly without replacement).
+        keep_massive: keep each layer's massive-activation neurons first (activation norm over ``outlier_factor``,
+            default :data:`skillkern.perturb.OUTLIER_FACTOR`, times the layer median, from ``moments``:
+            :func:`skillkern.perturb.massive_neurons`; the largest first when there are more than the layer keeps),
+            then the criterion's best of the others, at the same count. A few such neurons carry large constant
+            activations the rest of the model relies on; a criterion that ranks by task signal alone drops them.
 
     Returns:
-        pruned layer -> (K_l,) int64 kept neuron indices (best first, random: sorted).
+        pruned layer -> (K_l,) int64 kept neuron indices (best first, random: sorted; with ``keep_massive`` the
+        massive neurons first).
     """
+    if keep_massive:
+        if moments is None:
+            raise ValueError("keep_massive needs the moments of the neurons (moments=...)")
+        from .perturb import OUTLIER_FACTOR, massive_neurons
+
+        base = select_neurons(model, criterion, counts, moments=moments, skill=skill, seed=seed,
+                              flap_adaptive=flap_adaptive)
+        norms = moments.l2_norm().cpu()  # every neuron of a layer sees the same positions: ranks as the RMS
+        massive = massive_neurons(norms, OUTLIER_FACTOR if outlier_factor is None else outlier_factor)
+        out = {}
+        for layer, picked in base.items():
+            k = len(picked)
+            first = massive[layer][torch.sort(norms[layer, massive[layer]], descending=True, stable=True).indices][:k]
+            rest = picked[~torch.isin(picked, first)][: k - len(first)]
+            out[layer] = torch.cat([first, rest])
+        return out
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {CRITERIA}")
     if flap_adaptive and criterion != "flap":
@@ -440,7 +463,8 @@ def run_moments(pm, examples: Sequence, *, positions: str = "tokens", max_length
 
 def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: str = "top:0.75",
               criterion: str = "skill", fill: Optional[str] = None, flap_adaptive: bool = False, seed: int = 0,
-              moments: Optional[str | Path] = None, positions: str = "tokens", retune: bool = False,
+              keep_massive: bool = False, moments: Optional[str | Path] = None, positions: str = "tokens",
+              retune: bool = False,
               retune_epochs: Optional[float] = None, device=None, data: Optional[str] = None,
               progress: bool = True, overwrite: bool = False) -> dict:
     """Prune a tuned run's model to the neurons a criterion keeps, fold the others, and evaluate it
@@ -471,6 +495,8 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
             bias compensation).
         flap_adaptive: criterion ``flap`` only: per-layer widths from FLAP's global ranking of standardised scores
             (:func:`flap_adaptive_counts`), with the same total.
+        keep_massive: keep each pruned layer's massive-activation neurons first, then the criterion's best of the
+            others (:func:`select_neurons`; reads the moments).
         moments: a moments file (``moments.safetensors`` of an earlier prune of the same run, same positions) to
             use instead of a pass over the training rows.
         positions: the moments' positions: ``tokens`` (every real position of the training rows, prompt
@@ -489,9 +515,9 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
     out = Path(out)
     fill = fill or ("prompt" if criterion == "skill" else "tokens")
     info = _check_prune_job(run, out, keep=keep, fill=fill, criterion=criterion, flap_adaptive=flap_adaptive,
-                            moments=moments, positions=positions, retune_epochs=retune_epochs, data=data,
-                            overwrite=overwrite)
-    needs_moments = criterion in MOMENT_CRITERIA or fill == "tokens"
+                            keep_massive=keep_massive, moments=moments, positions=positions,
+                            retune_epochs=retune_epochs, data=data, overwrite=overwrite)
+    needs_moments = criterion in MOMENT_CRITERIA or fill == "tokens" or keep_massive
     preds = run_predictivity(run) if criterion == "skill" else None
     scored = scored_names(run)
     shape = _scored_shape(run, scored)  # (L, D) from the scores' header, before the model loads (None: unscored)
@@ -516,15 +542,16 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
         chosen, k = _kept(layers, keep, len(before), before[0], scored)
     loaded, values, stats_source = _statistics(run, pm, train, max_length=s.max_length, criterion=criterion,
                                                fill=fill, positions=positions, loaded=loaded, moments=moments,
-                                               meta=moments_meta, preds=preds, values=values, progress=progress)
+                                               meta=moments_meta, preds=preds, values=values, progress=progress,
+                                               keep_massive=keep_massive)
     selection = select_neurons(pm.backbone, criterion, {i: k for i in chosen}, moments=loaded,
                                skill=skill_selection(preds, keep) if preds is not None else None, seed=seed,
-                               flap_adaptive=flap_adaptive)
+                               flap_adaptive=flap_adaptive, keep_massive=keep_massive)
     params_before = sum(p.numel() for p in pm.backbone.parameters())
     acc_before = evaluate(pm, test, 32, s.max_length)
     started = time.perf_counter()
     how = {"criterion": criterion, "flap_adaptive": flap_adaptive, "seed": seed if criterion == "random" else None,
-           "keep": keep, "layers": layers, "fill": fill}
+           "keep_massive": keep_massive, "keep": keep, "layers": layers, "fill": fill}
     prune_model(pm.backbone, selection, values,
                 info={"source_run": str(run), **how, "statistics": stats_source, "task": info["task"],
                       "subtask": info.get("subtask")})
@@ -554,12 +581,13 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
 
 def _statistics(run, pm, train: Sequence, *, max_length: int, criterion: str, fill: str, positions: str,
                 loaded: Optional[NeuronMoments], moments, meta: dict, preds: Optional[dict],
-                values: Optional[torch.Tensor], progress: bool) -> tuple[Optional[NeuronMoments], torch.Tensor, dict]:
+                values: Optional[torch.Tensor], progress: bool,
+                keep_massive: bool = False) -> tuple[Optional[NeuronMoments], torch.Tensor, dict]:
     """The statistics a prune reads: the moments (``loaded`` from ``moments``, or one pass over the training rows
-    when the criterion or the fill needs them), the (L, D) fill values (``values``: the prompt thresholds, or the
-    moments' mean for fill ``tokens``) and the record of both for prune.json."""
+    when the criterion, the fill or ``keep_massive`` needs them), the (L, D) fill values (``values``: the prompt
+    thresholds, or the moments' mean for fill ``tokens``) and the record of both for prune.json."""
     record: dict = {}
-    if criterion in MOMENT_CRITERIA or fill == "tokens":
+    if criterion in MOMENT_CRITERIA or fill == "tokens" or keep_massive:
         if loaded is None:
             loaded = run_moments(pm, train, positions=positions, max_length=max_length, progress=progress)
             record["moments"] = {"computed_from": "train", **meta}
@@ -610,7 +638,7 @@ def _score_files(run, preds: dict) -> list[Path]:
 
 
 def _check_prune_job(run, out: Path, *, keep: float, fill: str, criterion: str, flap_adaptive: bool,
-                     moments: Optional[str | Path], positions: str, retune_epochs: Optional[float],
+                     keep_massive: bool, moments: Optional[str | Path], positions: str, retune_epochs: Optional[float],
                      data: Optional[str], overwrite: bool) -> dict:
     """Check the arguments, the run and the output folder of :func:`prune_run` before anything is loaded.
     Returns the run's run.json."""
@@ -626,7 +654,7 @@ def _check_prune_job(run, out: Path, *, keep: float, fill: str, criterion: str, 
                          f"{criterion}")
     if positions not in ("tokens", "slots"):
         raise ValueError(f"positions must be 'tokens' or 'slots', got {positions!r}")
-    if moments is not None and criterion not in MOMENT_CRITERIA and fill != "tokens":
+    if moments is not None and criterion not in MOMENT_CRITERIA and fill != "tokens" and not keep_massive:
         raise ValueError(f"--moments: --criterion {criterion} with --fill {fill} uses no moments; drop it")
     if not (0 < keep <= 1):
         raise ValueError(f"--keep must be a fraction in (0, 1], got {keep}")

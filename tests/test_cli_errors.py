@@ -378,6 +378,8 @@ CASES = [
      False),
     ("prune-moments-missing", PRO + " --criterion flap --moments {C}/m.safetensors",
      ["moments file", "does not exist"], None, None, False),
+    ("prune-keep-massive-moments-missing", PRO + " --keep-massive --moments {C}/m.safetensors",
+     ["moments file", "does not exist"], None, None, False),  # --keep-massive reads moments: not "uses no moments"
     ("prune-moments-other-run", PRO + " --criterion magnitude --moments {C}/m.safetensors",
      ["m.safetensors belongs to", "run_prompt_sha256"], "othermoments", None, False),
     ("prune-moments-truncated", PRO + " --criterion flap --moments {C}/m.safetensors",

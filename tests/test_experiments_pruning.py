@@ -49,7 +49,7 @@ def test_quick_comparison_is_resumable_and_reported(two_runs, tmp_path, monkeypa
     out = tmp_path / "out"
     assert script.main(["--quick", "--runs", *map(str, two_runs), "--out", str(out)]) == 0
     cells = sorted((out / "cells").rglob("*.json"))
-    assert len(cells) == 2 * 5 * 2  # seeds x criteria x quick fractions
+    assert len(cells) == 2 * 6 * 2  # seeds x criteria (skill+massive included) x quick fractions
     cell = json.loads((out / "cells" / "toy" / "seed1" / "flap_0.1.json").read_text())
     assert cell["criterion"] == "flap" and cell["fill"] == "tokens" and cell["widths"] == [3, 3]
     assert 0 <= cell["test_accuracy_pruned_retuned"] <= 1 and cell["retune_epochs"] == 0.25
@@ -61,9 +61,12 @@ def test_quick_comparison_is_resumable_and_reported(two_runs, tmp_path, monkeypa
     assert toy["seeds"] == [0, 1] and results["fractions"] == [0.1, 0.5] and toy["majority"] == 0.5
     skill = toy["cells"]["skill|0.5|retuned"]
     assert skill["n"] == 2 and skill["ci95"] is not None and len(skill["per_seed"]) == 2
-    vs = toy["skill_vs"]["0.1|pruned"]
-    assert set(vs) == {"flap", "wanda", "magnitude", "random", "strongest"}
-    assert vs["flap"]["verdict"] in ("win", "tie", "lose")
+    for aware in ("skill", "skill+massive"):  # each task-aware criterion against each task-agnostic one
+        vs = toy["vs"][aware]["0.1|pruned"]
+        assert set(vs) == {"flap", "wanda", "magnitude", "random", "strongest"}
+        assert vs["flap"]["verdict"] in ("win", "tie", "lose")
+    assert json.loads((out / "cells" / "toy" / "seed0" / "skill+massive_0.5.json").read_text())["criterion"] == \
+        "skill+massive"
     assert (out / "pruning_criteria.png").stat().st_size > 1000
 
     # the massive neurons each criterion kept, recomputed from the moments files: against the cells' own counts
@@ -97,7 +100,7 @@ def test_quick_comparison_is_resumable_and_reported(two_runs, tmp_path, monkeypa
     k = {q: next(c["kept_per_layer"] for c in seed0 if c["keep"] == q) for q in results["fractions"]}
     preds = run_predictivity(two_runs[0])
     for q in results["fractions"]:
-        for criterion in ("flap", "wanda", "magnitude"):
+        for criterion in ("flap", "wanda", "magnitude", "skill+massive"):
             assert m["kept"][f"{criterion}|{q:g}"] >= 1
         skill = skill_selection(preds, q)
         assert m["kept"][f"skill|{q:g}"] == sum(int(i in skill[layer][: k[q]].tolist()) for layer in (0, 1)

@@ -121,6 +121,37 @@ def test_random_and_skill_criteria():
         select_neurons(model, "obd", counts)
 
 
+def test_keep_massive_puts_the_massive_neurons_first(case):
+    """keep_massive: each layer's massive neurons (norm over 16x the layer median, largest first, at most the kept
+    count), then the criterion's own order without them, at the same count: checked against a brute force on
+    stored activations with two planted massive neurons in layer 1 and one in layer 2."""
+    moments = case["moments"].clone()
+    planted = {1: [5, 17], 2: [9]}
+    for layer, idx in planted.items():
+        for n, j in enumerate(idx):
+            moments.moments[layer, :, 1, j] *= (400.0 + 100 * n) ** 2  # sum of squares: the norm x 400, x 500
+    norms = moments.l2_norm()
+    want_massive = {}
+    for layer in range(3):
+        med = float(norms[layer].median())
+        big = [j for j in range(WIDTH) if float(norms[layer, j]) > 16 * med]
+        want_massive[layer] = sorted(big, key=lambda j: (-float(norms[layer, j]), j))
+    assert set(want_massive[1]) >= set(planted[1]) and set(want_massive[2]) >= set(planted[2])
+    skill = [torch.arange(WIDTH).flip(0)] * 3
+    counts = {1: 6, 2: 6}
+    for criterion in ("skill", "random", "wanda"):
+        plain = select_neurons(case["model"], criterion, counts, moments=moments, skill=skill, seed=2)
+        got = select_neurons(case["model"], criterion, counts, moments=moments, skill=skill, seed=2, keep_massive=True)
+        for layer, k in counts.items():
+            first = want_massive[layer][:k]
+            rest = [j for j in plain[layer].tolist() if j not in first][: k - len(first)]
+            assert got[layer].tolist() == first + rest, (case["model_type"], criterion, layer)
+    one = select_neurons(case["model"], "skill", {1: 1}, moments=moments, skill=skill, keep_massive=True)
+    assert one[1].tolist() == want_massive[1][:1]  # fewer kept than massive: the largest
+    with pytest.raises(ValueError, match="keep_massive needs the moments"):
+        select_neurons(case["model"], "skill", counts, skill=skill, keep_massive=True)
+
+
 def test_moments_of_another_model_are_refused(case):
     other = tiny_model("bert", layers=2)
     with pytest.raises(ValueError, match="do not fit the model"):
@@ -207,3 +238,31 @@ def test_moments_file_is_reused_and_checked(scored_run, tmp_path):
     slots = prune_run(scored_run / "run", tmp_path / "d", keep=0.2, layers="all", criterion="magnitude",
                       positions="slots", progress=False)
     assert slots["statistics"]["moments"]["positions_count"] == 40 * 4  # the 4 prompt slots of 40 rows
+
+
+def test_prune_run_keep_massive(scored_run, tmp_path):
+    """--keep-massive: the moments are read (here from an earlier prune's file, with the skill criterion and the
+    prompt fill, which use none otherwise), the flag is recorded, and the kept sets are select_neurons' with it."""
+    from skillkern.perturb import massive_neurons
+    from skillkern.prune import prune_run
+    from skillkern.stats import NeuronMoments
+
+    prune_run(scored_run / "run", tmp_path / "a", keep=0.2, layers="all", criterion="magnitude", progress=False)
+    moments, settings = NeuronMoments.load(tmp_path / "a" / "moments.safetensors")
+    moments.moments[0, :, 1, 11] *= 1e4  # neuron 11 of layer 0 made massive: its norm x 100
+    moments_file = tmp_path / "planted.safetensors"
+    moments.save(moments_file, settings)
+    with pytest.raises(ValueError, match="uses no moments"):
+        prune_run(scored_run / "run", tmp_path / "b", keep=0.2, layers="all", criterion="skill",
+                  moments=moments_file, progress=False)
+    r = prune_run(scored_run / "run", tmp_path / "b", keep=0.2, layers="all", criterion="skill", keep_massive=True,
+                  moments=moments_file, progress=False)
+    assert r["keep_massive"] and r["fill"] == "prompt" and r["statistics"]["moments"]["file"] == str(moments_file)
+    record = json.loads((tmp_path / "b" / "model" / "config.json").read_text())["skillkern_pruning"]
+    assert record["keep_massive"] is True
+    massive = massive_neurons(moments.l2_norm())
+    assert 11 in massive[0].tolist() and len(massive[0]) <= len(record["kept"]["0"])
+    for layer, kept in record["kept"].items():
+        assert set(massive[int(layer)].tolist()) <= set(kept)
+    plain = prune_run(scored_run / "run", tmp_path / "c", keep=0.2, layers="all", criterion="skill", progress=False)
+    assert plain["keep_massive"] is False and "moments" not in plain["statistics"]

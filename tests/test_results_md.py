@@ -173,8 +173,8 @@ def test_pruning_criteria_section_from_its_json(tmp_path):
                "retune_epochs": 1.0, "quick": False,
                "tasks": {"sst2": {"seeds": [0, 1, 2], "majority": 0.5, "learns": True,
                                   "original": {"mean": 0.85, "ci95": 0.01, "n": 3}, "cells": cells,
-                                  "skill_vs": {f"0.1|{s}": {"flap": diff, "strongest": "flap"}
-                                               for s in ("pruned", "retuned")}}}}
+                                  "vs": {"skill": {f"0.1|{s}": {"flap": diff, "strongest": "flap"}
+                                                   for s in ("pruned", "retuned")}}}}}
     (out / "pruning_criteria" / "pruning_criteria.json").write_text(json.dumps(results))
     text = _write(out, tmp_path / "no-benchmarks")
     assert "## Skill neurons against the structured-pruning criteria" in text
