@@ -127,6 +127,31 @@ def massive_lines(results: dict) -> list[str]:
             "superseded.)"]
 
 
+def chance_task_lines(results: dict) -> list[str]:
+    """The tasks that stayed at chance in the first study (``study_tasks["chance"]``), at this study's budget: which
+    now leave chance and which still do not, per head, with their test accuracy against the majority rate."""
+    planned = (results.get("study_tasks") or {}).get("chance") or []
+    s = results["settings"]
+    lines = []
+    for head, per in results["tasks"].items():
+        ran = [t for t in planned if t in per]
+        if not ran:
+            continue
+
+        def acc(t):
+            return (f"{t} {_f(_mean([r['test_accuracy'] for r in per[t]]))} vs {_f(results['majority'][t])}, "
+                    f"{len(per[t])} seed{'s' if len(per[t]) > 1 else ''}")
+
+        left = [acc(t) for t in ran if learned(results, head, t)]
+        stay = [acc(t) for t in ran if not learned(results, head, t)]
+        lines.append(f"- **The tasks at chance in the first study** ({head} head, {s['max_train']} training rows x "
+                     f"{s['epochs']} epochs; test accuracy vs the majority rate): "
+                     + (f"leave chance: {'; '.join(left)}" if left else "none leaves chance")
+                     + (f". Still at chance (within 3 points of the majority rate, or below): {'; '.join(stay)}"
+                        if stay else "") + ".")
+    return lines
+
+
 def summary_lines(results: dict) -> list[str]:
     """The "what holds, what does not" section: computed statements, no typed numbers."""
     q = max(results["fractions"])
@@ -177,6 +202,7 @@ def summary_lines(results: dict) -> list[str]:
                          + ("; " if missing and pending else "")
                          + (f"the tasks at chance in the first study, at a larger budget: {', '.join(pending)}"
                             if pending else "") + ". Everything below is about the tasks listed in its tables.")
+    lines += chance_task_lines(results)
     gaps: dict = {}
     for head in results["tasks"]:
         for t, per_seed in results["tasks"][head].items():

@@ -200,3 +200,24 @@ def test_a_preview_elsewhere_never_replaces_the_committed_results_md(tmp_path):
                         "--benchmarks", str(tmp_path / "none")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "RESULTS.md").is_file() and (ROOT / "RESULTS.md").read_bytes() == before
+
+
+def test_the_first_studys_chance_tasks_are_stated_at_the_new_budget():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_md_mod2", ROOT / "experiments" / "results_md.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    results = {"study_tasks": {"learning": ["sst2"], "chance": ["rte", "qnli", "cola"]},
+               "settings": {"max_train": 4000, "epochs": 3}, "majority": {"rte": 0.53, "qnli": 0.5, "sst2": 0.5},
+               "tasks": {"verbalizer": {"sst2": [{"test_accuracy": 0.8}], "rte": [{"test_accuracy": 0.55}],
+                                        "qnli": [{"test_accuracy": 0.6}, {"test_accuracy": 0.62}]},
+                         "linear": {"sst2": [{"test_accuracy": 0.8}]}}}
+    lines = mod.chance_task_lines(results)
+    assert len(lines) == 1, lines  # the linear head ran none of them
+    assert "(verbalizer head, 4000 training rows x 3 epochs" in lines[0]
+    assert "leave chance: qnli 0.610 vs 0.500, 2 seeds." in lines[0]
+    assert "Still at chance (within 3 points of the majority rate, or below): rte 0.550 vs 0.530, 1 seed." in lines[0]
+    assert "cola" not in lines[0] and "sst2" not in lines[0]
+    results["tasks"]["verbalizer"]["qnli"] = [{"test_accuracy": 0.5}]
+    assert "none leaves chance" in mod.chance_task_lines(results)[0]
