@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from skillkern.files import atomic_write_text
-from skillkern.prune import CRITERIA, MOMENT_CRITERIA, prune_run
+from skillkern.prune import CRITERIA, prune_run, uses_moments
 from skillkern.runs import load_run_task, read_run, run_splits
 from skillkern.tune import TuneSettings
 
@@ -62,8 +62,13 @@ def run_key(run: Path) -> tuple[str, int]:
     return task, int(info["settings"]["seed"])
 
 
+def seed_folder(root: Path, task: str, seed: int) -> Path:
+    """``root/<task>/seed<k>`` (a sub-task's ``/`` and ``:`` made file-name safe): cells and work folders."""
+    return root / task.replace("/", "__").replace(":", "_") / f"seed{seed}"
+
+
 def cell_file(out: Path, task: str, seed: int, criterion: str, fraction: float) -> Path:
-    return out / "cells" / task.replace("/", "__").replace(":", "_") / f"seed{seed}" / f"{criterion}_{fraction:g}.json"
+    return seed_folder(out / "cells", task, seed) / f"{criterion}_{fraction:g}.json"
 
 
 def parse_criterion(name: str) -> tuple[str, bool]:
@@ -81,16 +86,16 @@ def task_aware(name: str) -> bool:
 
 def run_cell(run: Path, task: str, seed: int, criterion: str, fraction: float, args) -> dict:
     """One prune_run (+ re-tuning) of ``run``; its pruned folder is removed, the moments file kept for reuse."""
-    folder = args.work / task.replace("/", "__").replace(":", "_") / f"seed{seed}"
+    folder = seed_folder(args.work, task, seed)
     moments = folder / "moments.safetensors"
     base, keep_massive = parse_criterion(criterion)
-    uses_moments = base in MOMENT_CRITERIA or args.fill == "tokens" or keep_massive
+    reads = uses_moments(base, args.fill, keep_massive)
     target = folder / f"{criterion}_{fraction:g}"
     r = prune_run(run, target, keep=fraction, layers=args.layers, criterion=base, fill=args.fill,
-                  seed=seed, keep_massive=keep_massive, moments=moments if uses_moments and moments.is_file() else None,
+                  seed=seed, keep_massive=keep_massive, moments=moments if reads and moments.is_file() else None,
                   retune=True, retune_epochs=args.retune_epochs, progress=False, overwrite=True)
     r["criterion"] = criterion
-    if uses_moments and not moments.is_file():
+    if reads and not moments.is_file():
         shutil.copyfile(target / "moments.safetensors", moments)
     shutil.rmtree(target)
     keys = ("criterion", "keep", "fill", "layers", "pruned_layers", "kept_per_layer", "widths", "test_rows",
@@ -162,7 +167,7 @@ def massive_kept(run: Path, work: Path, task: str, seed: int, cells: list[dict])
     from skillkern.runs import load_run, run_predictivity, skill_selection
     from skillkern.stats import NeuronMoments
 
-    path = work / task.replace("/", "__").replace(":", "_") / f"seed{seed}" / "moments.safetensors"
+    path = seed_folder(work, task, seed) / "moments.safetensors"
     if not path.is_file() or not cells:
         log.info("%s seed %d: no moments file in %s; the massive neurons kept are not counted", task, seed, work)
         return None

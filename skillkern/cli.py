@@ -464,7 +464,7 @@ def _add_prune_parser(sub) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .prune import MOMENT_CRITERIA, parse_layers, prune_run
+    from .prune import parse_layers, prune_run, uses_moments
 
     _number("--keep", args.keep, 0, 1, low_open=True)
     parse_layers(args.layers, None)
@@ -480,15 +480,13 @@ def cmd_prune(args) -> int:
             raise UsageError(f"--seed applies to --criterion random only, not {args.criterion}")
         _at_least("--seed", args.seed, 0)
     fill = args.fill or ("prompt" if args.criterion == "skill" else "tokens")
-    if args.moments is not None and args.criterion not in MOMENT_CRITERIA and fill != "tokens" \
-            and not args.keep_massive:
+    if args.moments is not None and not uses_moments(args.criterion, fill, args.keep_massive):
         raise UsageError(f"--moments: --criterion {args.criterion} with --fill {fill} uses no moments; drop it")
     _check_device(args.device)
     _check_data(args.data)
     r = prune_run(args.run, args.out, keep=args.keep, layers=args.layers, criterion=args.criterion, fill=fill,
                   flap_adaptive=args.flap_adaptive, seed=args.seed or 0, keep_massive=args.keep_massive,
-                  moments=args.moments,
-                  retune=args.retune, retune_epochs=args.retune_epochs, device=args.device, data=args.data,
+                  moments=args.moments, retune=args.retune, retune_epochs=args.retune_epochs, device=args.device, data=args.data,
                   progress=not args.no_progress, overwrite=args.overwrite)
     print(f"pruned layers {r['pruned_layers']} of {args.run} by {r['criterion']} to widths {r['widths']} "
           f"({r['params_after'] / r['params_before']:.1%} of the parameters)")

@@ -18,8 +18,8 @@ median, over the same training rows as ``noise="neuron"``) and draws as many of 
 that layer holds (usually none), the rest uniformly from the other neurons. In all-MiniLM-L6-v2 five such neurons
 (RMS 24-37x the median; the next is 9x) break the model to chance when perturbed alone, so a uniform control's
 accuracy mostly says whether a draw hit one of them. Skill and control are judged on the same test rows by a
-paired test (:func:`paired_difference`): a bootstrap over rows (and draws, and runs) gives a confidence interval on the accuracy
-difference, and McNemar's exact test compares the skill perturbation with each random draw.
+paired test (:func:`paired_difference`): a bootstrap over rows (and draws, and runs) gives a confidence interval on
+the accuracy difference, and McNemar's exact test compares the skill perturbation with each random draw.
 """
 
 from __future__ import annotations

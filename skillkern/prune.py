@@ -322,6 +322,12 @@ CRITERIA = ("skill", "flap", "wanda", "magnitude", "random")
 MOMENT_CRITERIA = ("flap", "wanda", "magnitude")
 
 
+def uses_moments(criterion: str, fill: str, keep_massive: bool = False) -> bool:
+    """Whether a prune reads the moments: a moment criterion, the ``tokens`` fill (their mean) or ``keep_massive``
+    (the massive neurons are found from them)."""
+    return criterion in MOMENT_CRITERIA or fill == "tokens" or keep_massive
+
+
 def criterion_scores(model: nn.Module, criterion: str, moments: NeuronMoments) -> torch.Tensor:
     """Per-neuron scores of a moments criterion (higher = kept first), from the activations' moments and W2.
 
@@ -464,8 +470,7 @@ def run_moments(pm, examples: Sequence, *, positions: str = "tokens", max_length
 def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: str = "top:0.75",
               criterion: str = "skill", fill: Optional[str] = None, flap_adaptive: bool = False, seed: int = 0,
               keep_massive: bool = False, moments: Optional[str | Path] = None, positions: str = "tokens",
-              retune: bool = False,
-              retune_epochs: Optional[float] = None, device=None, data: Optional[str] = None,
+              retune: bool = False, retune_epochs: Optional[float] = None, device=None, data: Optional[str] = None,
               progress: bool = True, overwrite: bool = False) -> dict:
     """Prune a tuned run's model to the neurons a criterion keeps, fold the others, and evaluate it
     (``skillkern prune``).
@@ -517,7 +522,7 @@ def prune_run(run: str | Path, out: str | Path, *, keep: float = 0.02, layers: s
     info = _check_prune_job(run, out, keep=keep, fill=fill, criterion=criterion, flap_adaptive=flap_adaptive,
                             keep_massive=keep_massive, moments=moments, positions=positions,
                             retune_epochs=retune_epochs, data=data, overwrite=overwrite)
-    needs_moments = criterion in MOMENT_CRITERIA or fill == "tokens" or keep_massive
+    needs_moments = uses_moments(criterion, fill, keep_massive)
     preds = run_predictivity(run) if criterion == "skill" else None
     scored = scored_names(run)
     shape = _scored_shape(run, scored)  # (L, D) from the scores' header, before the model loads (None: unscored)
@@ -587,7 +592,7 @@ def _statistics(run, pm, train: Sequence, *, max_length: int, criterion: str, fi
     when the criterion, the fill or ``keep_massive`` needs them), the (L, D) fill values (``values``: the prompt
     thresholds, or the moments' mean for fill ``tokens``) and the record of both for prune.json."""
     record: dict = {}
-    if criterion in MOMENT_CRITERIA or fill == "tokens" or keep_massive:
+    if uses_moments(criterion, fill, keep_massive):
         if loaded is None:
             loaded = run_moments(pm, train, positions=positions, max_length=max_length, progress=progress)
             record["moments"] = {"computed_from": "train", **meta}
@@ -654,7 +659,7 @@ def _check_prune_job(run, out: Path, *, keep: float, fill: str, criterion: str, 
                          f"{criterion}")
     if positions not in ("tokens", "slots"):
         raise ValueError(f"positions must be 'tokens' or 'slots', got {positions!r}")
-    if moments is not None and criterion not in MOMENT_CRITERIA and fill != "tokens" and not keep_massive:
+    if moments is not None and not uses_moments(criterion, fill, keep_massive):
         raise ValueError(f"--moments: --criterion {criterion} with --fill {fill} uses no moments; drop it")
     if not (0 < keep <= 1):
         raise ValueError(f"--keep must be a fraction in (0, 1], got {keep}")

@@ -124,7 +124,8 @@ def test_verdicts_and_intervals():
     script = _script()
     assert script.mean_ci([0.5])["ci95"] is None
     ci = script.mean_ci([0.6, 0.8])
-    assert ci["mean"] == pytest.approx(0.7) and ci["ci95"] == pytest.approx(12.706 * 0.1)  # t(1) * sd / sqrt(2), sd = 0.1 * sqrt(2)
+    # t(1) * sd / sqrt(2), sd = 0.1 * sqrt(2)
+    assert ci["mean"] == pytest.approx(0.7) and ci["ci95"] == pytest.approx(12.706 * 0.1)
     assert script.verdict({"mean": 0.1, "ci95": 0.05}) == "win"
     assert script.verdict({"mean": -0.1, "ci95": 0.05}) == "lose"
     assert script.verdict({"mean": 0.01, "ci95": 0.05}) == "tie"
