@@ -206,6 +206,9 @@ dist.init_process_group("gloo", init_method=f"file://{path}.init", rank=rank, wo
 m = t.moments_of(tiny_model("bert"), t.examples(13, seed=8), "torch")
 if rank == 0:
     torch.save({"moments": m.moments, "count": m.count}, path)
+# Both processes finish their collectives before either tears gloo down (as Processes.leave does): a rank that
+# destroys its group while the other still talks to it can abort the other ("terminate called ...").
+dist.barrier()
 dist.destroy_process_group()
 """
 
