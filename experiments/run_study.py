@@ -223,7 +223,7 @@ def study_run(work: Path, name: str, head: str, seed: int, args) -> dict | None:
             "best_predictivity": float(pred.max()), "layer_profile": layer_profile(pred),
             "curve": plateau(info["curve"], settings.batch_size) if info["curve"] else None,
             "perturbation": {k: summary(v) for k, v in perts.items()}, "seconds": info["seconds"],
-            "_outcomes": perts}
+            "threads": info.get("threads"), "_outcomes": perts}
 
 
 def main() -> int:
@@ -386,7 +386,10 @@ def main() -> int:
         "fractions": list(FRACTIONS), "seeds": {h: {t: [r["seed"] for r in v] for t, v in per.items()}
                                                 for h, per in rows.items()},
         "tasks": rows, "pooled": pooled, "correlation": correlation,
-        "controls": controls, "controls_head": head0, "bitfit": bitfit, "threads": torch.get_num_threads(),
+        "controls": controls, "controls_head": head0, "bitfit": bitfit,
+        # the torch threads the runs were tuned with (their seconds depend on it), not this invocation's
+        "threads": sorted({r["threads"] for per in rows.values() for recs in per.values() for r in recs
+                           if r.get("threads")}) or [torch.get_num_threads()],
         "majority": {n: majority_rate(n, settings_for(args, 0)) for n in tasks},
         "seconds_this_invocation": round(time.perf_counter() - started, 1),
     }

@@ -365,6 +365,7 @@ def test_study_quick(tmp_path):
                     "--work", str(work), "--threads", "1"], check=True, cwd=ROOT, capture_output=True)
     res = json.loads((out / "results.json").read_text())
     assert set(res["tasks"]) == {"verbalizer", "linear"}
+    assert res["threads"] == [1] and res["tasks"]["linear"]["sst2"][0]["threads"] == 1  # what the runs used
     assert all(set(res["tasks"][h]) == {"sst2", "rte", "tweet"} for h in res["tasks"])
     assert res["bitfit"]["sst2"]["perturbation"]["mean"]["fractions"]
     assert set(res["controls"]["sst2"]) >= {"random", "handwritten", "tuned"}

@@ -15,6 +15,16 @@ HEAD = "bench,op,provider,shape,dtype,metric,median,p20,p80,unit,n,device,torch,
 KEYS = ("gaussian", "gaussian_neuron", "mean")
 
 
+def _results_md():
+    """experiments/results_md.py as a module (experiments/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_md_under_test", ROOT / "experiments" / "results_md.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _pert(skill: float, random: float) -> dict:
     return {"fractions": [0.0, 0.2], "skill": [0.8, skill], "random": [0.8, random],
             "random_draws": [[0.8, 0.8, 0.8], [random - 0.01, random, random + 0.01]], "clean_accuracy": 0.8,
@@ -186,11 +196,7 @@ def test_pruning_criteria_section_from_its_json(tmp_path):
 def test_a_preview_elsewhere_never_replaces_the_committed_results_md(tmp_path):
     """RESULTS.md goes to the repository root only for the committed result folder; any other --out (a preview,
     a --quick study) gets its own OUT/RESULTS.md."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("results_md_mod", ROOT / "experiments" / "results_md.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _results_md()
     assert mod.results_md_path(ROOT / "experiments" / "study", False) == mod.ROOT / "RESULTS.md"
     assert mod.results_md_path(ROOT / "experiments" / "study", True) == ROOT / "experiments" / "study" / "RESULTS.md"
     assert mod.results_md_path(tmp_path, False) == tmp_path / "RESULTS.md"
@@ -203,11 +209,7 @@ def test_a_preview_elsewhere_never_replaces_the_committed_results_md(tmp_path):
 
 
 def test_the_first_studys_chance_tasks_are_stated_at_the_new_budget():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("results_md_mod2", ROOT / "experiments" / "results_md.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _results_md()
     results = {"study_tasks": {"learning": ["sst2"], "chance": ["rte", "qnli", "cola"]},
                "settings": {"max_train": 4000, "epochs": 3}, "majority": {"rte": 0.53, "qnli": 0.5, "sst2": 0.5},
                "tasks": {"verbalizer": {"sst2": [{"test_accuracy": 0.8}], "rte": [{"test_accuracy": 0.55}],
@@ -221,3 +223,11 @@ def test_the_first_studys_chance_tasks_are_stated_at_the_new_budget():
     assert "cola" not in lines[0] and "sst2" not in lines[0]
     results["tasks"]["verbalizer"]["qnli"] = [{"test_accuracy": 0.5}]
     assert "none leaves chance" in mod.chance_task_lines(results)[0]
+
+
+def test_the_header_names_the_threads_the_runs_were_tuned_with():
+    threads_text = _results_md().threads_text
+
+    assert threads_text(2) == "2 torch threads per run"  # older results.json: one number
+    assert threads_text([1]) == "1 torch thread per run"
+    assert threads_text([1, 2]) == "1 or 2 torch threads per run"
