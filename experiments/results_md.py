@@ -393,7 +393,7 @@ def write_results_md(results: dict, out: Path, path: Path, benchmarks: Path = BE
                 cells = [f"{_f(_acc_at(pert, q, 'skill'))} / {_f(_acc_at(pert, q, 'random'))}" for q in fr]
                 lines.append(f"| {name} | {key} | {_f(b['test_accuracy'])} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += applications_sections(out, rel, benchmarks)
+    lines += applications_sections(out, rel, benchmarks, study=results)
     lines += ["## Files", "",
               f"- `{rel}/results.json`: everything above, per seed and head, with the perturbation curves and the "
               "pooled tests;",
@@ -471,8 +471,10 @@ _TRANSFER_METRICS = (("zero-shot", "zero_shot"), ("after tuning", "after_steps")
                      ("gain over scratch", "gain_over_scratch"))
 
 
-def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESULTS) -> list[str]:
-    """Sections from experiments/run_applications.py's outputs, when they exist."""
+def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESULTS,
+                          study: dict | None = None) -> list[str]:
+    """Sections from experiments/run_applications.py's and run_pruning.py's outputs, when they exist; ``study``
+    (results.json) names the tasks that learn but have no pruning comparison yet."""
     lines: list[str] = []
     f = out / "pruning.json"
     if f.is_file():
@@ -528,7 +530,14 @@ def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESU
                   "folded at the same fill value; FLAP = activation variance x squared W2 column norm, Wanda = "
                   "activation L2 norm x W2 column norm (per neuron), magnitude = mean |activation|, from the "
                   "moments of the training rows. Test accuracy, pruned and pruned + re-tuned.", ""]
-        lines += criteria_table(pc) + ["", f"![pruning criteria]({rel}/pruning_criteria/pruning_criteria.png)", ""]
+        lines += criteria_table(pc)
+        # the study's tasks that learn (with any head) and have no pruning comparison yet, named, not left out silently
+        todo = [] if study is None else [t for t in dict.fromkeys(t for h in study["tasks"] for t in study["tasks"][h]
+                                                                  if learned(study, h, t)) if t not in pc["tasks"]]
+        if todo:
+            lines += ["", "Not compared yet (the study's other tasks whose prompts learn; still to run, with "
+                      f"experiments/run_pruning.py on their run folders): {', '.join(todo)}."]
+        lines += ["", f"![pruning criteria]({rel}/pruning_criteria/pruning_criteria.png)", ""]
     f = out / "cross_task.json"
     if f.is_file():
         ct = json.loads(f.read_text())

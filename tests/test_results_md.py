@@ -171,8 +171,10 @@ def test_cached_only_rewrites_the_committed_results_md_byte_for_byte(tmp_path):
 
 def test_pruning_criteria_section_from_its_json(tmp_path):
     """experiments/run_pruning.py's aggregate, when it sits in OUT/pruning_criteria/, becomes a section: its table
-    (every criterion, the skill row's verdicts) and the plot, nothing typed in by hand."""
-    out = _study(tmp_path, {"sst2": (-0.1, (-0.15, -0.05))})
+    (every criterion, the skill row's verdicts) and the plot, nothing typed in by hand; the study's tasks that
+    learn and have no comparison yet are named."""
+    pool = (-0.1, (-0.15, -0.05))
+    out = _study(tmp_path, {"sst2": pool, "imdb": pool, "flat": pool}, acc={"flat": 0.52})
     (out / "pruning_criteria").mkdir()
     cells = {}
     for criterion, acc in (("skill", (0.80, 0.82, 0.81)), ("flap", (0.70, 0.71, 0.69))):
@@ -191,6 +193,7 @@ def test_pruning_criteria_section_from_its_json(tmp_path):
     assert "skill neurons win 2, tie 0 and lose 0 of 2 comparisons" in text
     assert "| skill | 0.810 ± 0.020 (win vs flap) | 0.810 ± 0.020 (win vs flap) |" in text
     assert "pruning_criteria/pruning_criteria.png" in text
+    assert "on their run folders): imdb.\n" in text  # flat stayed at chance: not owed a comparison
 
 
 def test_a_preview_elsewhere_never_replaces_the_committed_results_md(tmp_path):
