@@ -531,9 +531,9 @@ def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESU
                   "activation L2 norm x W2 column norm (per neuron), magnitude = mean |activation|, from the "
                   "moments of the training rows. Test accuracy, pruned and pruned + re-tuned.", ""]
         lines += criteria_table(pc)
-        # the study's tasks that learn (with any head) and have no pruning comparison yet, named, not left out silently
-        todo = [] if study is None else [t for t in dict.fromkeys(t for h in study["tasks"] for t in study["tasks"][h]
-                                                                  if learned(study, h, t)) if t not in pc["tasks"]]
+        # the study's tasks that learn (with any head) and have no pruning comparison yet: named, not left out silently
+        todo = [] if study is None else [t for t in study["majority"] if t not in pc["tasks"] and any(
+            t in per and learned(study, h, t) for h, per in study["tasks"].items())]
         if todo:
             lines += ["", "Not compared yet (the study's other tasks whose prompts learn; still to run, with "
                       f"experiments/run_pruning.py on their run folders): {', '.join(todo)}."]

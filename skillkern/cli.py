@@ -486,7 +486,8 @@ def cmd_prune(args) -> int:
     _check_data(args.data)
     r = prune_run(args.run, args.out, keep=args.keep, layers=args.layers, criterion=args.criterion, fill=fill,
                   flap_adaptive=args.flap_adaptive, seed=args.seed or 0, keep_massive=args.keep_massive,
-                  moments=args.moments, retune=args.retune, retune_epochs=args.retune_epochs, device=args.device, data=args.data,
+                  moments=args.moments, retune=args.retune, retune_epochs=args.retune_epochs, device=args.device,
+                  data=args.data,
                   progress=not args.no_progress, overwrite=args.overwrite)
     print(f"pruned layers {r['pruned_layers']} of {args.run} by {r['criterion']} to widths {r['widths']} "
           f"({r['params_after'] / r['params_before']:.1%} of the parameters)")
