@@ -270,6 +270,7 @@ def criteria_table(results: dict) -> list[str]:
     head, out = lines[:], []
     aware = [c for c in results["criteria"] if task_aware(c)]
     tally = {a: {"win": 0, "tie": 0, "lose": 0} for a in aware}
+    per_task: dict[str, dict[str, dict[str, int]]] = {a: {} for a in aware}  # the same tally, task by task
     below = {a: [0, 0] for a in aware}  # point estimates: cells under the best task-agnostic mean, cells
     for learns in (True, False):
         group = [(t, e) for t, e in results["tasks"].items() if e["learns"] == learns]
@@ -300,6 +301,7 @@ def criteria_table(results: dict) -> list[str]:
                             text += f" ({v} vs {vs['strongest']})"
                             if learns:
                                 tally[criterion][v] += 1
+                                per_task[criterion].setdefault(task, {"win": 0, "tie": 0, "lose": 0})[v] += 1
                         row.append(text)
                 out.append(f"| {criterion} | " + " | ".join(row) + " |")
             out.append("")
@@ -314,6 +316,11 @@ def criteria_table(results: dict) -> list[str]:
     summary = ("On the tasks that learn, against the strongest task-agnostic criterion at each kept fraction and "
                "setting (paired over seeds, 95% interval of the difference), " + "; ".join(parts) + "." if parts else
                "No comparison with two seeds or more on a task that learns: no verdict.")
+    if any(len(per_task[a]) > 1 for a in aware):  # where they win, tie or lose: task by task
+        summary += " Task by task (win/tie/lose): " + "; ".join(
+            f"{'skill neurons' if a == 'skill' else a} " + ", ".join(
+                f"{task} {v['win']}/{v['tie']}/{v['lose']}" for task, v in per_task[a].items())
+            for a in aware if per_task[a]) + "."
     points = [f"{'skill neurons' if a == 'skill' else a} in {below[a][0]} of {below[a][1]} cells"
               for a in aware if below[a][1]]
     if points:

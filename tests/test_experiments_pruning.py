@@ -156,3 +156,26 @@ def test_massive_share_averages_the_tasks_that_learn():
                          "c": {"learns": True}}}
     assert script.massive_share(results) == {"skill": pytest.approx(0.375), "flap": 1.0}
     assert script.massive_share({"criteria": ["skill"], "tasks": {"c": {"learns": True}}}) == {}
+
+
+def test_summary_says_task_by_task_where_skill_neurons_win_tie_or_lose():
+    script = _script()
+    offsets = {"a": 0.2, "b": -0.2, "c": 0.0, "z": 0.2}  # skill minus random, per task; z stays at chance
+    cells = []
+    for task, d in offsets.items():
+        for seed in (0, 1, 2):
+            noise = 0.01 * seed if task != "c" else 0.05 * (seed - 1)
+            original = 0.5 if task == "z" else 0.8
+            for criterion, acc in (("skill", 0.6 + d + noise), ("random", 0.6 + (noise if task != "c" else 0.0))):
+                cells.append({"task": task, "run_seed": seed, "criterion": criterion, "keep": 0.1,
+                              "test_accuracy_original": original, "test_accuracy_pruned": acc,
+                              "test_accuracy_pruned_retuned": acc + 0.05})
+    results = script.aggregate(cells, {t: 0.5 for t in offsets}, ["skill", "random"], [0.1])
+    results.update(fill="tokens", layers="top:0.75", retune_epochs=0.25)
+    assert [t for t, e in results["tasks"].items() if not e["learns"]] == ["z"]
+    summary = script.criteria_table(results)[0]
+    assert "skill neurons win 2, tie 2 and lose 2 of 6 comparisons" in summary
+    assert "Task by task (win/tie/lose): skill neurons a 2/0/0, b 0/0/2, c 0/2/0." in summary
+    one = script.aggregate([c for c in cells if c["task"] == "a"], {"a": 0.5}, ["skill", "random"], [0.1])
+    one.update(fill="tokens", layers="top:0.75", retune_epochs=0.25)
+    assert "Task by task" not in script.criteria_table(one)[0]  # one task: the overall tally says it all
