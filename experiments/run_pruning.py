@@ -91,17 +91,28 @@ def run_cell(run: Path, task: str, seed: int, criterion: str, fraction: float, a
     base, keep_massive = parse_criterion(criterion)
     reads = uses_moments(base, args.fill, keep_massive)
     target = folder / f"{criterion}_{fraction:g}"
-    r = prune_run(run, target, keep=fraction, layers=args.layers, criterion=base, fill=args.fill,
+    keep = prune_keep(run, fraction)
+    r = prune_run(run, target, keep=keep, layers=args.layers, criterion=base, fill=args.fill,
                   seed=seed, keep_massive=keep_massive, moments=moments if reads and moments.is_file() else None,
                   retune=True, retune_epochs=args.retune_epochs, progress=False, overwrite=True)
     r["criterion"] = criterion
+    r["keep"], r["prune_keep"] = fraction, keep  # the comparison's fraction; prune_run's --keep
     if reads and not moments.is_file():
         shutil.copyfile(target / "moments.safetensors", moments)
     shutil.rmtree(target)
-    keys = ("criterion", "keep", "fill", "layers", "pruned_layers", "kept_per_layer", "widths", "test_rows",
-            "test_accuracy_original", "test_accuracy_pruned", "test_accuracy_pruned_retuned", "retune_epochs",
-            "params_before", "params_after", "seed", "seconds")
+    keys = ("criterion", "keep", "prune_keep", "fill", "layers", "pruned_layers", "kept_per_layer", "widths",
+            "test_rows", "test_accuracy_original", "test_accuracy_pruned", "test_accuracy_pruned_retuned",
+            "retune_epochs", "params_before", "params_after", "seed", "seconds")
     return {"run": str(run), "task": task, "run_seed": seed, **{k: r.get(k) for k in keys}}
+
+
+def prune_keep(run: Path, fraction: float) -> float:
+    """``prune --keep`` that keeps ``fraction`` of each pruned layer: half of it for a run scored on its pn/neu
+    sub-tasks (a 3-class task), whose skill selection and kept count are twice ``int(keep * width)`` (the union
+    rule), so that every task is compared at the same widths (10%: 152 of 1536 there, 153 otherwise)."""
+    from skillkern.runs import scored_names
+
+    return fraction / 2 if {"pn", "neu"} <= scored_names(run) else fraction
 
 
 def majority_rate(run: Path) -> float:
@@ -126,8 +137,13 @@ def run_all(runs: list[Path], out: Path, args) -> dict:
             for fraction in args.fractions:
                 path = cell_file(out, task, seed, criterion, fraction)
                 if path.is_file():
-                    cells.append(json.loads(path.read_text()))
-                    continue
+                    cell = json.loads(path.read_text())
+                    if cell.get("prune_keep", cell["keep"]) == prune_keep(run, fraction):
+                        cells.append(cell)
+                        continue
+                    # written before a 3-class run's --keep was halved: it kept twice the fraction
+                    log.info("%s: pruned at --keep %g, not %g; computed again", path, cell["keep"],
+                             prune_keep(run, fraction))
                 cell = run_cell(run, task, seed, criterion, fraction, args)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(cell, indent=1) + "\n")
@@ -180,8 +196,9 @@ def massive_kept(run: Path, work: Path, task: str, seed: int, cells: list[dict])
     for c in cells:
         counts = {layer: c["kept_per_layer"] for layer in c["pruned_layers"]}
         base, keep_massive = parse_criterion(c["criterion"])
+        skill = skill_selection(preds, c.get("prune_keep", c["keep"])) if base == "skill" else None
         kept = select_neurons(pm.backbone, base, counts, moments=moments, seed=seed, keep_massive=keep_massive,
-                              skill=skill_selection(preds, c["keep"]) if base == "skill" else None)
+                              skill=skill)
         out["kept"][f"{c['criterion']}|{c['keep']:g}"] = sum(
             int(torch.isin(kept[layer], massive[layer]).sum()) for layer in counts)
     return out
@@ -332,9 +349,10 @@ def criteria_table(results: dict) -> list[str]:
                     + ", ".join(f"{c} {v * 100:.0f}%" for c, v in share.items())
                     + " (mean over the tasks that learn, their seeds and the kept fractions).")
     note = (f"Every criterion keeps the same number of neurons in each pruned layer ({results['layers']}) and folds "
-            f"the others at the same fill value ({results['fill']}); re-tuning: {results['retune_epochs']} epoch(s) "
-            "of the prompt on the pruned model. ± is the 95% t-interval over seeds; the seeds share the test rows, "
-            "so it measures seed-to-seed variation, not test-set sampling.")
+            f"the others at the same fill value ({results['fill']}); a 3-class task's skill selection (the pn/neu "
+            "union rule) holds twice int(keep x width), so its --keep is half the kept fraction. Re-tuning: "
+            f"{results['retune_epochs']} epoch(s) of the prompt on the pruned model. ± is the 95% t-interval over "
+            "seeds; the seeds share the test rows, so it measures seed-to-seed variation, not test-set sampling.")
     return [summary, "", note] + out
 
 

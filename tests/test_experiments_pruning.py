@@ -179,3 +179,24 @@ def test_summary_says_task_by_task_where_skill_neurons_win_tie_or_lose():
     one = script.aggregate([c for c in cells if c["task"] == "a"], {"a": 0.5}, ["skill", "random"], [0.1])
     one.update(fill="tokens", layers="top:0.75", retune_epochs=0.25)
     assert "Task by task" not in script.criteria_table(one)[0]  # one task: the overall tally says it all
+
+
+def test_a_three_class_run_is_compared_at_the_same_widths(tmp_path):
+    """A run scored on its pn/neu sub-tasks keeps twice int(keep * width) (the union rule): the comparison halves
+    its --keep, so that 10% means about 10% of each pruned layer on every task."""
+    from skillkern.prune import _kept
+    from skillkern.runs import scores_path
+
+    script = _script()
+    run = tmp_path / "run"
+    for name in (None, "pn", "neu"):
+        if name == "pn":
+            assert script.prune_keep(run, 0.1) == 0.1  # task scores only: as given
+        path = scores_path(run, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    for q in script.FRACTIONS:
+        keep = script.prune_keep(run, q)
+        assert keep == q / 2
+        kept = _kept("all", keep, 6, 1536, {"pn", "neu"})[1]
+        assert abs(kept - int(q * 1536)) <= 1, (q, kept)
