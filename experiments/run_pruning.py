@@ -338,6 +338,9 @@ def criteria_table(results: dict) -> list[str]:
             f"{'skill neurons' if a == 'skill' else a} " + ", ".join(
                 f"{task} {v['win']}/{v['tie']}/{v['lose']}" for task, v in per_task[a].items())
             for a in aware if per_task[a]) + "."
+    single = [t for t, e in results["tasks"].items() if e["learns"] and len(e["seeds"]) < 2]
+    if single:
+        summary += f" With one seed (point estimates only, no verdict): {', '.join(single)}."
     points = [f"{'skill neurons' if a == 'skill' else a} in {below[a][0]} of {below[a][1]} cells"
               for a in aware if below[a][1]]
     if points:

@@ -176,6 +176,13 @@ def test_summary_says_task_by_task_where_skill_neurons_win_tie_or_lose():
     summary = script.criteria_table(results)[0]
     assert "skill neurons win 2, tie 2 and lose 2 of 6 comparisons" in summary
     assert "Task by task (win/tie/lose): skill neurons a 2/0/0, b 0/0/2, c 0/2/0." in summary
+    assert "With one seed" not in summary
+    cells.append(dict(cells[0], task="d", run_seed=0))  # a task that learns, one seed: named, no verdict
+    cells.append(dict(cells[1], task="d", run_seed=0))
+    results = script.aggregate(cells, {t: 0.5 for t in (*offsets, "d")}, ["skill", "random"], [0.1])
+    results.update(fill="tokens", layers="top:0.75", retune_epochs=0.25)
+    summary = script.criteria_table(results)[0]
+    assert "With one seed (point estimates only, no verdict): d." in summary and "of 6 comparisons" in summary
     one = script.aggregate([c for c in cells if c["task"] == "a"], {"a": 0.5}, ["skill", "random"], [0.1])
     one.update(fill="tokens", layers="top:0.75", retune_epochs=0.25)
     assert "Task by task" not in script.criteria_table(one)[0]  # one task: the overall tally says it all
