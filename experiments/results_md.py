@@ -532,7 +532,8 @@ def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESU
                   "moments of the training rows. Test accuracy, pruned and pruned + re-tuned.", ""]
         lines += criteria_table(pc)
         # the study's tasks that learn (with any head) and have no pruning comparison yet: named, not left out silently
-        todo = [] if study is None else [t for t in study["majority"] if t not in pc["tasks"] and any(
+        compared = {t.split("/")[0] for t in pc["tasks"]}  # a sub-task's label (ag_news/pair:0,1) counts as its task
+        todo = [] if study is None else [t for t in study["majority"] if t not in compared and any(
             t in per and learned(study, h, t) for h, per in study["tasks"].items())]
         if todo:
             lines += ["", "Not compared yet (the study's other tasks whose prompts learn; still to run, with "

@@ -174,7 +174,7 @@ def test_pruning_criteria_section_from_its_json(tmp_path):
     (every criterion, the skill row's verdicts) and the plot, nothing typed in by hand; the study's tasks that
     learn and have no comparison yet are named."""
     pool = (-0.1, (-0.15, -0.05))
-    out = _study(tmp_path, {"sst2": pool, "imdb": pool, "flat": pool}, acc={"flat": 0.52})
+    out = _study(tmp_path, {"sst2": pool, "imdb": pool, "ag_news": pool, "flat": pool}, acc={"flat": 0.52})
     (out / "pruning_criteria").mkdir()
     cells = {}
     for criterion, acc in (("skill", (0.80, 0.82, 0.81)), ("flap", (0.70, 0.71, 0.69))):
@@ -187,10 +187,11 @@ def test_pruning_criteria_section_from_its_json(tmp_path):
                                   "original": {"mean": 0.85, "ci95": 0.01, "n": 3}, "cells": cells,
                                   "vs": {"skill": {f"0.1|{s}": {"flap": diff, "strongest": "flap"}
                                                    for s in ("pruned", "retuned")}}}}}
+    results["tasks"]["ag_news/pair:0,1"] = results["tasks"]["sst2"]  # a sub-task's label: compared, not owed
     (out / "pruning_criteria" / "pruning_criteria.json").write_text(json.dumps(results))
     text = _write(out, tmp_path / "no-benchmarks")
     assert "## Skill neurons against the structured-pruning criteria" in text
-    assert "skill neurons win 2, tie 0 and lose 0 of 2 comparisons" in text
+    assert "skill neurons win 4, tie 0 and lose 0 of 4 comparisons" in text
     assert "| skill | 0.810 ± 0.020 (win vs flap) | 0.810 ± 0.020 (win vs flap) |" in text
     assert "pruning_criteria/pruning_criteria.png" in text
     assert "on their run folders): imdb.\n" in text  # flat stayed at chance: not owed a comparison
