@@ -84,14 +84,14 @@ def task_aware(name: str) -> bool:
     return parse_criterion(name)[0] == "skill"
 
 
-def run_cell(run: Path, task: str, seed: int, criterion: str, fraction: float, args) -> dict:
-    """One prune_run (+ re-tuning) of ``run``; its pruned folder is removed, the moments file kept for reuse."""
+def run_cell(run: Path, task: str, seed: int, criterion: str, fraction: float, keep: float, args) -> dict:
+    """One prune_run (+ re-tuning) of ``run`` at ``--keep keep`` (:func:`prune_keep` of ``fraction``); its pruned
+    folder is removed, the moments file kept for reuse."""
     folder = seed_folder(args.work, task, seed)
     moments = folder / "moments.safetensors"
     base, keep_massive = parse_criterion(criterion)
     reads = uses_moments(base, args.fill, keep_massive)
     target = folder / f"{criterion}_{fraction:g}"
-    keep = prune_keep(run, fraction)
     r = prune_run(run, target, keep=keep, layers=args.layers, criterion=base, fill=args.fill,
                   seed=seed, keep_massive=keep_massive, moments=moments if reads and moments.is_file() else None,
                   retune=True, retune_epochs=args.retune_epochs, progress=False, overwrite=True)
@@ -136,15 +136,15 @@ def run_all(runs: list[Path], out: Path, args) -> dict:
         for criterion in args.criteria:
             for fraction in args.fractions:
                 path = cell_file(out, task, seed, criterion, fraction)
+                keep = prune_keep(run, fraction)
                 if path.is_file():
                     cell = json.loads(path.read_text())
-                    if cell.get("prune_keep", cell["keep"]) == prune_keep(run, fraction):
+                    if cell.get("prune_keep", cell["keep"]) == keep:
                         cells.append(cell)
                         continue
                     # written before a 3-class run's --keep was halved: it kept twice the fraction
-                    log.info("%s: pruned at --keep %g, not %g; computed again", path, cell["keep"],
-                             prune_keep(run, fraction))
-                cell = run_cell(run, task, seed, criterion, fraction, args)
+                    log.info("%s: pruned at --keep %g, not %g; computed again", path, cell["keep"], keep)
+                cell = run_cell(run, task, seed, criterion, fraction, keep, args)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(cell, indent=1) + "\n")
                 cells.append(cell)
