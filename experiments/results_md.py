@@ -538,6 +538,14 @@ def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESU
         if todo:
             lines += ["", "Not compared yet (the study's other tasks whose prompts learn; still to run, with "
                       f"experiments/run_pruning.py on their run folders): {', '.join(todo)}."]
+        # the tasks whose prompts stayed at chance with every head: stated, since their pruned accuracy can only
+        # match the majority rate and so cannot rank the criteria
+        flat = [] if study is None else [t for t in study["majority"] if t not in compared and any(
+            t in per for per in study["tasks"].values()) and not any(
+            t in per and learned(study, h, t) for h, per in study["tasks"].items())]
+        if flat:
+            lines += ["", "Not compared (prompts at chance with every head, so a pruned model has no accuracy to "
+                      f"keep and cannot rank the criteria): {', '.join(flat)}."]
         lines += ["", f"![pruning criteria]({rel}/pruning_criteria/pruning_criteria.png)", ""]
     f = out / "cross_task.json"
     if f.is_file():

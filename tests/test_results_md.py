@@ -195,6 +195,7 @@ def test_pruning_criteria_section_from_its_json(tmp_path):
     assert "| skill | 0.810 ± 0.020 (win vs flap) | 0.810 ± 0.020 (win vs flap) |" in text
     assert "pruning_criteria/pruning_criteria.png" in text
     assert "on their run folders): imdb.\n" in text  # flat stayed at chance: not owed a comparison
+    assert "cannot rank the criteria): flat.\n" in text  # but stated as such
 
 
 def test_a_preview_elsewhere_never_replaces_the_committed_results_md(tmp_path):
