@@ -531,18 +531,18 @@ def applications_sections(out: Path, rel: str, benchmarks: Path = BENCHMARK_RESU
                   "activation L2 norm x W2 column norm (per neuron), magnitude = mean |activation|, from the "
                   "moments of the training rows. Test accuracy, pruned and pruned + re-tuned.", ""]
         lines += criteria_table(pc)
-        # the study's tasks that learn (with any head) and have no pruning comparison yet: named, not left out silently
         compared = {t.split("/")[0] for t in pc["tasks"]}  # a sub-task's label (ag_news/pair:0,1) counts as its task
-        todo = [] if study is None else [t for t in study["majority"] if t not in compared and any(
-            t in per and learned(study, h, t) for h, per in study["tasks"].items())]
+        # the study's tasks left out are named, not left out silently: those whose prompt learns with some head are
+        # still owed a comparison; those at chance with every head are stated, since their pruned accuracy can only
+        # match the majority rate and so cannot rank the criteria
+        todo, flat = [], []
+        for t in [] if study is None else study["majority"]:
+            heads = [h for h, per in study["tasks"].items() if t in per]
+            if t not in compared and heads:
+                (todo if any(learned(study, h, t) for h in heads) else flat).append(t)
         if todo:
             lines += ["", "Not compared yet (the study's other tasks whose prompts learn; still to run, with "
                       f"experiments/run_pruning.py on their run folders): {', '.join(todo)}."]
-        # the tasks whose prompts stayed at chance with every head: stated, since their pruned accuracy can only
-        # match the majority rate and so cannot rank the criteria
-        flat = [] if study is None else [t for t in study["majority"] if t not in compared and any(
-            t in per for per in study["tasks"].values()) and not any(
-            t in per and learned(study, h, t) for h, per in study["tasks"].items())]
         if flat:
             lines += ["", "Not compared (prompts at chance with every head, so a pruned model has no accuracy to "
                       f"keep and cannot rank the criteria): {', '.join(flat)}."]

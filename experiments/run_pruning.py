@@ -133,10 +133,11 @@ def run_all(runs: list[Path], out: Path, args) -> dict:
         seen[key] = run
     cells = []
     for (task, seed), run in sorted(seen.items()):
+        keeps = {fraction: prune_keep(run, fraction) for fraction in args.fractions}  # lists the run's scores once
         for criterion in args.criteria:
             for fraction in args.fractions:
                 path = cell_file(out, task, seed, criterion, fraction)
-                keep = prune_keep(run, fraction)
+                keep = keeps[fraction]
                 if path.is_file():
                     cell = json.loads(path.read_text())
                     if cell.get("prune_keep", cell["keep"]) == keep:
